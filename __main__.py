@@ -1,0 +1,3 @@
+from seedswarm.node.cli import main
+
+raise SystemExit(main())

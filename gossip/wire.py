@@ -1,0 +1,451 @@
+"""Wire messages: a strict msgpack schema with the protocol version and run id in every message.
+
+Every message is one msgpack array ``[version, type, run_id, field...]``. Nested messages (the
+records of a chain response, the contributions behind a record) travel as their exact encoded
+bytes, so signatures stay checkable byte for byte after any number of hops.
+
+Decoding is hostile-input code. Sizes are checked before anything is unpacked (first the global
+limit, then the per-type limit read from the three-element header), msgpack runs with hard
+container limits, and every field is checked for type and length. Whatever is wrong, the one
+exception that leaves :func:`decode` is :class:`WireError` (or its subclass :class:`WrongRun`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+import msgpack
+from seedswarm import PROTOCOL_VERSION
+from seedswarm.crypto.hashing import h
+from seedswarm.crypto.keys import SIG_SIZE, Identity, verify
+
+RUN_ID_SIZE = 32
+HASH_SIZE = 32
+MAX_MESSAGE = 5 * 1024 * 1024
+MAX_DIRECTIONS = 4096  # K times groups: bytes in a contribution, int16 entries in an aggregate
+MAX_COMMITTEE = 4096
+MAX_MEMBERSHIP_ENTRIES = 64
+MAX_CHUNK = 1024 * 1024
+MAX_RECORDS_PER_RESPONSE = 1024
+MAX_U = (1 << 63) - 1
+
+
+class WireError(Exception):
+    """Bytes that are not a valid seedswarm message (malformed, oversized, wrong type...)."""
+
+
+class WrongRun(WireError):
+    """A well-formed message of another swarm (run id) or another protocol version."""
+
+
+# ---------------------------------------------------------------------------------------------
+# field specs: ("u",) unsigned int; ("b", n) exactly n bytes; ("bin", max) up to max bytes;
+# ("list", max_items, max_item_bytes) a list of bin; ("bool",)
+
+
+_Spec = tuple[Any, ...]
+U: _Spec = ("u",)
+B32: _Spec = ("b", 32)
+SIG: _Spec = ("b", SIG_SIZE)
+BOOL: _Spec = ("bool",)
+
+
+def BIN(n: int) -> _Spec:  # noqa: N802 - reads as a type in the schema tables below
+    return ("bin", n)
+
+
+def LIST(items: int, item_bytes: int) -> _Spec:  # noqa: N802
+    return ("list", items, item_bytes)
+
+
+def _check(name: str, spec: _Spec, v: Any) -> Any:
+    kind = spec[0]
+    if kind == "u":
+        if type(v) is not int or v < 0 or v > MAX_U:
+            raise WireError(f"field {name}: expected an unsigned integer")
+        return v
+    if kind == "bool":
+        if type(v) is not bool:
+            raise WireError(f"field {name}: expected a boolean")
+        return v
+    if kind == "b":
+        if type(v) is not bytes or len(v) != spec[1]:
+            raise WireError(f"field {name}: expected exactly {spec[1]} bytes")
+        return v
+    if kind == "bin":
+        if type(v) is not bytes or len(v) > spec[1]:
+            raise WireError(f"field {name}: expected at most {spec[1]} bytes")
+        return v
+    if kind == "list":
+        if type(v) is not list or len(v) > spec[1]:
+            raise WireError(f"field {name}: expected a list of at most {spec[1]} items")
+        for item in v:
+            if type(item) is not bytes or len(item) > spec[2]:
+                raise WireError(f"field {name}: list items must be at most {spec[2]} bytes")
+        return tuple(v)
+    raise AssertionError(kind)  # pragma: no cover
+
+
+@dataclass(frozen=True)
+class Message:
+    """Base of all wire messages. Subclasses declare TYPE, SCHEMA, MAX_SIZE (and SIGNER)."""
+
+    TYPE: ClassVar[int]
+    SCHEMA: ClassVar[tuple[tuple[str, _Spec], ...]]
+    MAX_SIZE: ClassVar[int]
+    SIGNER: ClassVar[str | None] = None  # name of the field holding the signer's public key
+    DOMAIN: ClassVar[bytes] = b""
+
+    run: bytes
+
+    def _values(self) -> list[Any]:
+        out: list[Any] = [PROTOCOL_VERSION, self.TYPE, self.run]
+        for name, _ in self.SCHEMA:
+            v = getattr(self, name)
+            out.append(list(v) if isinstance(v, tuple) else v)
+        return out
+
+    def encode(self) -> bytes:
+        cached = self.__dict__.get("_encoded")
+        if cached is not None:
+            return cached  # type: ignore[no-any-return]
+        data: bytes = msgpack.packb(self._values(), use_bin_type=True)
+        if len(data) > self.MAX_SIZE:
+            raise WireError(f"{type(self).__name__} of {len(data)} bytes exceeds {self.MAX_SIZE}")
+        object.__setattr__(self, "_encoded", data)  # immutable message: encode once
+        return data
+
+    def signing_payload(self) -> bytes:
+        """The bytes a signature covers: the encoding without the trailing signature field."""
+        vals = self._values()
+        assert self.SCHEMA[-1][0] == "sig"
+        packed: bytes = msgpack.packb(vals[:-1], use_bin_type=True)
+        return packed
+
+    def signed(self: _M, identity: Identity) -> _M:
+        assert self.SIGNER is not None
+        if getattr(self, self.SIGNER) != identity.public:
+            raise ValueError("signer field does not match the signing identity")
+        sig = identity.sign(self.DOMAIN, self.run, self.signing_payload())
+        return dataclasses.replace(self, sig=sig)  # type: ignore[call-arg]
+
+    def signature_ok(self) -> bool:
+        if self.SIGNER is None:
+            return True
+        return verify(
+            getattr(self, self.SIGNER), self.DOMAIN, self.run, self.signing_payload(), self.sig
+        )
+
+    def content_hash(self) -> bytes:
+        return h(b"seedswarm/msg", self.encode())
+
+
+_M = TypeVar("_M", bound=Message)
+_NOSIG = b"\x00" * SIG_SIZE
+
+
+@dataclass(frozen=True)
+class Contribution(Message):
+    """One trainer's K one-byte projected gradients for one round (sent to aggregators only)."""
+
+    TYPE: ClassVar[int] = 1
+    SCHEMA: ClassVar[tuple[tuple[str, _Spec], ...]] = (
+        ("round", U), ("peer", B32), ("q", BIN(MAX_DIRECTIONS)), ("sig", SIG),
+    )
+    MAX_SIZE: ClassVar[int] = MAX_DIRECTIONS + 256
+    SIGNER: ClassVar[str | None] = "peer"
+    DOMAIN: ClassVar[bytes] = b"contribution"
+    round: int = 0
+    peer: bytes = b""
+    q: bytes = b""
+    sig: bytes = _NOSIG
+
+
+@dataclass(frozen=True)
+class Join(Message):
+    """A signed request to become a member; valid in records of rounds [round, round + ttl]."""
+
+    TYPE: ClassVar[int] = 2
+    SCHEMA: ClassVar[tuple[tuple[str, _Spec], ...]] = (
+        ("round", U), ("peer", B32), ("cert", BIN(256)), ("sig", SIG),
+    )
+    MAX_SIZE: ClassVar[int] = 512
+    SIGNER: ClassVar[str | None] = "peer"
+    DOMAIN: ClassVar[bytes] = b"join"
+    round: int = 0
+    peer: bytes = b""
+    cert: bytes = b""
+    sig: bytes = _NOSIG
+
+
+@dataclass(frozen=True)
+class Leave(Message):
+    """A signed graceful departure."""
+
+    TYPE: ClassVar[int] = 3
+    SCHEMA: ClassVar[tuple[tuple[str, _Spec], ...]] = (("round", U), ("peer", B32), ("sig", SIG))
+    MAX_SIZE: ClassVar[int] = 256
+    SIGNER: ClassVar[str | None] = "peer"
+    DOMAIN: ClassVar[bytes] = b"leave"
+    round: int = 0
+    peer: bytes = b""
+    sig: bytes = _NOSIG
+
+
+@dataclass(frozen=True)
+class Equivocation(Message):
+    """Evidence: two different contributions signed by one peer for one round."""
+
+    TYPE: ClassVar[int] = 4
+    SCHEMA: ClassVar[tuple[tuple[str, _Spec], ...]] = (
+        ("a", BIN(Contribution.MAX_SIZE)), ("b", BIN(Contribution.MAX_SIZE)),
+    )
+    MAX_SIZE: ClassVar[int] = 2 * Contribution.MAX_SIZE + 128
+    a: bytes = b""
+    b: bytes = b""
+
+
+@dataclass(frozen=True)
+class Record(Message):
+    """The round's outcome, gossiped to everyone: small by design (what N nodes all receive).
+
+    The contributions themselves are not inside: ``contrib_root`` commits to them (a Merkle
+    root over their encodings in trainer-rank order) and ``contributors`` is a bitmap over the
+    round's trainer ranks. Anyone may fetch them and recompute ``aggregate``.
+    """
+
+    TYPE: ClassVar[int] = 5
+    SCHEMA: ClassVar[tuple[tuple[str, _Spec], ...]] = (
+        ("round", U),
+        ("prev", B32),
+        ("aggregator", B32),
+        ("contributors", BIN(MAX_COMMITTEE // 8)),
+        ("contrib_root", B32),
+        ("aggregate", BIN(2 * MAX_DIRECTIONS)),
+        ("joins", LIST(MAX_MEMBERSHIP_ENTRIES, Join.MAX_SIZE)),
+        ("leaves", LIST(MAX_MEMBERSHIP_ENTRIES, Leave.MAX_SIZE)),
+        ("evidence", LIST(16, Equivocation.MAX_SIZE)),
+        ("sig", SIG),
+    )
+    MAX_SIZE: ClassVar[int] = 160 * 1024
+    SIGNER: ClassVar[str | None] = "aggregator"
+    DOMAIN: ClassVar[bytes] = b"record"
+    round: int = 0
+    prev: bytes = b""
+    aggregator: bytes = b""
+    contributors: bytes = b""
+    contrib_root: bytes = b""
+    aggregate: bytes = b""
+    joins: tuple[bytes, ...] = ()
+    leaves: tuple[bytes, ...] = ()
+    evidence: tuple[bytes, ...] = ()
+    sig: bytes = _NOSIG
+
+
+@dataclass(frozen=True)
+class Heartbeat(Message):
+    """A routing hint (never consensus input): which round and head a peer is at."""
+
+    TYPE: ClassVar[int] = 6
+    SCHEMA: ClassVar[tuple[tuple[str, _Spec], ...]] = (("round", U), ("peer", B32), ("head", B32))
+    MAX_SIZE: ClassVar[int] = 256
+    round: int = 0
+    peer: bytes = b""
+    head: bytes = b""
+
+
+@dataclass(frozen=True)
+class ChainRequest(Message):
+    TYPE: ClassVar[int] = 7
+    SCHEMA: ClassVar[tuple[tuple[str, _Spec], ...]] = (("start", U), ("limit", U))
+    MAX_SIZE: ClassVar[int] = 128
+    start: int = 0
+    limit: int = 0
+
+
+@dataclass(frozen=True)
+class ChainResponse(Message):
+    TYPE: ClassVar[int] = 8
+    SCHEMA: ClassVar[tuple[tuple[str, _Spec], ...]] = (
+        ("start", U), ("head", U), ("records", LIST(MAX_RECORDS_PER_RESPONSE, Record.MAX_SIZE)),
+    )
+    MAX_SIZE: ClassVar[int] = 4 * 1024 * 1024
+    start: int = 0
+    head: int = 0
+    records: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True)
+class ContributionsRequest(Message):
+    TYPE: ClassVar[int] = 9
+    SCHEMA: ClassVar[tuple[tuple[str, _Spec], ...]] = (("round", U), ("record", B32))
+    MAX_SIZE: ClassVar[int] = 128
+    round: int = 0
+    record: bytes = b""
+
+
+@dataclass(frozen=True)
+class ContributionsResponse(Message):
+    TYPE: ClassVar[int] = 10
+    SCHEMA: ClassVar[tuple[tuple[str, _Spec], ...]] = (
+        ("round", U), ("record", B32), ("contributions", LIST(MAX_COMMITTEE, Contribution.MAX_SIZE)),
+    )
+    MAX_SIZE: ClassVar[int] = 4 * 1024 * 1024
+    round: int = 0
+    record: bytes = b""
+    contributions: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True)
+class CheckpointRequest(Message):
+    TYPE: ClassVar[int] = 11
+    SCHEMA: ClassVar[tuple[tuple[str, _Spec], ...]] = (("digest", B32), ("index", U))
+    MAX_SIZE: ClassVar[int] = 128
+    digest: bytes = b""
+    index: int = 0
+
+
+@dataclass(frozen=True)
+class CheckpointChunk(Message):
+    """One content-addressed piece of a checkpoint (verified against the manifest's hash)."""
+
+    TYPE: ClassVar[int] = 12
+    SCHEMA: ClassVar[tuple[tuple[str, _Spec], ...]] = (
+        ("digest", B32), ("index", U), ("total", U), ("data", BIN(MAX_CHUNK)),
+    )
+    MAX_SIZE: ClassVar[int] = MAX_CHUNK + 256
+    digest: bytes = b""
+    index: int = 0
+    total: int = 0
+    data: bytes = b""
+
+
+@dataclass(frozen=True)
+class Attestation(Message):
+    """A sampled verifier's signed statement that it recomputed a record's aggregate."""
+
+    TYPE: ClassVar[int] = 13
+    SCHEMA: ClassVar[tuple[tuple[str, _Spec], ...]] = (
+        ("round", U), ("record", B32), ("verifier", B32), ("ok", BOOL), ("sig", SIG),
+    )
+    MAX_SIZE: ClassVar[int] = 256
+    SIGNER: ClassVar[str | None] = "verifier"
+    DOMAIN: ClassVar[bytes] = b"attestation"
+    round: int = 0
+    record: bytes = b""
+    verifier: bytes = b""
+    ok: bool = True
+    sig: bytes = _NOSIG
+
+
+@dataclass(frozen=True)
+class FraudProof(Message):
+    """A record plus the inputs that show its aggregate is wrong: rejects it everywhere."""
+
+    TYPE: ClassVar[int] = 14
+    SCHEMA: ClassVar[tuple[tuple[str, _Spec], ...]] = (
+        ("record", BIN(Record.MAX_SIZE)), ("contributions", LIST(MAX_COMMITTEE, Contribution.MAX_SIZE)),
+    )
+    MAX_SIZE: ClassVar[int] = 4 * 1024 * 1024 + Record.MAX_SIZE
+    record: bytes = b""
+    contributions: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True)
+class CheckpointManifest(Message):
+    """Which chunks make up the model state after a given round (content addressed)."""
+
+    TYPE: ClassVar[int] = 15
+    SCHEMA: ClassVar[tuple[tuple[str, _Spec], ...]] = (
+        ("round", U), ("head", B32), ("state", B32), ("size", U), ("chunks", LIST(16384, HASH_SIZE)),
+    )
+    MAX_SIZE: ClassVar[int] = 16384 * 34 + 256
+    round: int = 0
+    head: bytes = b""
+    state: bytes = b""
+    size: int = 0
+    chunks: tuple[bytes, ...] = ()
+
+
+MESSAGE_TYPES: dict[int, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (
+        Contribution, Join, Leave, Equivocation, Record, Heartbeat, ChainRequest, ChainResponse,
+        ContributionsRequest, ContributionsResponse, CheckpointRequest, CheckpointChunk,
+        Attestation, FraudProof, CheckpointManifest,
+    )
+}
+_MAX_ANY = max(c.MAX_SIZE for c in MESSAGE_TYPES.values())
+_MAX_ITEMS = 16 + max(spec[1] for c in MESSAGE_TYPES.values() for _, spec in c.SCHEMA if spec[0] == "list")
+assert _MAX_ANY <= MAX_MESSAGE
+
+
+def _header(data: bytes) -> tuple[int, int, type[Message]]:
+    """Read (array length, version, class) from the first bytes without unpacking the rest."""
+    up = msgpack.Unpacker(max_buffer_size=len(data) or 1, max_bin_len=0, max_str_len=0,
+                          max_array_len=64, max_map_len=0, max_ext_len=0)
+    up.feed(data)
+    try:
+        n = up.read_array_header()
+        version = up.unpack()
+        typ = up.unpack()
+    except Exception as e:  # msgpack raises many types on garbage; all mean "malformed"
+        raise WireError(f"malformed message header: {type(e).__name__}") from None
+    if type(version) is not int or type(typ) is not int:
+        raise WireError("malformed message header")
+    if version != PROTOCOL_VERSION:
+        raise WrongRun(f"protocol version {version}, this node speaks {PROTOCOL_VERSION}")
+    cls = MESSAGE_TYPES.get(typ)
+    if cls is None:
+        raise WireError(f"unknown message type {typ}")
+    return n, version, cls
+
+
+def decode(data: bytes, run: bytes | None = None, expect: type[_M] | None = None) -> Message:
+    """Decode one message; raise WireError (WrongRun for another swarm or version) on anything bad.
+
+    ``run``: the run id this node belongs to (None: accept any, for tools).
+    ``expect``: the message class the caller wants (anything else is an error).
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise WireError("expected bytes")
+    data = bytes(data)
+    if len(data) > MAX_MESSAGE:
+        raise WireError(f"message of {len(data)} bytes exceeds the {MAX_MESSAGE}-byte limit")
+    if not data:
+        raise WireError("empty message")
+    n, _, cls = _header(data)
+    if len(data) > cls.MAX_SIZE:
+        raise WireError(f"{cls.__name__} of {len(data)} bytes exceeds its {cls.MAX_SIZE}-byte limit")
+    if expect is not None and cls is not expect:
+        raise WireError(f"expected {expect.__name__}, got {cls.__name__}")
+    if n != 3 + len(cls.SCHEMA):
+        raise WireError(f"{cls.__name__}: expected {3 + len(cls.SCHEMA)} fields, got {n}")
+    try:
+        vals = msgpack.unpackb(
+            data, raw=False, use_list=True, strict_map_key=True, max_bin_len=cls.MAX_SIZE,
+            max_str_len=0, max_array_len=_MAX_ITEMS, max_map_len=0, max_ext_len=0,
+        )
+    except Exception as e:
+        raise WireError(f"malformed {cls.__name__}: {type(e).__name__}") from None
+    if type(vals) is not list or len(vals) != n:
+        raise WireError(f"malformed {cls.__name__}")
+    got_run = _check("run", B32, vals[2])
+    if run is not None and got_run != run:
+        raise WrongRun(f"{cls.__name__} for run {got_run.hex()[:16]}, this node is on run {run.hex()[:16]}")
+    kwargs = {name: _check(name, spec, v) for (name, spec), v in zip(cls.SCHEMA, vals[3:], strict=True)}
+    msg = cls(run=got_run, **kwargs)
+    # One message, one byte string: seen-caches, Merkle roots and hashes over raw bytes must not
+    # be foolable by a re-encoding (wider ints, longer headers) of the same content.
+    if msg.encode() != data:
+        raise WireError(f"{cls.__name__} is not in canonical encoding")
+    return msg
+
+
+def decode_as(data: bytes, cls: type[_M], run: bytes | None = None) -> _M:
+    """Decode bytes that must be of one message class."""
+    msg = decode(data, run, expect=cls)
+    assert isinstance(msg, cls)
+    return msg

@@ -1,0 +1,164 @@
+"""The genesis: every parameter of a swarm that all nodes must agree on, and its hash, the run id.
+
+Everything a node derives (committees, scales, learning rates, the model itself) is a function
+of the genesis and the chain of records, so two nodes with the same genesis file and the same
+records hold the same state. The run id names the swarm on the wire: topics, protocol ids and
+every message carry it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+from seedswarm import PROTOCOL_VERSION
+from seedswarm.crypto.hashing import h
+
+ESTIMATORS = ("fo", "zo")
+
+
+class GenesisError(ValueError):
+    """A genesis file or value that cannot define a swarm."""
+
+
+@dataclass(frozen=True)
+class Genesis:
+    # --- the learning problem
+    task: str = "digits"
+    task_options: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    estimator: str = "fo"  # "fo": local gradient projected (Ferret); "zo": SPSA (MeZO)
+    batch_size: int = 64
+    local_steps: int = 1  # fo: local SGD steps whose update is projected
+    local_lr: float = 0.1  # fo: their learning rate
+    eps: float = 1e-3  # zo: SPSA perturbation size
+    lr: float = 0.5  # server-side learning rate on the aggregated direction step
+    lr_half_life: int = 0  # rounds; 0 keeps lr constant, else lr / (1 + r / half_life)
+    scale_exp: int = -6  # initial public quantisation scale 2**scale_exp
+    # --- committees
+    members: tuple[bytes, ...] = ()  # founding members (32-byte Ed25519 public keys)
+    trainers: int = 16  # s
+    aggregators: int = 2  # a (ranked; rank 0 publishes, the others back it up)
+    directions: int = 64  # K bytes per trainer per round
+    groups: int = 1  # G: trainer rank i measures direction group i % G
+    aggregator_rule: str = "trimmed_mean"
+    byzantine_share: float = 0.2  # the share the trim f is sized for
+    p_fail: float = 1e-6  # target per-round probability that f is exceeded
+    # --- membership and timing (rounds, seconds)
+    join_delay: int = 2  # a member joined in round j sits on committees from j + join_delay
+    join_ttl: int = 32  # a Join/Leave signed at round j is valid in records j..j+ttl
+    expel_after: int = 4  # consecutive missed duties before expulsion by the records
+    round_timeout: float = 2.0  # upper bound of the adaptive aggregation deadline
+    min_round_time: float = 0.05  # lower bound
+    quorum: float = 0.75  # share of trainers an aggregator waits for before its deadline
+    admission_key: bytes = b""  # non-empty: permissioned swarm, Joins need a certificate
+    model_digest: bytes = b""  # digest of the initial model (checked by every node)
+    version: int = PROTOCOL_VERSION
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.estimator not in ESTIMATORS:
+            problems.append(f"estimator must be one of {ESTIMATORS}, not {self.estimator!r}")
+        for name in ("trainers", "aggregators", "directions", "groups", "batch_size", "local_steps", "expel_after"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                problems.append(f"{name} must be a positive integer")
+        if self.directions * self.groups > 4096:
+            problems.append("directions × groups must be at most 4096")
+        if self.trainers > 4096:
+            problems.append("trainers must be at most 4096")
+        for name in ("lr", "local_lr", "eps", "round_timeout", "min_round_time"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                problems.append(f"{name} must be a positive number")
+        if not 0 <= self.byzantine_share < 0.5:
+            problems.append("byzantine_share must be in [0, 0.5)")
+        if not 0 < self.p_fail < 1:
+            problems.append("p_fail must be in (0, 1)")
+        if not 0 < self.quorum <= 1:
+            problems.append("quorum must be in (0, 1]")
+        if any(len(m) != 32 for m in self.members) or len(set(self.members)) != len(self.members):
+            problems.append("members must be distinct 32-byte public keys")
+        if self.version != PROTOCOL_VERSION:
+            problems.append(f"genesis is for protocol version {self.version}, this node speaks {PROTOCOL_VERSION}")
+        if problems:
+            raise GenesisError("invalid genesis: " + "; ".join(problems))
+
+    # ---- identity
+    def canonical(self) -> bytes:
+        d = dataclasses.asdict(self)
+        d["members"] = sorted(self.members)
+        return msgpack.packb(_canon(d), use_bin_type=True)  # type: ignore[no-any-return]
+
+    @property
+    def run_id(self) -> bytes:
+        return h(b"seedswarm/genesis", self.canonical())
+
+    @property
+    def total_directions(self) -> int:
+        return self.directions * self.groups
+
+    def lr_at(self, r: int) -> float:
+        return self.lr if self.lr_half_life <= 0 else self.lr / (1.0 + r / self.lr_half_life)
+
+    # ---- files (JSON: readable, diffable; bytes as hex)
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        d["members"] = [m.hex() for m in self.members]
+        d["admission_key"] = self.admission_key.hex()
+        d["model_digest"] = self.model_digest.hex()
+        return json.dumps(d, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Genesis:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise GenesisError(f"genesis is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise GenesisError("genesis must be a JSON object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise GenesisError(f"unknown genesis fields: {sorted(unknown)}")
+        try:
+            d["members"] = tuple(bytes.fromhex(m) for m in d.get("members", []))
+            d["admission_key"] = bytes.fromhex(d.get("admission_key", ""))
+            d["model_digest"] = bytes.fromhex(d.get("model_digest", ""))
+        except (TypeError, ValueError) as e:
+            raise GenesisError(f"bad hex in genesis: {e}") from None
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise GenesisError(f"bad genesis field: {e}") from None
+
+    def save(self, path: str | Path) -> None:
+        from seedswarm.node.store import atomic_write
+
+        atomic_write(Path(path), self.to_json().encode() + b"\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Genesis:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise GenesisError(f"cannot read genesis file {path}: {e.strerror}") from None
+        return cls.from_json(text)
+
+    def replace(self, **changes: Any) -> Genesis:
+        return dataclasses.replace(self, **changes)
+
+
+def _canon(v: Any) -> Any:
+    """Canonical form for hashing: maps with sorted keys, floats as their exact repr."""
+    if isinstance(v, dict):
+        return [[k, _canon(v[k])] for k in sorted(v)]
+    if isinstance(v, (list, tuple)):
+        return [_canon(x) for x in v]
+    if isinstance(v, float):
+        return ["f", v.hex()]
+    return v

@@ -1,0 +1,92 @@
+"""Replay: the model is a pure function of the genesis model and the chain of records.
+
+:class:`ModelStates` keeps the parameters of recent heads. A head's parameters are computed
+once from its parent's and never written again, so any number of nodes on the same chain can
+share them (the simulator's memory does not grow with N) and a node can step back to an
+ancestor after a fork switch without undoing floating-point updates (which are not invertible).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+from seedswarm.crypto.directions import add_directions_
+from seedswarm.crypto.hashing import h
+from seedswarm.gossip.wire import Record
+from seedswarm.node.chain import ChainState, decode_aggregate
+
+Params = list[torch.Tensor]
+
+
+def model_digest(params: Sequence[torch.Tensor]) -> bytes:
+    """Digest of parameter bits, shapes and dtypes (bit-exact replay makes these comparable)."""
+    parts: list[bytes] = []
+    for p in params:
+        t = p.detach().contiguous().cpu()
+        parts.append(f"{t.dtype}:{tuple(t.shape)}".encode())
+        parts.append(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h(b"seedswarm/model", *parts)
+
+
+def apply_record_(params: Sequence[torch.Tensor], parent: ChainState, rec: Record) -> None:
+    """θ ← θ − η_r · scale_r · Σ_k (a_k / 256) z_k / (G·K), in place, in a fixed order."""
+    agg = decode_aggregate(rec.aggregate)
+    if not any(agg):
+        return
+    streams = parent.streams()
+    coeffs = parent.update_coefficients(agg)
+    keep = [(s, c) for s, c in zip(streams, coeffs, strict=True) if c != 0.0]
+    with torch.no_grad():
+        add_directions_(params, [s for s, _ in keep], [c for _, c in keep])
+
+
+class ModelStates:
+    """Parameters by chain head (an LRU of immutable parameter lists)."""
+
+    def __init__(self, root: ChainState, params: Sequence[torch.Tensor], keep: int = 16) -> None:
+        self._by_head: OrderedDict[bytes, Params] = OrderedDict()
+        self._keep = keep
+        self._put(root.head, [p.detach().clone() for p in params])
+        self.applied = 0  # records applied (work done, shared or not)
+
+    def _put(self, head: bytes, params: Params) -> None:
+        self._by_head[head] = params
+        self._by_head.move_to_end(head)
+        while len(self._by_head) > self._keep:
+            self._by_head.popitem(last=False)
+
+    def get(self, head: bytes) -> Params | None:
+        p = self._by_head.get(head)
+        if p is not None:
+            self._by_head.move_to_end(head)
+        return p
+
+    def has(self, head: bytes) -> bool:
+        return head in self._by_head
+
+    def advance(self, base: ChainState, steps: Sequence[tuple[ChainState, Record]]) -> Params:
+        """Parameters after applying ``steps`` to ``base`` (reusing any already computed)."""
+        cur = self.get(base.head)
+        if cur is None:
+            raise KeyError(f"no parameters kept for head {base.head.hex()[:12]} (round {base.round})")
+        for parent, rec in steps:
+            from seedswarm.node.chain import record_hash
+
+            child = record_hash(rec)
+            nxt = self.get(child)
+            if nxt is None:
+                nxt = [p.clone() for p in cur]
+                apply_record_(nxt, parent, rec)
+                self.applied += 1
+                self._put(child, nxt)
+            cur = nxt
+        return cur
+
+
+def bind_(model: torch.nn.Module, params: Sequence[torch.Tensor]) -> torch.nn.Module:
+    """Point a module's parameters at the given tensors (no copy)."""
+    for p, t in zip(model.parameters(), params, strict=True):
+        p.data = t
+    return model

@@ -1,0 +1,310 @@
+"""Virtual-time discrete-event simulator over the real sans-IO protocol core.
+
+Each simulated node is a :class:`~seedswarm.node.protocol.NodeCore`, the same class the daemon
+drives; this module only plays the network (latency, bandwidth, loss, gossip), the clock, the
+local computation, churn and Byzantine behaviour. Everything is drawn from one seeded RNG, so a
+run is a deterministic function of its configuration.
+
+Honest nodes on the same head share one parameter list (:class:`ModelStates`), so memory does
+not grow with the number of nodes; work done per round grows with the committee, not with N,
+except for delivering the record to every node.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from seedswarm.crypto.keys import Identity
+from seedswarm.gossip.wire import Message
+from seedswarm.node.chain import ChainState
+from seedswarm.node.estimators import fo_project, zo_spsa
+from seedswarm.node.genesis import Genesis
+from seedswarm.node.protocol import Apply, CoreConfig, Estimate, NodeCore, Publish, Rejected, Send
+from seedswarm.node.replay import ModelStates, bind_, model_digest
+from seedswarm.node.tasks import Task
+
+Attack = Callable[["SimNode", list[float], "Simulation"], list[float] | None]
+
+
+@dataclass
+class NetConfig:
+    latency_ms: float = 40.0  # median one-way latency between two nodes
+    jitter: float = 0.3  # lognormal sigma of per-node access latency
+    bandwidth_mbps: float = 100.0  # per-node link
+    loss: float = 0.0  # probability a direct message is lost
+    compute_ms: float = 30.0  # median virtual time of one local estimate
+
+
+@dataclass
+class SimNode:
+    index: int
+    identity: Identity
+    core: NodeCore
+    shard: Any
+    rng: np.random.Generator
+    access_s: float
+    speed: float
+    online: bool = True
+    byzantine: bool = False
+    timer_at: float = math.inf
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    joined_at: float = 0.0
+    first_applied_at: float | None = None
+
+    @property
+    def key(self) -> bytes:
+        return self.identity.public
+
+
+@dataclass
+class RoundStat:
+    round: int
+    time: float
+    wall: float
+    contributors: int
+    bytes_total: int
+    accuracy: float | None = None
+    loss: float | None = None
+
+
+@dataclass
+class Simulation:
+    genesis: Genesis
+    task: Task
+    nodes: list[SimNode]
+    net: NetConfig
+    rng: np.random.Generator
+    states: ModelStates
+    attack: Attack | None = None
+    now: float = 0.0
+    events: list[tuple[float, int, str, int, Any]] = field(default_factory=list)
+    seq: int = 0
+    by_key: dict[bytes, SimNode] = field(default_factory=dict)
+    bytes_total: int = 0
+    bytes_by_kind: dict[str, int] = field(default_factory=dict)
+    rejected: dict[str, int] = field(default_factory=dict)
+    best_round: int = 0
+    round_log: list[RoundStat] = field(default_factory=list)
+    on_round: Callable[[Simulation, ChainState], None] | None = None
+    model: torch.nn.Module | None = None
+    estimates: int = 0
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def create(
+        cls,
+        genesis: Genesis,
+        task: Task,
+        identities: list[Identity],
+        net: NetConfig,
+        seed: int,
+        core_config: CoreConfig | None = None,
+    ) -> Simulation:
+        rng = np.random.default_rng(seed)
+        model = task.build_model()
+        root = ChainState.initial(genesis)
+        states = ModelStates(root, [p.detach() for p in model.parameters()], keep=64)
+        sim = cls(genesis=genesis, task=task, nodes=[], net=net, rng=rng, states=states, model=model)
+        sim._core_config = core_config or CoreConfig()
+        for ident in identities:
+            sim.add_node(ident, root, member=True)
+        return sim
+
+    def add_node(self, ident: Identity, base: ChainState, member: bool) -> SimNode:
+        i = len(self.nodes)
+        core = NodeCore(self.genesis, ident, self._core_config, base=base)
+        node = SimNode(
+            index=i, identity=ident, core=core, shard=self.task.shard(i, max(1, self._shard_count)),
+            rng=np.random.default_rng([int(self.rng.integers(1 << 62)), i]),
+            access_s=self.net.latency_ms / 2000.0 * float(math.exp(self.rng.normal(0.0, self.net.jitter))),
+            speed=float(math.exp(self.rng.normal(0.0, 0.25))), joined_at=self.now,
+        )
+        self.nodes.append(node)
+        self.by_key[ident.public] = node
+        return node
+
+    _core_config: CoreConfig = field(default_factory=CoreConfig)
+    _shard_count: int = 0
+
+    # ------------------------------------------------------------------ event plumbing
+    def push(self, t: float, kind: str, node: int, payload: Any = None) -> None:
+        self.seq += 1
+        heapq.heappush(self.events, (t, self.seq, kind, node, payload))
+
+    def start(self) -> None:
+        for n in self.nodes:
+            self.handle(n, n.core.start(self.now))
+
+    def start_node(self, node: SimNode, join: bool) -> None:
+        node.joined_at = self.now
+        self.handle(node, node.core.start(self.now))
+        if join:
+            self.handle(node, node.core.join(self.now))
+
+    def link_delay(self, a: SimNode, b: SimNode, size: int) -> float:
+        return a.access_s + b.access_s + size * 8 / (self.net.bandwidth_mbps * 1e6)
+
+    def _count_bytes(self, kind: str, size: int) -> None:
+        self.bytes_total += size
+        self.bytes_by_kind[kind] = self.bytes_by_kind.get(kind, 0) + size
+
+    def handle(self, node: SimNode, effects: list[Any]) -> None:
+        for e in effects:
+            if isinstance(e, Send):
+                self._send(node, e.to, e.msg)
+            elif isinstance(e, Publish):
+                self._publish(node, e.msg)
+            elif isinstance(e, Estimate):
+                self._estimate(node, e)
+            elif isinstance(e, Apply):
+                self._apply(node, e)
+            elif isinstance(e, Rejected):
+                self.rejected[e.reason] = self.rejected.get(e.reason, 0) + 1
+        self._schedule_timer(node)
+
+    def _schedule_timer(self, node: SimNode) -> None:
+        if not node.online:
+            return
+        t = node.core.next_wakeup(self.now)
+        if t < node.timer_at - 1e-9:
+            node.timer_at = t
+            self.push(t, "timer", node.index)
+
+    def _send(self, src: SimNode, to: bytes, msg: Message) -> None:
+        size = len(msg.encode())
+        src.bytes_sent += size
+        self._count_bytes(type(msg).__name__, size)
+        dst = self.by_key.get(to)
+        if dst is None or not dst.online or (self.net.loss and self.rng.random() < self.net.loss):
+            return
+        dst.bytes_received += size
+        self.push(self.now + self.link_delay(src, dst, size), "msg", dst.index, (msg, src.key))
+
+    def _publish(self, src: SimNode, msg: Message) -> None:
+        # GossipSub: every online node receives the message (counted once per node: mesh
+        # duplicates, up to the mesh degree, are a transport constant documented in docs/sim.md).
+        size = len(msg.encode())
+        online = [n for n in self.nodes if n.online and n is not src]
+        hops = max(1.0, math.log(max(2, len(online)), 6))
+        src.bytes_sent += size * min(6, len(online))
+        for n in online:
+            n.bytes_received += size
+        self._count_bytes(type(msg).__name__, size * len(online))
+        self.push(self.now + 2 * hops * self.net.latency_ms / 2000.0 + 0.002, "gossip", src.index, msg)
+
+    def _estimate(self, node: SimNode, e: Estimate) -> None:
+        params = self.states.get(e.head)
+        if params is None:
+            return
+        assert self.model is not None
+        model = bind_(self.model, params)
+        g = self.genesis
+        self.estimates += 1
+        if g.estimator == "fo":
+            batches = [self.task.batch(node.shard, node.rng, g.batch_size) for _ in range(g.local_steps)]
+            values = fo_project(model, lambda m, t: self.task.loss(m, batches[t]), e.streams,
+                                steps=g.local_steps, lr=g.local_lr)
+        else:
+            batch = self.task.batch(node.shard, node.rng, g.batch_size)
+            values = zo_spsa(model, lambda m: self.task.loss(m, batch), e.streams, g.eps)
+        if node.byzantine and self.attack is not None:
+            forged = self.attack(node, values, self)
+            if forged is None:
+                return  # withholding
+            values = forged
+        delay = self.net.compute_ms / 1000.0 * node.speed
+        self.push(self.now + delay, "estimate", node.index, (e.round, e.head, values))
+
+    def _apply(self, node: SimNode, e: Apply) -> None:
+        self.states.advance(e.base, e.steps)
+        if node.first_applied_at is None and e.steps:
+            node.first_applied_at = self.now
+        st = e.head
+        if st.round > self.best_round and not node.byzantine:
+            self.best_round = st.round
+            if self.on_round is not None:
+                self.on_round(self, st)
+
+    # ------------------------------------------------------------------ running
+    def step(self) -> bool:
+        if not self.events:
+            return False
+        t, _, kind, idx, payload = heapq.heappop(self.events)
+        self.now = max(self.now, t)
+        if kind == "gossip":
+            msg = payload
+            for n in self.nodes:
+                if n.online and n.index != idx:
+                    self.handle(n, n.core.on_message(self.now, msg, None))
+            return True
+        node = self.nodes[idx]
+        if not node.online:
+            return True
+        if kind == "msg":
+            msg, frm = payload
+            self.handle(node, node.core.on_message(self.now, msg, frm))
+        elif kind == "estimate":
+            r, head, values = payload
+            self.handle(node, node.core.on_estimate(self.now, r, head, values))
+        elif kind == "timer":
+            if abs(t - node.timer_at) > 1e-9:
+                return True  # superseded
+            node.timer_at = math.inf
+            self.handle(node, node.core.on_timer(self.now))
+        elif kind == "call":
+            payload(self)
+        return True
+
+    def run(self, until_round: int, max_time: float = math.inf, max_wall: float = math.inf,
+            stop: Callable[[Simulation], bool] | None = None) -> None:
+        wall0 = time.monotonic()
+        while self.best_round < until_round and self.now < max_time:
+            if not self.step():
+                break
+            if stop is not None and stop(self):
+                break
+            if time.monotonic() - wall0 > max_wall:
+                break
+
+    def settle(self, grace: float) -> None:
+        """Deliver what is in flight (bounded virtual time) until honest online nodes share a head."""
+        end = self.now + grace
+        steps = 0
+        while self.now < end and self.events:
+            if steps % 64 == 0:
+                heads = {n.core.head.head for n in self.honest_online()}
+                if len(heads) <= 1 and all(n.core.head.round >= self.best_round for n in self.honest_online()):
+                    return
+            self.step()
+            steps += 1
+
+    # ------------------------------------------------------------------ churn
+    def crash(self, node: SimNode) -> None:
+        node.online = False
+
+    def honest_online(self) -> list[SimNode]:
+        return [n for n in self.nodes if n.online and not n.byzantine]
+
+    def digest_agreement(self) -> tuple[float, bytes | None]:
+        """Fraction of honest online nodes whose model digest equals the majority's."""
+        heads: dict[bytes, int] = {}
+        nodes = self.honest_online()
+        for n in nodes:
+            heads[n.core.head.head] = heads.get(n.core.head.head, 0) + 1
+        digests: dict[bytes, int] = {}
+        for head, count in heads.items():
+            params = self.states.get(head)
+            d = model_digest(params) if params is not None else b"missing" + head
+            digests[d] = digests.get(d, 0) + count
+        if not nodes:
+            return 0.0, None
+        best = max(digests.items(), key=lambda kv: kv[1])
+        return best[1] / len(nodes), best[0]

@@ -1,0 +1,205 @@
+"""`seedswarm sim`: configure a simulated swarm, run it, write summary.json, metrics.jsonl and plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+import tracemalloc
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import torch
+from seedswarm.crypto.keys import Identity
+from seedswarm.node.chain import ChainState
+from seedswarm.node.genesis import Genesis
+from seedswarm.node.protocol import CoreConfig
+from seedswarm.node.replay import bind_, model_digest
+from seedswarm.node.tasks import load_task
+from seedswarm.sim.engine import NetConfig, Simulation
+
+
+@dataclass
+class SimConfig:
+    nodes: int = 100
+    rounds: int = 800
+    seed: int = 0
+    task: str = "digits"
+    task_options: dict[str, Any] = field(default_factory=dict)
+    protocol: str = "seedswarm"
+    estimator: str = "fo"
+    trainers: int = 16
+    directions: int = 64
+    groups: int = 1
+    aggregator: str = "trimmed_mean"
+    lr: float = 0.04
+    local_lr: float = 0.5
+    local_steps: int = 1
+    batch_size: int = 32
+    eps: float = 1e-3
+    byzantine: float = 0.0
+    attack: str = "none"
+    target: float = 0.9
+    eval_every: int = 10
+    stop_at_target: bool = False
+    crash_fraction: float = 0.0
+    crash_at: int = -1
+    join_nodes: int = 0
+    join_at: int = -1
+    leave_nodes: int = 0
+    leave_at: int = -1
+    latency_ms: float = 40.0
+    loss: float = 0.0
+    max_wall: float = math.inf
+    out: str | None = None
+    quiet: bool = False
+
+
+def identities(n: int, seed: int, offset: int = 0) -> list[Identity]:
+    """Deterministic simulated identities (a run replays exactly from its seed)."""
+    rng = np.random.default_rng([seed, 0x5EED])
+    seeds = rng.integers(0, 256, size=(offset + n, 32), dtype=np.uint8)
+    return [Identity.from_seed(bytes(seeds[i])) for i in range(offset, offset + n)]
+
+
+def build(cfg: SimConfig) -> Simulation:
+    if cfg.protocol != "seedswarm":
+        raise ValueError(f"protocol {cfg.protocol!r} is not available in this build (choose: seedswarm)")
+    task = load_task(cfg.task, cfg.task_options, seed=cfg.seed)
+    idents = identities(cfg.nodes, cfg.seed)
+    model = task.build_model()
+    genesis = Genesis(
+        task=cfg.task, task_options=dict(cfg.task_options), seed=cfg.seed, estimator=cfg.estimator,
+        batch_size=cfg.batch_size, local_steps=cfg.local_steps, local_lr=cfg.local_lr, eps=cfg.eps,
+        lr=cfg.lr, members=tuple(i.public for i in idents), trainers=cfg.trainers,
+        directions=cfg.directions, groups=cfg.groups, aggregator_rule=cfg.aggregator,
+        round_timeout=max(0.5, 8 * cfg.latency_ms / 1000.0), min_round_time=0.05,
+        model_digest=model_digest(list(model.parameters())),
+    )
+    net = NetConfig(latency_ms=cfg.latency_ms, loss=cfg.loss)
+    sim = Simulation.create(genesis, task, [], net, cfg.seed, CoreConfig())
+    sim._shard_count = cfg.nodes + cfg.join_nodes
+    root = ChainState.initial(genesis)
+    for ident in idents:
+        sim.add_node(ident, root, member=True)
+    n_byz = int(round(cfg.byzantine * cfg.nodes))
+    if n_byz:
+        from seedswarm.sim.attacks import get_attack
+
+        sim.attack = get_attack(cfg.attack)
+        for i in np.random.default_rng([cfg.seed, 0xB1]).choice(cfg.nodes, n_byz, replace=False):
+            sim.nodes[int(i)].byzantine = True
+    return sim
+
+
+def run(cfg: SimConfig, log: TextIO = sys.stderr) -> dict[str, Any]:
+    torch.set_num_threads(1)  # tiny models: thread fan-out costs more than it saves
+    wall0 = time.monotonic()
+    tracemalloc.start()
+    sim = build(cfg)
+    assert sim.model is not None
+    out_dir = Path(cfg.out) if cfg.out else None
+    metrics_f = None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        metrics_f = open(out_dir / "metrics.jsonl", "w")  # noqa: SIM115 - closed below
+    state: dict[str, Any] = {"bytes_to_target": None, "round_to_target": None, "acc": None, "loss": None}
+    last_print = [0.0]
+    crash_round: list[int] = []
+
+    def on_round(s: Simulation, st: ChainState) -> None:
+        r = st.round
+        line: dict[str, Any] = {"round": r, "time": round(s.now, 4), "wall": round(time.monotonic() - wall0, 3),
+                                "bytes_total": s.bytes_total, "online": sum(n.online for n in s.nodes),
+                                "members": len(st.members)}
+        if r % cfg.eval_every == 0 or r >= cfg.rounds:
+            params = s.states.get(st.head)
+            if params is not None:
+                ev = s.task.evaluate(bind_(s.model, params))  # type: ignore[arg-type]
+                state["acc"], state["loss"] = ev["accuracy"], ev["loss"]
+                line["accuracy"], line["loss"] = ev["accuracy"], ev["loss"]
+                if state["bytes_to_target"] is None and ev["accuracy"] >= cfg.target:
+                    state["bytes_to_target"], state["round_to_target"] = s.bytes_total, r
+        if metrics_f is not None:
+            metrics_f.write(json.dumps(line) + "\n")
+        # churn schedule (deterministic: drawn from the seeded RNG)
+        if r == cfg.crash_at and cfg.crash_fraction > 0:
+            alive = [n for n in s.nodes if n.online]
+            k = int(len(alive) * cfg.crash_fraction)
+            for i in s.rng.choice(len(alive), k, replace=False):
+                s.crash(alive[int(i)])
+            crash_round.append(r)
+            print(f"round {r}: crashed {k} of {len(alive)} nodes at once", file=log)
+        if r == cfg.leave_at and cfg.leave_nodes > 0:
+            alive = [n for n in s.nodes if n.online]
+            for i in s.rng.choice(len(alive), min(cfg.leave_nodes, len(alive)), replace=False):
+                node = alive[int(i)]
+                s.handle(node, node.core.leave(s.now))
+                s.push(s.now + 1.0, "call", 0, lambda s2, n=node: s2.crash(n))
+        if r == cfg.join_at and cfg.join_nodes > 0:
+            donor = next(n for n in s.nodes if n.online and not n.byzantine)
+            for ident in identities(cfg.join_nodes, cfg.seed, offset=len(s.nodes)):
+                node = s.add_node(ident, donor.core.head, member=False)
+                s.start_node(node, join=True)
+        if not cfg.quiet and (time.monotonic() - last_print[0] > 2.0 or r >= cfg.rounds):
+            last_print[0] = time.monotonic()
+            acc = f"{state['acc']:.3f}" if state["acc"] is not None else "-"
+            print(f"round {r:5d}  t={s.now:8.1f}s  acc={acc}  bytes={s.bytes_total / 1e6:8.2f} MB  "
+                  f"online={line['online']}  wall={line['wall']:.0f}s", file=log)
+
+    sim.on_round = on_round
+    sim.start()
+    stop = (lambda s: state["bytes_to_target"] is not None) if cfg.stop_at_target else None
+    sim.run(cfg.rounds, max_wall=cfg.max_wall, stop=stop)
+    sim.settle(grace=5 * sim.genesis.round_timeout)
+    # final evaluation on the majority head
+    agreement, _ = sim.digest_agreement()
+    heads = [n.core.head for n in sim.honest_online()]
+    final_head = max(heads, key=lambda st: st.round) if heads else None
+    if final_head is not None and (params := sim.states.get(final_head.head)) is not None:
+        ev = sim.task.evaluate(bind_(sim.model, params))
+        state["acc"], state["loss"] = ev["accuracy"], ev["loss"]
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    rounds_done = sim.best_round
+    n_nodes = len(sim.nodes)
+    contrib_bytes = sim.bytes_by_kind.get("Contribution", 0)
+    trainer_rounds = max(1, sim.estimates)
+    summary: dict[str, Any] = {
+        "protocol": cfg.protocol,
+        "task": cfg.task,
+        "nodes": cfg.nodes,
+        "nodes_total": n_nodes,
+        "rounds": rounds_done,
+        "final_accuracy": state["acc"],
+        "final_loss": state["loss"],
+        "target": cfg.target,
+        "bytes_to_target": state["bytes_to_target"],
+        "rounds_to_target": state["round_to_target"],
+        "bytes_per_trainer_per_round": contrib_bytes / trainer_rounds,
+        "bytes_per_node_per_round": sum(n.bytes_received for n in sim.nodes) / max(1, n_nodes) / max(1, rounds_done),
+        "total_bytes": sim.bytes_total,
+        "bytes_by_kind": sim.bytes_by_kind,
+        "honest_digest_agreement": agreement,
+        "virtual_seconds": sim.now,
+        "wall_seconds": time.monotonic() - wall0,
+        "rounds_per_second": rounds_done / max(1e-9, time.monotonic() - wall0),
+        "peak_traced_memory_mb": peak / 1e6,
+        "rejected": sim.rejected,
+        "crash_round": crash_round[0] if crash_round else None,
+        "join_seconds": [n.first_applied_at - n.joined_at for n in sim.nodes[cfg.nodes:]
+                         if n.first_applied_at is not None],
+        "config": {k: v for k, v in asdict(cfg).items() if k not in ("out",) and not (isinstance(v, float) and math.isinf(v))},
+        "genesis_run_id": sim.genesis.run_id.hex(),
+    }
+    if metrics_f is not None:
+        metrics_f.close()
+    if out_dir is not None:
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        from seedswarm.sim.plots import write_plots
+
+        write_plots(out_dir)
+    return summary
