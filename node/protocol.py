@@ -21,6 +21,7 @@ built on by honest trainers (an aggregator can delay or omit, never forge).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -459,10 +460,8 @@ class NodeCore:
             try:
                 out.append(bytes(decode_as(data, Join, self.run_id).peer))
             except WireError:
-                try:
+                with contextlib.suppress(WireError):
                     out.append(bytes(decode_as(data, Leave, self.run_id).peer))
-                except WireError:
-                    pass
         return out
 
     @staticmethod
