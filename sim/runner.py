@@ -154,7 +154,7 @@ def run(cfg: SimConfig, log: TextIO = sys.stderr) -> dict[str, Any]:
     sim.start()
     stop = (lambda s: state["bytes_to_target"] is not None) if cfg.stop_at_target else None
     sim.run(cfg.rounds, max_wall=cfg.max_wall, stop=stop)
-    sim.settle(grace=5 * sim.genesis.round_timeout + 4 * CoreConfig().sync_after)
+    sim.settle(grace=5 * sim.genesis.round_timeout + 4 * sim._core_config.sync_after)
     # final evaluation on the majority head
     agreement, _ = sim.digest_agreement()
     heads = [n.core.head for n in sim.honest_online()]
