@@ -1,109 +1,52 @@
-"""The `seedswarm` command line."""
+"""The `seedswarm` command line: one entry point, each subcommand implemented next to its code.
+
+``sim`` lives in :mod:`seedswarm.sim.cli`; ``bench NAME`` runs ``seedswarm.bench.NAME.main``.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import sys
-import time
-from pathlib import Path
-from typing import Any
+
+BENCHES = ("replay", "protocols", "byzantine", "scale")
 
 
-def _task_options(pairs: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"seedswarm: --task-option expects KEY=VALUE, got {pair!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
-def _sim_parser(sub: Any) -> None:
-    from seedswarm.sim.runner import SimConfig
-
-    d = SimConfig()
-    p = sub.add_parser("sim", help="simulate a swarm on this machine (the main demo)",
-                       description="Train a model with N simulated nodes in virtual time, on the real protocol code.")
-    p.add_argument("--nodes", type=int, default=d.nodes)
-    p.add_argument("--rounds", type=int, default=d.rounds)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--task", default=d.task, help="'digits' or package.module:factory")
-    p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="task option, e.g. hidden=4000 or pretrain=true (repeatable)")
-    p.add_argument("--protocol", default=d.protocol, choices=["seedswarm"])
-    p.add_argument("--estimator", default=d.estimator, choices=["fo", "zo"])
-    p.add_argument("--trainers", type=int, default=d.trainers)
-    p.add_argument("--directions", type=int, default=d.directions, help="K: bytes per trainer per round")
-    p.add_argument("--groups", type=int, default=d.groups)
-    p.add_argument("--aggregator", default=d.aggregator,
-                   choices=["mean", "median", "trimmed_mean", "clipped_mean"])
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--local-lr", type=float, default=d.local_lr)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--target", type=float, default=d.target)
-    p.add_argument("--eval-every", type=int, default=d.eval_every)
-    p.add_argument("--stop-at-target", action="store_true")
-    p.add_argument("--crash-fraction", type=float, default=0.0)
-    p.add_argument("--crash-at", type=int, default=-1)
-    p.add_argument("--join-nodes", type=int, default=0)
-    p.add_argument("--join-at", type=int, default=-1)
-    p.add_argument("--latency-ms", type=float, default=d.latency_ms)
-    p.add_argument("--loss", type=float, default=d.loss)
-    p.add_argument("--max-wall", type=float, default=float("inf"), help="stop after this many seconds")
-    p.add_argument("--out", default=None, help="output folder (default: a new folder under runs/)")
-    p.add_argument("--quiet", action="store_true")
-
-
-def _run_sim(args: argparse.Namespace) -> int:
-    from seedswarm.node.genesis import GenesisError
-    from seedswarm.node.tasks import TaskError
-    from seedswarm.sim.runner import SimConfig, run
-
-    if args.nodes < 1 or args.rounds < 1:
-        print("seedswarm sim: --nodes and --rounds must be positive", file=sys.stderr)
-        return 2
-    out = args.out or str(Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S"))
-    cfg = SimConfig(
-        nodes=args.nodes, rounds=args.rounds, seed=args.seed, task=args.task,
-        task_options=_task_options(args.task_option), protocol=args.protocol, estimator=args.estimator,
-        trainers=args.trainers, directions=args.directions, groups=args.groups, aggregator=args.aggregator,
-        lr=args.lr, local_lr=args.local_lr, batch_size=args.batch_size, target=args.target,
-        eval_every=args.eval_every, stop_at_target=args.stop_at_target, crash_fraction=args.crash_fraction,
-        crash_at=args.crash_at, join_nodes=args.join_nodes, join_at=args.join_at,
-        latency_ms=args.latency_ms, loss=args.loss, max_wall=args.max_wall, out=out, quiet=args.quiet,
-    )
+def _bench(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in BENCHES:
+        known = ", ".join(BENCHES)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"seedswarm bench: unknown benchmark {argv[0]!r} (choose: {known})", file=sys.stderr)
+            return 2
+        print(f"usage: seedswarm bench {{{known}}} [options]   ('seedswarm bench NAME --help' for each)")
+        return 0
     try:
-        summary = run(cfg)
-    except (GenesisError, TaskError, ValueError) as e:
-        print(f"seedswarm sim: {e}", file=sys.stderr)
+        module = importlib.import_module(f"seedswarm.bench.{argv[0]}")
+    except ModuleNotFoundError:
+        print(f"seedswarm bench: {argv[0]!r} is not available in this build", file=sys.stderr)
         return 2
-    keys = ("final_accuracy", "rounds", "nodes", "bytes_per_trainer_per_round", "bytes_per_node_per_round",
-            "total_bytes", "bytes_to_target", "honest_digest_agreement", "wall_seconds")
-    print(json.dumps({k: summary[k] for k in keys}, indent=2))
-    print(f"wrote {out}/summary.json, metrics.jsonl, accuracy_vs_round.png, accuracy_vs_bytes.png", file=sys.stderr)
-    return 0
+    return int(module.main(argv[1:]))
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:2] == ["bench", "replay"]:
-        from seedswarm.bench.replay import main as bench_replay
+    if argv[:1] == ["bench"]:
+        return _bench(argv[1:])
+    from seedswarm.sim import cli as sim_cli
 
-        return bench_replay(argv[2:])
     parser = argparse.ArgumentParser(prog="seedswarm", description="Decentralized training by seeds and one-byte gradients.")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    _sim_parser(sub)
-    b = sub.add_parser("bench", help="benchmarks: 'seedswarm bench replay --help'")
-    b.add_argument("name", choices=["replay"])
+    sim_cli.add_parser(sub)
+    sub.add_parser("bench", help=f"benchmarks: seedswarm bench {{{','.join(BENCHES)}}} --help")
+    commands = {"sim": sim_cli.run_command}
+    try:
+        from seedswarm.node import daemon_cli
+    except ImportError:
+        daemon_cli = None  # type: ignore[assignment]
+    if daemon_cli is not None:
+        commands.update(daemon_cli.add_parsers(sub))
     args = parser.parse_args(argv)
-    if args.cmd == "sim":
-        return _run_sim(args)
-    return 2
+    return int(commands[args.cmd](args))
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def identities(n: int, seed: int, offset: int = 0) -> list[Identity]:
 
 def build(cfg: SimConfig) -> Simulation:
     if cfg.protocol != "seedswarm":
-        raise ValueError(f"protocol {cfg.protocol!r} is not available in this build (choose: seedswarm)")
+        raise ValueError(f"build() is for the seedswarm protocol; {cfg.protocol!r} runs in sim/baselines.py")
     task = load_task(cfg.task, cfg.task_options, seed=cfg.seed)
     idents = identities(cfg.nodes, cfg.seed)
     model = task.build_model()
@@ -97,6 +97,10 @@ def build(cfg: SimConfig) -> Simulation:
 
 def run(cfg: SimConfig, log: TextIO = sys.stderr) -> dict[str, Any]:
     torch.set_num_threads(1)  # tiny models: thread fan-out costs more than it saves
+    if cfg.protocol != "seedswarm":
+        from seedswarm.sim.baselines import run_baseline
+
+        return run_baseline(cfg, log)
     wall0 = time.monotonic()
     tracemalloc.start()
     sim = build(cfg)
