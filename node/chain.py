@@ -76,8 +76,14 @@ def bitmap_of(ranks: Iterable[int], size: int) -> bytes:
     return bytes(bits)
 
 
-def ranks_of(bitmap: bytes) -> list[int]:
-    return [i for i in range(len(bitmap) * 8) if bitmap[i // 8] >> (i % 8) & 1]
+def ranks_of(bitmap: bytes) -> tuple[int, ...]:
+    return _ranks_of(bytes(bitmap))
+
+
+@functools.lru_cache(maxsize=1024)
+def _ranks_of(bitmap: bytes) -> tuple[int, ...]:
+    # Cached: fork choice asks for it on every record at every node.
+    return tuple(i for i in range(len(bitmap) * 8) if bitmap[i // 8] >> (i % 8) & 1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -352,7 +358,11 @@ def build_record(
 
 
 def record_hash(rec: Record) -> bytes:
-    return h(b"seedswarm/record", rec.encode())
+    cached = rec.__dict__.get("_record_hash")  # immutable message: hash once (see Message.encode)
+    if cached is None:
+        cached = h(b"seedswarm/record", rec.encode())
+        object.__setattr__(rec, "_record_hash", cached)
+    return bytes(cached)
 
 
 _MEMO: OrderedDict[tuple[bytes, bytes], ChainState | RecordError] = OrderedDict()

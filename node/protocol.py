@@ -15,13 +15,19 @@ more than ``max_undo`` rounds.
 Verification. Every record is checked without its inputs (signatures, ranks, membership). The
 trainers of the next round, the nodes that would build on it, fetch the inputs from the record's
 aggregator and recompute the aggregate before they contribute. A mismatch is gossiped as a
-fraud proof, which makes every node drop the record; a record whose inputs cannot be had is not
-built on by honest trainers (an aggregator can delay or omit, never forge).
+fraud proof, which makes every node drop the record. Trainers ask the aggregator first, then the
+record's other verifiers (any node that checked the inputs serves them), so a crashed aggregator
+costs nothing. A record whose inputs nobody shows stays in fork choice (missing data proves
+nothing, and local judgements there would split honest nodes), but honest trainers never
+contribute on it, so the rounds after it are empty until a proof or the inputs arrive: an
+aggregator can delay or omit, never forge, and a withheld record's step is bounded by the
+public scale.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -118,7 +124,8 @@ Effect = Publish | Send | Estimate | Apply | Rejected
 class CoreConfig:
     max_undo: int = 4  # rounds a node may have to undo on a fork switch
     sync_after: float = 3.0  # seconds without progress before asking peers for the chain
-    verify_timeout: float = 2.0  # seconds a trainer waits for a record's inputs
+    verify_timeout: float = 2.0  # seconds a trainer waits for a record's inputs from one source
+    verify_sources: int = 8  # sources a trainer asks, one after the other, before it gives up
     keep_inputs: int = 8  # rounds of record inputs an aggregator keeps to serve verifiers
     max_future: int = 64  # buffered messages for rounds ahead of ours
     fallback_ranks: int = 64  # aggregator ranks that step in, one timeout apart, if all before are silent
@@ -143,6 +150,16 @@ class _Aggregation:
     published: bool = False
 
 
+@functools.lru_cache(maxsize=4096)
+def _membership_peer(data: bytes, run_id: bytes) -> bytes | None:
+    """The peer a record's Join or Leave entry is about (a pure function of the bytes, so it is
+    shared by every core in a process)."""
+    for cls in (Join, Leave):
+        with contextlib.suppress(WireError):
+            return bytes(decode_as(data, cls, run_id).peer)
+    return None
+
+
 class NodeCore:
     """One node's protocol state. Pure: every output is a returned effect."""
 
@@ -164,7 +181,8 @@ class NodeCore:
         self._children: dict[bytes, dict[bytes, _Candidate]] = {}  # parent head -> record hash -> candidate
         self._cand: dict[bytes, _Candidate] = {}  # record hash (= child head) -> candidate
         self._bad: set[bytes] = set()  # records proven or found invalid
-        self._unverified: dict[bytes, float] = {}  # record hash -> time we asked for its inputs
+        # record hash -> (time we last asked for its inputs, how many sources we asked)
+        self._unverified: dict[bytes, tuple[float, int]] = {}
         self._verified: set[bytes] = set()
         self._agg: dict[int, _Aggregation] = {}
         self._inputs: OrderedDict[bytes, tuple[int, list[bytes]]] = OrderedDict()  # record hash -> inputs
@@ -262,13 +280,13 @@ class NodeCore:
                 out += self._send_contribution(now, c, due)
         for agg in list(self._agg.values()):
             out += self._maybe_publish(now, agg)
-        for rh, asked in list(self._unverified.items()):
+        for rh, (asked, tries) in list(self._unverified.items()):
             if now - asked > self.cfg.verify_timeout:
-                # The aggregator did not show its inputs: do not build on its record.
-                del self._unverified[rh]
-                self._bad.add(rh)
-                self._count("records.unverifiable")
-                out += self._choose_head(now)
+                # No answer: ask the next source. Not having the inputs proves nothing (the
+                # aggregator may just have crashed), so it never enters fork choice: a local,
+                # unprovable judgement there would split honest nodes onto different heads.
+                # We only withhold our own contribution until some source shows them.
+                out += self._ask_inputs(now, rh, tries)
         if now - self._last_progress > self.cfg.sync_after and now - self._last_sync > self.cfg.sync_after:
             self._last_sync = now
             out += self._sync_request()
@@ -335,11 +353,35 @@ class NodeCore:
             rh = st.head
             if rh not in self._verified:
                 if rh not in self._unverified:
-                    self._unverified[rh] = now
-                    return [Send(cand.rec.aggregator, ContributionsRequest(run=self.run_id, round=cand.rec.round, record=rh))]
+                    return self._ask_inputs(now, rh, 0)
                 return []
         self._estimating = (st.round, st.head)
         return [Estimate(st.round, st.head, tuple(st.streams(st.group_of(rank))))]
+
+    def _ask_inputs(self, now: float, rh: bytes, tries: int) -> list[Effect]:
+        """Ask source number ``tries`` for a record's inputs: its aggregator first, then the
+        nodes that must have checked them (this round's trainers, who verify before they build),
+        then other members. Any of them can answer: a response is checked against the record's
+        commitment, so it does not matter who sends it."""
+        cand = self._cand.get(rh)
+        if cand is None or tries >= self.cfg.verify_sources:
+            self._unverified.pop(rh, None)
+            if cand is not None:
+                self._count("records.unverifiable")  # we stay on it, but never contribute on it
+            return []
+        sources = [cand.rec.aggregator]
+        sources += [p for p in cand.state.committee.trainers if p not in sources]
+        rest = [p for p in cand.state.members if p not in sources]
+        sources += rest[: self.cfg.verify_sources]
+        sources = [p for p in sources if p != self.me]
+        if tries >= len(sources):
+            self._unverified.pop(rh, None)
+            self._count("records.unverifiable")
+            return []
+        self._unverified[rh] = (now, tries + 1)
+        if tries:
+            self._count("inputs.retries")
+        return [Send(sources[tries], ContributionsRequest(run=self.run_id, round=cand.rec.round, record=rh))]
 
     def _record_of(self, st: ChainState) -> _Candidate | None:
         return self._cand.get(st.head)
@@ -455,14 +497,7 @@ class NodeCore:
         return self._choose_head(now)
 
     def _decode_peers(self, entries: Sequence[bytes]) -> list[bytes]:
-        out = []
-        for data in entries:
-            try:
-                out.append(bytes(decode_as(data, Join, self.run_id).peer))
-            except WireError:
-                with contextlib.suppress(WireError):
-                    out.append(bytes(decode_as(data, Leave, self.run_id).peer))
-        return out
+        return [p for data in entries if (p := _membership_peer(data, self.run_id)) is not None]
 
     @staticmethod
     def _quality(c: _Candidate) -> tuple[int, int, bytes]:
@@ -574,7 +609,7 @@ class NodeCore:
         cand = self._cand.get(rh)
         if cand is None:
             return []
-        del self._unverified[rh]
+        asked = self._unverified.pop(rh)
         try:
             check_contributions(cand.parent, cand.rec, msg.contributions)
         except RecordError as e:
@@ -584,10 +619,9 @@ class NodeCore:
                 self._count("fraud.detected")
                 proof = FraudProof(run=self.run_id, record=cand.rec.encode(), contributions=msg.contributions)
                 return [Publish(proof), *self._reject(peer, e.reason, str(e)), *self._choose_head(now)]
-            # Inputs that do not match the commitment prove nothing about the record: ask again
-            # later, and meanwhile do not build on it.
-            self._unverified[rh] = now
-            return self._reject(peer, e.reason, str(e))
+            # Inputs that do not match the commitment prove nothing about the record (the
+            # sender lied, not the aggregator): ask the next source, do not build on it meanwhile.
+            return self._reject(peer, e.reason, str(e)) + self._ask_inputs(now, rh, asked[1])
         self._verified.add(rh)
         self._inputs[rh] = (cand.rec.round, list(msg.contributions))
         while len(self._inputs) > self.cfg.keep_inputs:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import sys
 import time
-import tracemalloc
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -102,8 +102,8 @@ def run(cfg: SimConfig, log: TextIO = sys.stderr) -> dict[str, Any]:
 
         return run_baseline(cfg, log)
     wall0 = time.monotonic()
-    tracemalloc.start()
     sim = build(cfg)
+    setup_seconds = time.monotonic() - wall0
     assert sim.model is not None
     out_dir = Path(cfg.out) if cfg.out else None
     metrics_f = None
@@ -154,7 +154,20 @@ def run(cfg: SimConfig, log: TextIO = sys.stderr) -> dict[str, Any]:
             print(f"round {r:5d}  t={s.now:8.1f}s  acc={acc}  bytes={s.bytes_total / 1e6:8.2f} MB  "
                   f"online={line['online']}  wall={line['wall']:.0f}s", file=log)
 
-    sim.on_round = on_round
+    byz_metrics = None
+    if any(n.byzantine for n in sim.nodes):
+        from seedswarm.sim.attacks import ByzantineMetrics
+
+        byz_metrics = ByzantineMetrics()
+        plain_on_round = on_round
+
+        def on_round_byz(s: Simulation, st: ChainState) -> None:
+            byz_metrics.on_round(s, st)  # type: ignore[union-attr]
+            plain_on_round(s, st)
+
+        sim.on_round = on_round_byz
+    else:
+        sim.on_round = on_round
     sim.start()
     stop = (lambda s: state["bytes_to_target"] is not None) if cfg.stop_at_target else None
     sim.run(cfg.rounds, max_wall=cfg.max_wall, stop=stop)
@@ -166,8 +179,7 @@ def run(cfg: SimConfig, log: TextIO = sys.stderr) -> dict[str, Any]:
     if final_head is not None and (params := sim.states.get(final_head.head)) is not None:
         ev = sim.task.evaluate(bind_(sim.model, params))
         state["acc"], state["loss"] = ev["accuracy"], ev["loss"]
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     rounds_done = sim.best_round
     n_nodes = len(sim.nodes)
     contrib_bytes = sim.bytes_by_kind.get("Contribution", 0)
@@ -188,10 +200,12 @@ def run(cfg: SimConfig, log: TextIO = sys.stderr) -> dict[str, Any]:
         "total_bytes": sim.bytes_total,
         "bytes_by_kind": sim.bytes_by_kind,
         "honest_digest_agreement": agreement,
+        "final_members": len(final_head.members) if final_head is not None else 0,
         "virtual_seconds": sim.now,
         "wall_seconds": time.monotonic() - wall0,
-        "rounds_per_second": rounds_done / max(1e-9, time.monotonic() - wall0),
-        "peak_traced_memory_mb": peak / 1e6,
+        "setup_seconds": setup_seconds,
+        "rounds_per_second": rounds_done / max(1e-9, time.monotonic() - wall0 - setup_seconds),
+        "peak_rss_mb": peak_rss_mb,  # the whole process, high-water mark
         "rejected": sim.rejected,
         "crash_round": crash_round[0] if crash_round else None,
         "join_seconds": [n.first_applied_at - n.joined_at for n in sim.nodes[cfg.nodes:]
@@ -199,6 +213,9 @@ def run(cfg: SimConfig, log: TextIO = sys.stderr) -> dict[str, Any]:
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("out",) and not (isinstance(v, float) and math.isinf(v))},
         "genesis_run_id": sim.genesis.run_id.hex(),
     }
+    if byz_metrics is not None:
+        summary["attack"] = cfg.attack
+        summary.update(byz_metrics.summary(sim, final_head))
     if metrics_f is not None:
         metrics_f.close()
     if out_dir is not None:
