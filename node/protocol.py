@@ -294,10 +294,20 @@ class NodeCore:
 
     def next_wakeup(self, now: float) -> float:
         """When the driver should call on_timer next (it may call earlier)."""
-        t = now + max(self.genesis.min_round_time, 0.25 * self.genesis.round_timeout)
+        # Exactly the moments on_timer acts on, so a node without duties sleeps until its sync
+        # check: in a large swarm almost every node is idle in almost every round.
+        cfg = self.cfg
+        if now - self._last_progress > cfg.sync_after:
+            t = self._last_sync + cfg.sync_after
+        else:
+            t = self._last_progress + cfg.sync_after + 1e-6
+        if self._mine is not None and self._mine[0].round == self.round:
+            t = min(t, self._round_started + (self._mine[1] + 1) * self.genesis.round_timeout + 1e-6)
         for agg in self._agg.values():
             if not agg.published:
-                t = min(t, agg.started + self._publish_delay(agg))
+                t = min(t, agg.started + self._publish_delay(agg) + 1e-6)
+        for asked, _ in self._unverified.values():
+            t = min(t, asked + cfg.verify_timeout + 1e-6)
         return max(t, now + 1e-3)  # always strictly later: a driver can never spin in place
 
     def on_estimate(self, now: float, round_: int, head: bytes, values: Sequence[float]) -> list[Effect]:
