@@ -110,7 +110,7 @@ class Message:
     def encode(self) -> bytes:
         cached = self.__dict__.get("_encoded")
         if cached is not None:
-            return cached  # type: ignore[no-any-return]
+            return cached
         data: bytes = msgpack.packb(self._values(), use_bin_type=True)
         if len(data) > self.MAX_SIZE:
             raise WireError(f"{type(self).__name__} of {len(data)} bytes exceeds {self.MAX_SIZE}")
@@ -138,7 +138,7 @@ class Message:
         if cached is not None:
             return bool(cached)
         ok = self.SIGNER is None or verify(
-            getattr(self, self.SIGNER), self.DOMAIN, self.run, self.signing_payload(), self.sig
+            getattr(self, self.SIGNER), self.DOMAIN, self.run, self.signing_payload(), getattr(self, "sig")
         )
         object.__setattr__(self, "_sig_ok", ok)
         return ok

@@ -19,6 +19,7 @@ import functools
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from seedswarm.crypto.directions import stream_seed
 from seedswarm.crypto.hashing import beacon_of, h, merkle_root, round_seed
@@ -28,6 +29,7 @@ from seedswarm.gossip.wire import (
     Equivocation,
     Join,
     Leave,
+    Message,
     Record,
     WireError,
     decode_as,
@@ -179,7 +181,10 @@ class ChainState:
 # validation
 
 
-def _decode_entry(data: bytes, cls: type, state: ChainState, what: str):  # type: ignore[no-untyped-def]
+_E = TypeVar("_E", bound=Message)
+
+
+def _decode_entry(data: bytes, cls: type[_E], state: ChainState, what: str) -> _E:
     try:
         msg = decode_as(data, cls, state.run_id)
     except WireError as e:

@@ -92,7 +92,7 @@ class Genesis:
     def canonical(self) -> bytes:
         d = dataclasses.asdict(self)
         d["members"] = sorted(self.members)
-        return msgpack.packb(_canon(d), use_bin_type=True)  # type: ignore[no-any-return]
+        return msgpack.packb(_canon(d), use_bin_type=True)
 
     @property
     def run_id(self) -> bytes:

@@ -154,9 +154,10 @@ class _Aggregation:
 def _membership_peer(data: bytes, run_id: bytes) -> bytes | None:
     """The peer a record's Join or Leave entry is about (a pure function of the bytes, so it is
     shared by every core in a process)."""
-    for cls in (Join, Leave):
-        with contextlib.suppress(WireError):
-            return bytes(decode_as(data, cls, run_id).peer)
+    with contextlib.suppress(WireError):
+        return bytes(decode_as(data, Join, run_id).peer)
+    with contextlib.suppress(WireError):
+        return bytes(decode_as(data, Leave, run_id).peer)
     return None
 
 
