@@ -35,7 +35,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--task", default=d.task, help="'digits' or package.module:factory")
     p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
                    help="task option, e.g. hidden=4000 or pretrain=true (repeatable)")
-    p.add_argument("--protocol", default=d.protocol, choices=["seedswarm"])
+    p.add_argument("--protocol", default=d.protocol, choices=["seedswarm", "modest", "dpsgd"])
     p.add_argument("--estimator", default=d.estimator, choices=["fo", "zo"])
     p.add_argument("--trainers", type=int, default=d.trainers)
     p.add_argument("--directions", type=int, default=d.directions, help="K: bytes per trainer per round")
@@ -48,6 +48,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--target", type=float, default=d.target)
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--stop-at-target", action="store_true")
+    p.add_argument("--byzantine", type=float, default=d.byzantine, metavar="FRACTION",
+                   help="share of nodes that are Byzantine (they run --attack)")
+    p.add_argument("--attack", default=d.attack, metavar="NAME",
+                   help="Byzantine behaviour: none, sign_flip, alie, ipm, random, mimic, zeros, "
+                        "withhold, equivocate, replay, forge, non_member, rush (NAME:PARAM sets z or eps)")
     p.add_argument("--crash-fraction", type=float, default=0.0)
     p.add_argument("--crash-at", type=int, default=-1)
     p.add_argument("--join-nodes", type=int, default=0)
@@ -67,6 +72,9 @@ def run_command(args: argparse.Namespace) -> int:
     if args.nodes < 1 or args.rounds < 1:
         print("seedswarm sim: --nodes and --rounds must be positive", file=sys.stderr)
         return 2
+    if not 0.0 <= args.byzantine < 1.0:
+        print("seedswarm sim: --byzantine must be in [0, 1)", file=sys.stderr)
+        return 2
     out = args.out or str(Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S"))
     cfg = SimConfig(
         nodes=args.nodes, rounds=args.rounds, seed=args.seed, task=args.task,
@@ -76,6 +84,7 @@ def run_command(args: argparse.Namespace) -> int:
         eval_every=args.eval_every, stop_at_target=args.stop_at_target, crash_fraction=args.crash_fraction,
         crash_at=args.crash_at, join_nodes=args.join_nodes, join_at=args.join_at,
         latency_ms=args.latency_ms, loss=args.loss, max_wall=args.max_wall, out=out, quiet=args.quiet,
+        byzantine=args.byzantine, attack=args.attack,
     )
     try:
         summary = run(cfg)

@@ -40,6 +40,7 @@ class NetConfig:
     bandwidth_mbps: float = 100.0  # per-node link
     loss: float = 0.0  # probability a direct message is lost
     compute_ms: float = 30.0  # median virtual time of one local estimate
+    gossip_degree: int = 6  # GossipSub mesh degree D (gossip/libp2p_host.py uses go-libp2p's 6)
 
 
 @dataclass
@@ -189,15 +190,18 @@ class Simulation:
         self.push(self.now + self.link_delay(src, dst, size), "msg", dst.index, (msg, src.key))
 
     def _publish(self, src: SimNode, msg: Message) -> None:
-        # GossipSub: every online node receives the message (counted once per node: mesh
-        # duplicates, up to the mesh degree, are a transport constant documented in docs/sim.md).
+        # GossipSub as the daemon runs it (mesh degree D): the publisher sends to its D mesh
+        # peers, and every node forwards a new message to its mesh peers but the one it came
+        # from, so each node receives about D - 1 copies (one, then duplicates it cannot refuse;
+        # IDONTWANT only helps for large messages). Every copy is counted.
         size = len(msg.encode())
         online = [n for n in self.nodes if n.online and n is not src]
-        hops = max(1.0, math.log(max(2, len(online)), 6))
-        src.bytes_sent += size * min(6, len(online))
+        copies = max(1, min(self.net.gossip_degree - 1, len(online) - 1))
+        hops = max(1.0, math.log(max(2, len(online)), self.net.gossip_degree))
+        src.bytes_sent += size * min(self.net.gossip_degree, len(online))
         for n in online:
-            n.bytes_received += size
-        self._count_bytes(type(msg).__name__, size * len(online))
+            n.bytes_received += size * copies
+        self._count_bytes(type(msg).__name__, size * copies * len(online))
         self.push(self.now + 2 * hops * self.net.latency_ms / 2000.0 + 0.002, "gossip", src.index, msg)
 
     def _estimate(self, node: SimNode, e: Estimate) -> None:
