@@ -43,6 +43,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.host.exceptions import StreamFailure
 from libp2p.identity_utils import create_identity_from_seed
 from libp2p.network.config import ConnectionConfig, RetryConfig
+from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.network.stream.exceptions import StreamError
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
@@ -125,6 +126,9 @@ _QUIET_LOGGERS: Final = {
     "libp2p.pubsub": logging.ERROR,
     # sets itself to INFO and logs its state on every cycle
     "libp2p.network.auto_connector": logging.WARNING,
+    # logs an ERROR for every failed dial (a bootstrap peer that is not up yet, a departed
+    # peer); the bootstrap keeper and the daemon report failed dials themselves, once
+    "libp2p.transport.tcp.tcp": logging.CRITICAL,
 }
 _LOG_ONCE_MAX: Final = 4096
 
@@ -234,6 +238,11 @@ class HostStats:
     handler_errors: int
     validator_errors: int
     events_dropped: int
+    #: Bytes written to / read from the TCP sockets of this host (Noise, Yamux, GossipSub
+    #: framing, forwarding and retransmission of other peers' gossip included): what the
+    #: operator's network actually carries.
+    transport_bytes_sent: int = 0
+    transport_bytes_received: int = 0
 
 
 class _Stats:
@@ -256,6 +265,8 @@ class _Stats:
         "handler_errors",
         "validator_errors",
         "events_dropped",
+        "transport_bytes_sent",
+        "transport_bytes_received",
     )
 
     def __init__(self) -> None:
@@ -280,6 +291,42 @@ class _Stats:
 
 
 # ---------------------------------------------------------------------------------------------
+# Transport byte counting
+#
+# Every libp2p connection of a host runs in that host's own trio.run(), so a trio RunVar names
+# the host whose counters a raw socket read or write belongs to, even with many hosts in one
+# process (the tests). RawConnection is the layer right above the TCP socket: below Noise, so
+# the counts include encryption, muxing and gossip forwarding overheads.
+
+_TRANSPORT_STATS: trio.lowlevel.RunVar[_Stats] = trio.lowlevel.RunVar("seedswarm_transport_stats")
+
+
+def _install_transport_counters() -> None:
+    if getattr(RawConnection, "_seedswarm_counted", False):
+        return
+    inner_write = RawConnection.write
+    inner_read = RawConnection.read
+
+    async def write(self: RawConnection, data: bytes) -> None:
+        await inner_write(self, data)
+        with contextlib.suppress(LookupError, RuntimeError):
+            _TRANSPORT_STATS.get().inc("transport_bytes_sent", len(data))
+
+    async def read(self: RawConnection, n: int | None = None) -> bytes:
+        data = await inner_read(self, n)
+        with contextlib.suppress(LookupError, RuntimeError):
+            _TRANSPORT_STATS.get().inc("transport_bytes_received", len(data))
+        return data
+
+    RawConnection.write = write  # type: ignore[method-assign]
+    RawConnection.read = read  # type: ignore[method-assign]
+    RawConnection._seedswarm_counted = True  # type: ignore[attr-defined]
+
+
+_install_transport_counters()
+
+
+# ---------------------------------------------------------------------------------------------
 # Small helpers
 
 
@@ -300,6 +347,19 @@ def _configure_libp2p_logging() -> None:
     # BasicHost logs a multi-line ERROR for every failed protocol negotiation; we turn that
     # failure into a clear HostError (requester) and one log line (responder) ourselves.
     logging.getLogger("libp2p.host.basic_host").addFilter(_DropNegotiationNoise())
+    # On shutdown pubsub may hand one last message to a service nursery that just closed; the
+    # service manager logs that as an ERROR with a long traceback. Nothing is lost but the
+    # message to a host that is going away.
+    for name in ("libp2p.tools.anyio_service.TrioManager.Swarm", "libp2p.tools.anyio_service.TrioManager.Pubsub"):
+        logging.getLogger(name).addFilter(_DropShutdownNoise())
+
+
+class _DropShutdownNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            text += repr(record.exc_info[1]) + str(getattr(record.exc_info[1], "exceptions", ""))
+        return "Nursery is closed to new arrivals" not in text
 
 
 class _DropNegotiationNoise(logging.Filter):
@@ -701,6 +761,7 @@ class Libp2pHost:
     # -- trio main -----------------------------------------------------------------------
 
     async def _trio_main(self) -> None:
+        _TRANSPORT_STATS.set(self._stats)
         self._stop_event = trio.Event()
         with trio.CancelScope() as root:
             self._root_scope = root

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 
 import msgpack
 from seedswarm import PROTOCOL_VERSION
@@ -138,7 +138,7 @@ class Message:
         if cached is not None:
             return bool(cached)
         ok = self.SIGNER is None or verify(
-            getattr(self, self.SIGNER), self.DOMAIN, self.run, self.signing_payload(), getattr(self, "sig")
+            getattr(self, self.SIGNER), self.DOMAIN, self.run, self.signing_payload(), cast(Any, self).sig
         )
         object.__setattr__(self, "_sig_ok", ok)
         return ok

@@ -9,6 +9,8 @@ import argparse
 import importlib
 import sys
 
+from seedswarm.node import daemon_cli
+
 BENCHES = ("replay", "protocols", "byzantine", "scale")
 
 
@@ -39,12 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     sim_cli.add_parser(sub)
     sub.add_parser("bench", help=f"benchmarks: seedswarm bench {{{','.join(BENCHES)}}} --help")
     commands = {"sim": sim_cli.run_command}
-    try:
-        from seedswarm.node import daemon_cli
-    except ImportError:
-        daemon_cli = None  # type: ignore[assignment]
-    if daemon_cli is not None:
-        commands.update(daemon_cli.add_parsers(sub))
+    commands.update(daemon_cli.add_parsers(sub))
     args = parser.parse_args(argv)
     return int(commands[args.cmd](args))
 

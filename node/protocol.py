@@ -52,6 +52,7 @@ from seedswarm.gossip.wire import (
 from seedswarm.node.chain import (
     ChainState,
     RecordError,
+    admission_ok,
     build_record,
     check_contributions,
     check_record,
@@ -129,6 +130,7 @@ class CoreConfig:
     keep_inputs: int = 8  # rounds of record inputs an aggregator keeps to serve verifiers
     max_future: int = 64  # buffered messages for rounds ahead of ours
     fallback_ranks: int = 64  # aggregator ranks that step in, one timeout apart, if all before are silent
+    halt_at: int = 0  # take no duties from this round on (0: never); a launcher ends a run on one head
 
 
 @dataclass
@@ -179,6 +181,8 @@ class NodeCore:
         self.run_id = root.run_id
         self.head: ChainState = root
         self._states: dict[bytes, ChainState] = {root.head: root}  # recent states by head hash
+        self._seen_at: dict[bytes, float] = {}  # state head -> when this node first had it
+        self._held: dict[bytes, tuple[float, Record, bytes | None]] = {}  # fallback records not yet due
         self._children: dict[bytes, dict[bytes, _Candidate]] = {}  # parent head -> record hash -> candidate
         self._cand: dict[bytes, _Candidate] = {}  # record hash (= child head) -> candidate
         self._bad: set[bytes] = set()  # records proven or found invalid
@@ -227,6 +231,7 @@ class NodeCore:
     # ------------------------------------------------------------------ inputs
     def start(self, now: float) -> list[Effect]:
         self._last_progress = now
+        self._seen_at.setdefault(self.head.head, now)
         return self._enter_round(now)
 
     def join(self, now: float, cert: bytes = b"") -> list[Effect]:
@@ -272,6 +277,10 @@ class NodeCore:
 
     def on_timer(self, now: float) -> list[Effect]:
         out: list[Effect] = []
+        for rh, (release, rec, peer) in sorted(self._held.items(), key=lambda kv: kv[1][0]):
+            if release <= now:
+                del self._held[rh]
+                out += self._on_record(now, rec, peer)
         if self._mine is not None and self._mine[0].round == self.round:
             # No record yet: the aggregators before this rank look silent; try the next one.
             c, sent = self._mine
@@ -309,6 +318,8 @@ class NodeCore:
                 t = min(t, agg.started + self._publish_delay(agg) + 1e-6)
         for asked, _ in self._unverified.values():
             t = min(t, asked + cfg.verify_timeout + 1e-6)
+        for release, _, _ in self._held.values():
+            t = min(t, release + 1e-6)
         return max(t, now + 1e-3)  # always strictly later: a driver can never spin in place
 
     def on_estimate(self, now: float, round_: int, head: bytes, values: Sequence[float]) -> list[Effect]:
@@ -342,8 +353,8 @@ class NodeCore:
         out: list[Effect] = []
         for r in [r for r, a in self._agg.items() if a.state is not st]:
             del self._agg[r]
-        if self.leaving:
-            return out
+        if self.leaving or (self.cfg.halt_at and st.round >= self.cfg.halt_at):
+            return out  # no duties; the node still follows, serves and verifies the chain
         my_rank = st.aggregator_rank(self.me) if self.me in st.members else None
         if my_rank is not None and my_rank < self.cfg.fallback_ranks and st.round not in self._agg:
             self._agg[st.round] = _Aggregation(st, my_rank, now)
@@ -419,7 +430,10 @@ class NodeCore:
         if c.peer in agg.evidence:
             return []
         agg.got[c.peer] = c
-        if len(agg.got) >= self._quorum_count(agg.state) and len(agg.got) - 1 < self._quorum_count(agg.state):
+        quorum = self._quorum_count(agg.state)
+        if len(agg.got) == quorum and any(p != self.me for p in agg.got):
+            # Only quorums that crossed the network teach the deadline: a node that trained
+            # alone would learn a deadline of microseconds and shut out the first joiner.
             self._quorum_times.append(now - agg.started)
         return self._maybe_publish(now, agg)
 
@@ -473,6 +487,10 @@ class NodeCore:
     def _on_membership(self, msg: Join | Leave, peer: bytes | None, pending: dict[bytes, bytes]) -> list[Effect]:
         if not msg.signature_ok():
             return self._reject(peer, "bad-signature", type(msg).__name__)
+        if isinstance(msg, Join) and not admission_ok(self.genesis, self.run_id, msg.peer, msg.cert):
+            # Checked before the Join takes a slot: uncertified keys are free, so in a
+            # permissioned swarm they must not be able to fill the bounded pending set.
+            return self._reject(peer, "no-admission", "Join without a valid admission certificate")
         if len(pending) >= 4096 and msg.peer not in pending:
             return self._reject(peer, "membership-flood")
         pending[msg.peer] = msg.encode()
@@ -493,14 +511,33 @@ class NodeCore:
                 return out
             return []  # on a fork we pruned, or older than our undo window
         kids = self._children.setdefault(rec.prev, {})
-        if rh in kids:
+        if rh in kids or rh in self._held:
             return []
         try:
             child = checked_next_state(parent, rec)
         except RecordError as e:
             return self._reject(peer, e.reason, str(e))
+        rank = parent.aggregator_rank(rec.aggregator) or 0
+        if rank >= self.cfg.fallback_ranks:
+            return self._reject(peer, "aggregator-rank", f"rank {rank} never aggregates")
+        release = self._seen_at.get(parent.head, now) + rank * self.genesis.round_timeout
+        if now < release and len(self._held) < self.cfg.max_future:
+            # A fallback aggregator of rank j may only step in after j timeouts (that is when
+            # trainers turn to it). Records carry no time, so each node enforces it on its own
+            # clock: the record waits, unseen by fork choice, until j timeouts after this node
+            # reached its parent. An honest one arrives later than that anyway; a rushed one
+            # loses to the round's rank-0 record, and a chain of them grows at most one round
+            # per timeout.
+            self._held[rh] = (release, rec, peer)
+            self._count("records.held")
+            return []
+        return self._admit(now, rh, rec, parent, child)
+
+    def _admit(self, now: float, rh: bytes, rec: Record, parent: ChainState, child: ChainState) -> list[Effect]:
+        kids = self._children.setdefault(rec.prev, {})
         kids[rh] = self._cand[rh] = _Candidate(rec, parent, child)
         self._states[rh] = child
+        self._seen_at.setdefault(rh, now)
         self._count("records.accepted")
         for p in [*(self._decode_peers(rec.joins)), *(self._decode_peers(rec.leaves))]:
             self._pending_joins.pop(p, None)
@@ -581,6 +618,7 @@ class NodeCore:
                 frontier.append(rh)
         for h in [h for h in self._states if h not in keep]:
             del self._states[h]
+            self._seen_at.pop(h, None)
             self._children.pop(h, None)
             self._cand.pop(h, None)
         self._bad = {h for h in self._bad if h in keep} if len(self._bad) > 1024 else self._bad

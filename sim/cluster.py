@@ -1,0 +1,406 @@
+"""`seedswarm cluster`: N real daemon processes on loopback, the local multi-node mode.
+
+Unlike ``sim`` nothing is simulated: every node is a ``seedswarm node`` OS process with its own
+libp2p host, store and model, talking over TCP. The launcher writes a genesis whose founding
+members are the first N nodes, starts them (bootstrapping from nodes 0 and 1; peer exchange does
+the rest), optionally starts ``--join-nodes`` more at round ``--join-at`` (they join through
+chain sync and a chunked checkpoint download) and SIGKILLs ``--kill-nodes`` at ``--kill-at``.
+Every node halts its duties at ``--rounds``, so the running ones converge on one head; the
+launcher then reads their status files, stops them with SIGTERM and writes ``summary.json``.
+
+Children run in their own session (a terminal's Ctrl+C reaches only the launcher, which stops
+them in order) and with PR_SET_PDEATHSIG, so they die even if the launcher is SIGKILLed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import math
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+
+@dataclass
+class ClusterConfig:
+    nodes: int = 8
+    rounds: int = 60
+    seed: int = 0
+    task: str = "digits"
+    task_options: list[str] = field(default_factory=list)
+    estimator: str = "fo"
+    trainers: int = 16
+    directions: int = 64
+    groups: int = 1
+    aggregator: str = "trimmed_mean"
+    lr: float = 0.04
+    local_lr: float = 0.5
+    batch_size: int = 32
+    round_timeout: float = 2.0
+    join_nodes: int = 0
+    join_at: int = -1
+    kill_nodes: int = 0
+    kill_at: int = -1
+    checkpoint_every: int = 10
+    checkpoint_chunk_bytes: int = 4096
+    timeout: float = 0.0  # 0: automatic (start-up plus a generous per-round budget)
+    out: str = "runs/cluster"
+    quiet: bool = False
+
+
+def _pdeathsig() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+def _genesis_args(cfg: ClusterConfig) -> argparse.Namespace:
+    return argparse.Namespace(
+        task=cfg.task, task_option=cfg.task_options, seed=cfg.seed, estimator=cfg.estimator,
+        trainers=cfg.trainers, aggregators=2, directions=cfg.directions, groups=cfg.groups,
+        aggregator=cfg.aggregator, lr=cfg.lr, lr_half_life=0, local_lr=cfg.local_lr, local_steps=1,
+        batch_size=cfg.batch_size, eps=1e-3, scale_exp=-6, round_timeout=cfg.round_timeout,
+        min_round_time=0.05, quorum=0.75, join_delay=2, expel_after=4,
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        d: dict[str, Any] = json.loads(path.read_text())
+        return d
+    except (OSError, ValueError):
+        return None
+
+
+def _percentile(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
+
+
+class Cluster:
+    def __init__(self, cfg: ClusterConfig, log: TextIO = sys.stderr) -> None:
+        self.cfg = cfg
+        self.log = log
+        self.out = Path(cfg.out)
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.spawned_at: dict[int, float] = {}
+        self.killed: list[int] = []
+        self.joined: list[int] = []
+        self.stop_requested = False
+        self._logs: list[Any] = []
+
+    def say(self, msg: str) -> None:
+        if not self.cfg.quiet:
+            print(msg, file=self.log, flush=True)
+
+    def node_dir(self, i: int) -> Path:
+        return self.out / "nodes" / f"node-{i}"
+
+    def setup(self) -> None:
+        from seedswarm.crypto.keys import Identity
+        from seedswarm.gossip.libp2p_host import Libp2pHost
+        from seedswarm.node.daemon_cli import make_genesis
+
+        cfg = self.cfg
+        total = cfg.nodes + cfg.join_nodes
+        self.out.mkdir(parents=True, exist_ok=True)
+        idents = []
+        for i in range(total):
+            d = self.node_dir(i)
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            key = d / "identity.key"
+            ident = Identity.load(key) if key.exists() else Identity.generate()
+            if not key.exists():
+                ident.save(key)
+            idents.append(ident)
+        self.genesis = make_genesis(_genesis_args(cfg), [idents[i].public for i in range(cfg.nodes)])
+        self.genesis.save(self.out / "genesis.json")
+        self.ports = free_ports(total)
+        self.addrs = [f"/ip4/127.0.0.1/tcp/{p}/p2p/{Libp2pHost.peer_id_of(idents[i].public)}"
+                      for i, p in enumerate(self.ports)]
+
+    def command(self, i: int) -> list[str]:
+        cfg = self.cfg
+        boot = [a for j, a in enumerate(self.addrs[:2]) if j != i] if cfg.nodes > 1 else []
+        founding = i < cfg.nodes
+        cmd = [sys.executable, "-m", "seedswarm", "node", "--genesis", str(self.out / "genesis.json"),
+               "--data-dir", str(self.node_dir(i)), "--listen", f"/ip4/127.0.0.1/tcp/{self.ports[i]}",
+               "--halt-at", str(cfg.rounds), "--shard-index", str(i), "--shard-count", str(cfg.nodes + cfg.join_nodes),
+               "--checkpoint-every", str(cfg.checkpoint_every), "--checkpoint-chunk-bytes", str(cfg.checkpoint_chunk_bytes),
+               "--log-format", "json", "--sync-wait-s", "30" if founding else "15",
+               "--min-peers", str(cfg.nodes - 1 if founding else 1)]
+        for a in boot:
+            cmd += ["--bootstrap", a]
+        return cmd
+
+    def spawn(self, i: int) -> None:
+        logf = open(self.node_dir(i) / "node.log", "ab")  # noqa: SIM115 - closed in finish()
+        self._logs.append(logf)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        self.spawned_at[i] = time.time()
+        self.procs[i] = subprocess.Popen(self.command(i), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                         env=env, start_new_session=True, preexec_fn=_pdeathsig)
+
+    def statuses(self) -> dict[int, dict[str, Any]]:
+        out = {}
+        for i in self.procs:
+            d = _read_json(self.node_dir(i) / "status.json")
+            if d is not None and d.get("pid") == self.procs[i].pid:
+                out[i] = d
+        return out
+
+    def running(self) -> list[int]:
+        return [i for i, p in self.procs.items() if p.poll() is None and i not in self.killed]
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        t0 = time.time()
+        self.setup()
+        self.say(f"cluster: {cfg.nodes} nodes (+{cfg.join_nodes} joining at round {cfg.join_at}, "
+                 f"{cfg.kill_nodes} killed at round {cfg.kill_at}), {cfg.rounds} rounds, run {self.genesis.run_id.hex()[:16]}, out {self.out}")
+        for i in range(cfg.nodes):
+            self.spawn(i)
+        timeout = cfg.timeout or (60.0 + 3.0 * cfg.rounds * max(1.0, cfg.round_timeout) + 20.0 * (cfg.join_nodes > 0))
+        last_print = 0.0
+        finished = False
+        interrupted = False
+        try:
+            while time.time() - t0 < timeout:
+                if self.stop_requested:
+                    interrupted = True
+                    break
+                st = self.statuses()
+                alive = self.running()
+                rounds = [st[i]["round"] for i in alive if i in st]
+                best = max(rounds, default=0)
+                if cfg.join_nodes and not self.joined and best >= cfg.join_at >= 0:
+                    for i in range(cfg.nodes, cfg.nodes + cfg.join_nodes):
+                        self.spawn(i)
+                        self.joined.append(i)
+                    self.say(f"round {best}: started {cfg.join_nodes} joining node(s)")
+                # Kill only once the joiners are members: the scenario is "two join, then two die".
+                joined_ok = all(st.get(i, {}).get("member") for i in self.joined) or \
+                    any(time.time() - self.spawned_at[i] > 60 for i in self.joined)
+                if cfg.kill_nodes and not self.killed and best >= cfg.kill_at >= 0 and joined_ok \
+                        and (self.joined or not cfg.join_nodes):
+                    victims = [i for i in range(cfg.nodes - 1, 1, -1) if i in alive][: cfg.kill_nodes]
+                    for i in victims:
+                        self.procs[i].send_signal(signal.SIGKILL)
+                        self.procs[i].wait()
+                        self.killed.append(i)
+                    self.say(f"round {best}: SIGKILLed node(s) {victims}")
+                for i, p in self.procs.items():
+                    if p.poll() is not None and i not in self.killed and not getattr(p, "_reported", False):
+                        p._reported = True  # type: ignore[attr-defined]
+                        self.say(f"node {i} exited with code {p.returncode} (see {self.node_dir(i)}/node.log)")
+                waiting_join = cfg.join_nodes and not self.joined
+                waiting_kill = cfg.kill_nodes and not self.killed
+                if alive and not waiting_join and not waiting_kill and all(i in st for i in alive):
+                    heads = {st[i]["head"] for i in alive}
+                    if all(st[i]["round"] >= cfg.rounds for i in alive) and len(heads) == 1:
+                        finished = True
+                        break
+                if not alive:
+                    break
+                if time.time() - last_print > 2.0:
+                    last_print = time.time()
+                    members = max((st[i].get("members", 0) for i in alive if i in st), default=0)
+                    self.say(f"round {best:4d}  running {len(alive)}  members {members}  wall {time.time() - t0:5.1f}s")
+                time.sleep(0.25)
+        except KeyboardInterrupt:
+            interrupted = True
+        if not finished and not interrupted:
+            self.say("cluster: timed out before every running node reached the last round on one head")
+        final = self.statuses()
+        alive = self.running()
+        exit_codes = self.stop_all()
+        summary = self.summarize(t0, final, alive, exit_codes, finished, interrupted)
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    def stop_all(self, grace: float = 10.0) -> dict[int, int | None]:
+        for p in self.procs.values():
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.send_signal(signal.SIGTERM)
+        deadline = time.time() + grace
+        for p in self.procs.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=max(0.0, deadline - time.time()))
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for f in self._logs:
+            f.close()
+        return {i: p.returncode for i, p in self.procs.items()}
+
+    def summarize(self, t0: float, final: dict[int, dict[str, Any]], alive: list[int],
+                  exit_codes: dict[int, int | None], finished: bool, interrupted: bool) -> dict[str, Any]:
+        cfg = self.cfg
+        honest = [i for i in alive if i in final]
+        digests: dict[str, int] = {}
+        for i in honest:
+            digests[final[i]["model_digest"]] = digests.get(final[i]["model_digest"], 0) + 1
+        top = max(digests.items(), key=lambda kv: kv[1]) if digests else ("", 0)
+        agreement = top[1] / len(alive) if alive else 0.0
+        majority = [i for i in honest if final[i]["model_digest"] == top[0]]
+        rounds_done = max((final[i]["round"] for i in majority), default=0)
+        acc = next((final[i].get("accuracy") for i in majority if final[i].get("accuracy") is not None), None)
+        # per-round times (first node to reach each round) and bytes measured at the transport
+        first_t: dict[int, float] = {}
+        bytes_rate: dict[int, float] = {}
+        metrics_lines = []
+        for i in self.procs:
+            lines = []
+            with contextlib.suppress(OSError):
+                for ln in (self.node_dir(i) / "rounds.jsonl").read_text().splitlines():
+                    with contextlib.suppress(ValueError):
+                        lines.append(json.loads(ln))
+            lines = [x for x in lines if x.get("t", 0) >= self.spawned_at.get(i, 0)]
+            for x in lines:
+                r = int(x["round"])
+                first_t[r] = min(first_t.get(r, math.inf), float(x["t"]))
+            if i in alive and len(lines) >= 2 and lines[-1]["round"] > lines[0]["round"]:
+                bytes_rate[i] = (lines[-1]["sent"] - lines[0]["sent"]) / (lines[-1]["round"] - lines[0]["round"])
+        rs = sorted(first_t)
+        lat = [first_t[r] - first_t[r - 1] for r in rs if r - 1 in first_t]
+        for r in rs:
+            metrics_lines.append({"round": r, "time": round(first_t[r] - t0, 3)})
+        with open(self.out / "metrics.jsonl", "w") as f:
+            for line in metrics_lines:
+                f.write(json.dumps(line) + "\n")
+        # process start -> first round applied: founding nodes (start-up) and mid-run joiners
+        join_seconds = {f"node-{i}": (final[i]["first_apply_at"] - self.spawned_at[i])
+                        for i in sorted(final) if final[i].get("first_apply_at")}
+        joiner_seconds = {k: v for k, v in join_seconds.items() if int(k.split("-")[1]) in self.joined}
+        return {
+            "protocol": "seedswarm",
+            "transport": "libp2p (TCP, Noise, Yamux, GossipSub), one OS process per node, loopback",
+            "task": cfg.task,
+            "nodes": cfg.nodes,
+            "nodes_total": len(self.procs),
+            "rounds": rounds_done,
+            "finished": finished,
+            "interrupted": interrupted,
+            "final_accuracy": acc,
+            "honest_digest_agreement": agreement,
+            "running_nodes": len(alive),
+            "distinct_heads": len({final[i]["head"] for i in honest}),
+            "join_seconds": join_seconds,
+            "join_seconds_max": max(join_seconds.values(), default=None),
+            "join_seconds_joiners": joiner_seconds,
+            # process start -> chain fetched, checkpoint loaded, records replayed (before Join)
+            "sync_seconds": {f"node-{i}": (final[i]["synced_at"] - self.spawned_at[i])
+                             for i in self.joined if i in final and final[i].get("synced_at")},
+            "round_latency_p50_s": _percentile(lat, 0.5),
+            "round_latency_p95_s": _percentile(lat, 0.95),
+            "round_latency_mean_s": statistics.fmean(lat) if lat else None,
+            "bytes_per_node_per_round": statistics.fmean(bytes_rate.values()) if bytes_rate else None,
+            "bytes_per_node_per_round_by_node": {f"node-{i}": round(v, 1) for i, v in sorted(bytes_rate.items())},
+            "bytes_sent_per_node": {f"node-{i}": final[i].get("bytes_sent") for i in sorted(final)},
+            "killed": [f"node-{i}" for i in self.killed],
+            "joined": [f"node-{i}" for i in self.joined],
+            "exit_codes": {f"node-{i}": c for i, c in sorted(exit_codes.items())},
+            "rejected": {f"node-{i}": final[i].get("rejected") for i in sorted(final) if final[i].get("rejected")},
+            "wall_seconds": time.time() - t0,
+            "genesis_run_id": self.genesis.run_id.hex(),
+            "config": asdict(cfg),
+        }
+
+
+def add_parser(sub: Any) -> None:
+    d = ClusterConfig()
+    p = sub.add_parser("cluster", help="run N real daemon processes on loopback (local multi-node mode)",
+                       description="Start N `seedswarm node` processes on 127.0.0.1, train, and write summary.json.")
+    p.add_argument("--nodes", type=int, default=d.nodes)
+    p.add_argument("--rounds", type=int, default=d.rounds)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--task", default=d.task)
+    p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--estimator", default=d.estimator, choices=["fo", "zo"])
+    p.add_argument("--trainers", type=int, default=d.trainers)
+    p.add_argument("--directions", type=int, default=d.directions)
+    p.add_argument("--groups", type=int, default=d.groups)
+    p.add_argument("--aggregator", default=d.aggregator, choices=["mean", "median", "trimmed_mean", "clipped_mean"])
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--local-lr", type=float, default=d.local_lr)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--round-timeout", type=float, default=d.round_timeout)
+    p.add_argument("--join-nodes", type=int, default=0)
+    p.add_argument("--join-at", type=int, default=-1)
+    p.add_argument("--kill-nodes", type=int, default=0, help="SIGKILL this many founding nodes (not 0 or 1) ...")
+    p.add_argument("--kill-at", type=int, default=-1, help="... when the swarm reaches this round")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--checkpoint-chunk-bytes", type=int, default=d.checkpoint_chunk_bytes)
+    p.add_argument("--timeout", type=float, default=0.0, help="seconds (0: automatic)")
+    p.add_argument("--out", default=None, help="output folder (default: a new folder under runs/)")
+    p.add_argument("--quiet", action="store_true")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    if args.nodes < 1 or args.rounds < 1:
+        print("seedswarm cluster: --nodes and --rounds must be positive", file=sys.stderr)
+        return 2
+    if args.kill_nodes > max(0, args.nodes - 2):
+        print("seedswarm cluster: --kill-nodes must leave nodes 0 and 1 (the bootstrap peers) running", file=sys.stderr)
+        return 2
+    if args.join_nodes and not 0 <= args.join_at < args.rounds:
+        print("seedswarm cluster: --join-at must be a round below --rounds", file=sys.stderr)
+        return 2
+    out = args.out or str(Path("runs") / time.strftime("cluster-%Y%m%d-%H%M%S"))
+    cfg = ClusterConfig(
+        nodes=args.nodes, rounds=args.rounds, seed=args.seed, task=args.task, task_options=args.task_option,
+        estimator=args.estimator, trainers=args.trainers, directions=args.directions, groups=args.groups,
+        aggregator=args.aggregator, lr=args.lr, local_lr=args.local_lr, batch_size=args.batch_size,
+        round_timeout=args.round_timeout, join_nodes=args.join_nodes, join_at=args.join_at,
+        kill_nodes=args.kill_nodes, kill_at=args.kill_at, checkpoint_every=args.checkpoint_every,
+        checkpoint_chunk_bytes=args.checkpoint_chunk_bytes, timeout=args.timeout, out=out, quiet=args.quiet,
+    )
+    cluster = Cluster(cfg)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        cluster.stop_requested = True
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        summary = cluster.run()
+    except Exception as e:  # noqa: BLE001 - report, stop children, exit 2
+        cluster.stop_all(grace=5.0)
+        print(f"seedswarm cluster: {e}", file=sys.stderr)
+        return 2
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    keys = ("honest_digest_agreement", "rounds", "running_nodes", "final_accuracy", "join_seconds",
+            "round_latency_p50_s", "round_latency_p95_s", "bytes_per_node_per_round", "wall_seconds")
+    print(json.dumps({k: summary[k] for k in keys}, indent=2))
+    print(f"wrote {out}/summary.json, metrics.jsonl; node logs in {out}/nodes/*/node.log", file=sys.stderr)
+    if summary["interrupted"]:
+        return 130
+    return 0 if summary["finished"] else 1

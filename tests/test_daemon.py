@@ -1,0 +1,200 @@
+"""The networked node as users run it: `seedswarm init`, `seedswarm node` as a real OS process,
+`seedswarm status`; clean exit on SIGINT/SIGTERM; restart from the store; bad settings."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from seedswarm.node import cli, daemon_cli
+
+PY = [sys.executable, "-m", "seedswarm"]
+ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+
+
+def init_swarm(tmp: Path, *extra: str) -> tuple[Path, Path, str]:
+    """A one-member swarm: genesis + the founding node's data dir. Returns (genesis, data dir, run id).
+
+    `seedswarm init` runs in-process (the CLI's own main): a subprocess would spend seconds
+    importing torch on a busy machine.
+    """
+    genesis, data = tmp / "genesis.json", tmp / "node0"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
+        rc = cli.main(["init", "--out", str(genesis), "--data-dir", str(data), "--trainers", "4", *extra])
+    assert rc == 0
+    return genesis, data, buf.getvalue().strip()
+
+
+def wait_for(pred: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def status_of(data: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((data / "status.json").read_text())  # type: ignore[no-any-return]
+    except (OSError, ValueError):
+        return None
+
+
+class Node:
+    def __init__(self, genesis: Path, data: Path, *extra: str) -> None:
+        self.data = data
+        self.log = open(data.parent / f"{data.name}.log", "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([*PY, "node", "--genesis", str(genesis), "--data-dir", str(data),
+                                      "--listen", "/ip4/127.0.0.1/tcp/0", "--log-format", "json", *extra],
+                                     stdout=self.log, stderr=self.log, env=ENV)
+
+    def status(self) -> dict[str, Any] | None:
+        s = status_of(self.data)
+        return s if s and s.get("pid") == self.proc.pid else None
+
+    def wait_round(self, r: int, timeout: float = 60) -> dict[str, Any]:
+        return wait_for(lambda: (s := self.status()) and s["round"] >= r and s, timeout, f"round {r}")  # type: ignore[no-any-return]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 8.0) -> tuple[int, float]:
+        t0 = time.monotonic()
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self.log.close()
+        return rc, time.monotonic() - t0
+
+    def logs(self) -> str:
+        return (self.data.parent / f"{self.data.name}.log").read_text()
+
+
+@pytest.fixture
+def nodes() -> Iterator[list[Node]]:
+    started: list[Node] = []
+    yield started
+    for n in started:
+        if n.proc.poll() is None:
+            n.proc.kill()
+            n.proc.wait()
+
+
+def test_init_writes_genesis_with_safe_permissions(tmp_path: Path) -> None:
+    genesis, data, run_id = init_swarm(tmp_path)
+    from seedswarm.node.genesis import Genesis
+
+    g = Genesis.load(genesis)
+    assert g.run_id.hex() == run_id and len(g.members) == 1 and g.trainers == 4 and g.model_digest
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    assert stat.S_IMODE((data / "identity.key").stat().st_mode) == 0o600
+    # refuses to overwrite without --force
+    assert cli.main(["init", "--out", str(genesis), "--data-dir", str(data)]) == 2
+
+
+def _free_port() -> tuple[socket.socket, int]:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    return s, s.getsockname()[1]
+
+
+def test_bad_settings_exit_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(daemon_cli, "setup_logging", lambda *a: None)
+    genesis, data, _ = init_swarm(tmp_path)
+    before = sorted(p.name for p in data.iterdir())
+
+    def run(*argv: str) -> str:
+        assert cli.main(["node", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        return err
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert "genesis is not valid JSON" in run("--genesis", str(bad), "--data-dir", str(data))
+    assert "cannot read genesis file" in run("--genesis", str(tmp_path / "missing.json"), "--data-dir", str(data))
+    toml = tmp_path / "node.toml"
+    toml.write_text('genesis = "x"\nlisten_adress = ["/ip4/127.0.0.1/tcp/1"]\n')
+    assert "unknown setting 'listen_adress'" in run("--config", str(toml))
+    sock, port = _free_port()
+    with sock:
+        assert "Address already in use" in run("--genesis", str(genesis), "--data-dir", str(data),
+                                               "--listen", f"/ip4/127.0.0.1/tcp/{port}")
+    # a data dir that holds another swarm's chain
+    other, _, _ = init_swarm(tmp_path / "other")
+    (data / "chain.log").write_bytes(b"")
+    from seedswarm.node.genesis import Genesis
+    from seedswarm.node.store import ChainStore
+
+    ChainStore(data / "chain.log", Genesis.load(genesis).run_id)
+    assert "holds the chain of run" in run("--genesis", str(other), "--data-dir", str(data), "--listen", "/ip4/127.0.0.1/tcp/0")
+    assert sorted(p.name for p in data.iterdir()) == sorted([*before, "chain.log"])
+
+
+def test_toml_config_and_cli_override(tmp_path: Path) -> None:
+    from seedswarm.node.config import ConfigError, build_config, load_toml
+
+    f = tmp_path / "node.toml"
+    f.write_text('data-dir = "/srv/ss"\nlisten = "/ip4/0.0.0.0/tcp/4001"\nmetrics_port = 9100\n')
+    cfg = build_config(load_toml(f), {"metrics_port": 9200, "listen": [], "bootstrap": None})
+    assert cfg.data_dir == "/srv/ss" and cfg.listen == ("/ip4/0.0.0.0/tcp/4001",) and cfg.metrics_port == 9200
+    with pytest.raises(ConfigError, match="must be a number"):
+        build_config({"metrics_port": "x"}, {})
+    with pytest.raises(ConfigError, match="/p2p/"):
+        build_config({"bootstrap": ["/ip4/1.2.3.4/tcp/1"]}, {})
+
+
+@pytest.mark.slow
+def test_node_trains_stops_on_signals_and_resumes_from_store(tmp_path: Path, nodes: list[Node]) -> None:
+    """SIGINT: Leave, exit 0 quickly. Restart: local replay to the same head and digest, then go
+    on. SIGTERM: same. The status command reads the running node."""
+    genesis, data, run_id = init_swarm(tmp_path)
+    n = Node(genesis, data, "--checkpoint-every", "5", "--metrics-port", "0")
+    nodes.append(n)
+    st = n.wait_round(8)
+    assert st["run_id"] == run_id and st["member"] and st["committee"]["trainer_rank"] == 0
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert cli.main(["status", "--data-dir", str(data)]) == 0
+    assert "round" in buf.getvalue() and "trainer rank 0" in buf.getvalue(), buf.getvalue()
+    rc, took = n.stop(signal.SIGINT)
+    assert rc == 0 and took < 6.0, (rc, took, n.logs()[-2000:])
+    final = status_of(data)
+    assert final is not None and final["state"] == "stopped"
+    assert "stop requested" in n.logs()
+
+    # The store replays to exactly the head and model the node had when it stopped.
+    from seedswarm.node.config import NodeConfig
+    from seedswarm.node.daemon import Daemon
+    from seedswarm.node.genesis import Genesis
+
+    d = Daemon(NodeConfig(data_dir=str(data), checkpoint_every=5), Genesis.load(genesis))
+    d.prepare()
+    assert d.head.round == final["round"] and d.head.head.hex() == final["head"]
+    assert d.digest_hex() == final["model_digest"] and d.base_round > 0  # from a local checkpoint
+
+    n2 = Node(genesis, data)
+    nodes.append(n2)
+    n2.wait_round(final["round"] + 3)
+    assert f"local chain at round {final['round']}" in n2.logs()
+    rc, took = n2.stop(signal.SIGTERM)
+    assert rc == 0 and took < 6.0, (rc, took)

@@ -1,0 +1,155 @@
+"""Hostile traffic against a real daemon process, on every protocol id and the gossip topic:
+garbage bytes, oversized frames, another run id, forged signatures, a peer of another run.
+Each is rejected, counted in the metrics endpoint, and the node keeps training."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from seedswarm.crypto.keys import Identity
+from seedswarm.gossip.libp2p_host import HostConfig, HostError, Libp2pHost, ProtocolMismatchError
+from seedswarm.gossip.wire import ChainRequest, ChainResponse, Contribution, Record, decode_as
+from seedswarm.node.daemon import (
+    PROTO_CHAIN,
+    PROTO_CKPT,
+    PROTO_HELLO,
+    PROTO_INPUTS,
+    PROTO_MSG,
+    TOPIC,
+    encode_hello,
+    protocol_prefix,
+)
+from seedswarm.node.genesis import Genesis
+
+from tests.test_daemon import Node, init_swarm, wait_for
+
+OTHER_RUN = b"\x42" * 32
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _metrics(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=3).read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = re.match(r"^(seedswarm_[a-z_]+(?:\{[^}]*\})?) ([0-9.e+-]+)$", line)
+        if m:
+            out[m.group(1)] = float(m.group(2))
+    return out
+
+
+@pytest.fixture
+async def attackers() -> AsyncIterator[list[Libp2pHost]]:
+    hosts: list[Libp2pHost] = []
+    yield hosts
+    for h in hosts:
+        await h.stop()
+
+
+@pytest.mark.slow
+async def test_hostile_traffic_is_rejected_counted_and_survived(tmp_path: Path, attackers: list[Libp2pHost]) -> None:
+    genesis_path, data, run_hex = init_swarm(tmp_path)
+    genesis = Genesis.load(genesis_path)
+    run_id = genesis.run_id
+    port = _free_port()
+    node = Node(genesis_path, data, "--metrics-port", str(port))
+    try:
+        st = await asyncio.to_thread(node.wait_round, 3)
+        addr = st["announce"][0]
+        evil = Identity.generate()
+        atk = Libp2pHost(HostConfig(identity_seed=evil.seed, listen=["/ip4/127.0.0.1/tcp/0"],
+                                    protocol_prefix=protocol_prefix(run_id), max_message_bytes=4 << 20))
+        attackers.append(atk)
+
+        async def hello(peer: str, data: bytes) -> bytes:  # speaks just enough not to be dropped
+            return encode_hello(run_id, [], {}, 0)
+
+        atk.set_request_handler(PROTO_HELLO, hello)
+        await atk.start()
+        await atk.subscribe(TOPIC, lambda data, peer: True)  # lets us publish anything
+        pid = await atk.connect(addr)
+
+        async def refused(proto: str, data: bytes) -> None:
+            with pytest.raises(HostError):
+                await atk.request(pid, proto, data, timeout=5.0)
+
+        # garbage on every protocol id
+        for proto in (PROTO_MSG, PROTO_INPUTS, PROTO_CHAIN, PROTO_CKPT, PROTO_HELLO):
+            await refused(proto, os.urandom(200))
+        # an oversized frame (over the node's 1 MiB limit): refused before it is read
+        await refused(PROTO_MSG, b"\x00" * (2 << 20))
+        # messages of another run
+        k = genesis.directions
+        await refused(PROTO_MSG, Contribution(run=OTHER_RUN, round=0, peer=evil.public, q=bytes(k)).signed(evil).encode())
+        await refused(PROTO_CHAIN, ChainRequest(run=OTHER_RUN, start=0, limit=10).encode())
+        # a forged signature: a contribution "from" the node itself
+        forged = Contribution(run=run_id, round=st["round"], peer=bytes.fromhex(st["public_key"]), q=bytes(k), sig=os.urandom(64))
+        await refused(PROTO_MSG, forged.encode())
+
+        # gossip: garbage, another run, a record with a forged signature
+        await wait_for_mesh(atk)
+        rec = Record(run=run_id, round=1, prev=b"\x01" * 32, aggregator=bytes.fromhex(st["public_key"]),
+                     contributors=b"\x01", contrib_root=b"\x02" * 32, aggregate=bytes(2 * k), sig=os.urandom(64))
+        for data_ in (os.urandom(300), Record(run=OTHER_RUN, round=1, prev=b"\x01" * 32, aggregator=evil.public,
+                                              contributors=b"\x01", contrib_root=b"\x02" * 32,
+                                              aggregate=bytes(2 * k)).signed(evil).encode(), rec.encode()):
+            await atk.publish(TOPIC, data_)
+
+        # a peer of another run: refused on both sides with a clear message
+        other = Libp2pHost(HostConfig(identity_seed=Identity.generate().seed, listen=["/ip4/127.0.0.1/tcp/0"],
+                                      protocol_prefix=protocol_prefix(OTHER_RUN)))
+        attackers.append(other)
+        await other.start()
+        pid2 = await other.connect(addr)
+        with pytest.raises(ProtocolMismatchError, match="different run or protocol version"):
+            await other.request(pid2, PROTO_HELLO, b"hi", timeout=5.0)
+
+        last: list[dict[str, float]] = [{}]
+
+        def counted() -> dict[str, float] | None:
+            m = last[0] = _metrics(port)
+            ok = (m.get('seedswarm_rejected_total{reason="malformed"}', 0) >= 5
+                  and m.get('seedswarm_rejected_total{reason="wrong-run"}', 0) >= 2
+                  and m.get('seedswarm_rejected_total{reason="bad-signature"}', 0) >= 1
+                  and m.get('seedswarm_gossip_rejected{topic="chain"}', 0) >= 3
+                  and m.get("seedswarm_frames_too_large", 0) >= 1
+                  and m.get("seedswarm_protocol_mismatches", 0) >= 1
+                  and m.get("seedswarm_peers_refused_total", 0) >= 1)
+            return m if ok else None
+
+        try:
+            m = await asyncio.to_thread(wait_for, counted, 15, "every rejection in the metrics")
+        except AssertionError:
+            raise AssertionError({k: v for k, v in last[0].items() if "core_events" not in k}) from None
+        # ... and the node is alive, still training, and still serves honest requests.
+        r0 = m["seedswarm_round"]
+        await asyncio.to_thread(wait_for, lambda: _metrics(port)["seedswarm_round"] > r0 + 3, 20, "more rounds")
+        resp = decode_as(await atk.request(pid, PROTO_CHAIN, ChainRequest(run=run_id, start=0, limit=2).encode()),
+                         ChainResponse, run_id)
+        assert len(resp.records) == 2 and resp.head > 3
+        assert node.proc.poll() is None
+        logs = node.logs()
+        assert "refusing peer" in logs and "different run or protocol version" in logs
+        assert run_hex
+    finally:
+        rc, _ = await asyncio.to_thread(node.stop)
+    assert rc == 0
+
+
+async def wait_for_mesh(host: Libp2pHost) -> None:
+    for _ in range(100):
+        if await host.topic_peers(TOPIC, mesh_only=True):
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("no gossip mesh with the node")
