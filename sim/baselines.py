@@ -411,10 +411,9 @@ def run_baseline(cfg: Any, log: TextIO = sys.stderr, on_send: SendHook | None = 
     if metrics_f is not None:
         metrics_f.close()
     if out_dir is not None:
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        from seedswarm.sim.plots import write_plots
+        from seedswarm.sim.plots import write_outputs
 
-        write_plots(out_dir)
+        write_outputs(out_dir, summary)
     return summary
 
 

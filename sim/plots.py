@@ -1,9 +1,18 @@
-"""PNG plots of a run: accuracy against rounds and against bytes sent."""
+"""A run's files: summary.json, and PNG plots of accuracy against rounds and bytes sent."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
+
+from seedswarm.node.store import atomic_write
+
+
+def write_outputs(out_dir: Path, summary: dict[str, Any]) -> None:
+    """summary.json (written whole or not at all) and the plots from metrics.jsonl."""
+    atomic_write(out_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    write_plots(out_dir)
 
 
 def write_plots(out_dir: Path) -> list[Path]:

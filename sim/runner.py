@@ -219,8 +219,7 @@ def run(cfg: SimConfig, log: TextIO = sys.stderr) -> dict[str, Any]:
     if metrics_f is not None:
         metrics_f.close()
     if out_dir is not None:
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        from seedswarm.sim.plots import write_plots
+        from seedswarm.sim.plots import write_outputs
 
-        write_plots(out_dir)
+        write_outputs(out_dir, summary)
     return summary
