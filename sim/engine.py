@@ -228,6 +228,10 @@ class Simulation:
         self.push(self.now + delay, "estimate", node.index, (e.round, e.head, values))
 
     def _apply(self, node: SimNode, e: Apply) -> None:
+        if node.byzantine and not self.states.has(e.base.head):
+            # A Byzantine node left on its own fork (e.g. the rushers' records, which honest nodes
+            # hold and drop) can fall out of the shared parameter cache; its model is never measured.
+            return
         self.states.advance(e.base, e.steps)
         if node.first_applied_at is None and e.steps:
             node.first_applied_at = self.now

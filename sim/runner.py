@@ -162,7 +162,7 @@ def run(cfg: SimConfig, log: TextIO = sys.stderr) -> dict[str, Any]:
         plain_on_round = on_round
 
         def on_round_byz(s: Simulation, st: ChainState) -> None:
-            byz_metrics.on_round(s, st)  # type: ignore[union-attr]
+            byz_metrics.on_round(s, st)
             plain_on_round(s, st)
 
         sim.on_round = on_round_byz

@@ -1,0 +1,386 @@
+"""Byzantine behaviours for the simulator: attacks on values and on the protocol.
+
+An attack is the :data:`seedswarm.sim.engine.Attack` hook: the engine calls it for every local
+estimate a Byzantine node computes, with the node's honest values and the simulation, and sends
+whatever it returns (``None``: nothing, the node withholds). The returned floats go through the
+same public one-byte codec as an honest node's (``clamp(round(g / scale), -127, 127)``), so a
+Byzantine trainer can choose its bytes freely but never leave ``[-127, 127]``: the byte range is
+the norm clip, and "saturation" means values at or beyond ``127 * scale``.
+
+Threat model: the attacker is **omniscient and colluding**, the standard (strongest) model of the
+robust-aggregation literature. It sees the honest values of the same round (ALIE, IPM and mimic
+need them): it recomputes them on the honest trainers' own shards, at the same head and on the same
+direction streams, with a random generator derived from the run seed and the round (never the global
+RNG, never an honest node's generator), so a run stays a deterministic function of its config and
+the honest nodes draw exactly the batches they would draw without the attack.
+
+Value attacks (the byte a Byzantine trainer sends):
+
+``sign_flip``  saturation sign flip: ``-127`` steps against its own estimate on every direction.
+``alie``       "a little is enough" (Baruch et al. 2019): ``mu - z * sigma * sign(mu)`` per
+               direction, with ``mu, sigma`` the honest mean and spread; ``z = 1`` keeps the value
+               inside the honest spread so trimming does not remove it.
+``ipm``        inner-product manipulation (Xie et al. 2020): ``-eps * mu`` with ``eps = 0.5``.
+``random``     uniformly random bytes.
+``mimic``      copy one honest peer (the lowest-ranked honest trainer of the round): all Byzantine
+               trainers over-weight that peer's data (Karimireddy et al. 2022).
+``zeros``      free-riding: send zeros without computing anything useful.
+
+Protocol attacks (the node's own bytes are honest, so only the injected message is measured):
+
+``withhold``   sampled but silent: no contribution at all.
+``equivocate`` a second, different signed contribution for the same round, sent to the first
+               aggregator before the honest one: the aggregator keeps the pair as evidence, the
+               record carries it, and the chain expels the peer.
+``replay``     re-sends its contribution of an earlier round: rejected as stale.
+``forge``      a contribution in the name of an honest trainer of the round, signed with the
+               attacker's key: rejected for its signature.
+``non_member`` a contribution signed by a key that is not a member: rejected (not a trainer).
+``rush``       a Byzantine aggregator: the moment it is a trainer, it publishes a record of the
+               round holding only its own saturated contribution, as the fallback aggregator it is
+               at some rank (every member is one). Records carry no time; every node holds a
+               rank-j record for j timeouts, so the round's rank-0 record wins
+               (``tests/test_protocol_attacks.py::test_rushed_fallback_record_does_not_take_the_round``).
+
+A name may carry one numeric parameter after a colon: ``alie:1.5`` (z), ``ipm:4`` (eps).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+from seedswarm.crypto.keys import Identity
+from seedswarm.gossip.wire import Contribution
+from seedswarm.node.chain import ChainState
+from seedswarm.node.codec import QMAX, quantize
+from seedswarm.node.estimators import fo_project, zo_spsa
+from seedswarm.node.replay import bind_
+
+if TYPE_CHECKING:
+    from seedswarm.sim.engine import Attack, SimNode, Simulation
+
+__all__ = [
+    "ATTACKS",
+    "PROTOCOL_ATTACKS",
+    "VALUE_ATTACKS",
+    "HonestView",
+    "get_attack",
+]
+
+VALUE_ATTACKS: tuple[str, ...] = ("sign_flip", "alie", "ipm", "random", "mimic", "zeros")
+PROTOCOL_ATTACKS: tuple[str, ...] = ("withhold", "equivocate", "replay", "forge", "non_member", "rush")
+
+# ---------------------------------------------------------------------------------------------
+# the omniscient view of the honest values of a round
+
+
+def _round_state(node: SimNode) -> tuple[ChainState, int]:
+    """The state the node's current estimate is for, and its direction group.
+
+    The engine calls the attack while it handles the core's Estimate effect, which the core emits
+    on entering the round, so the core's head is the estimate's head.
+    """
+    st = node.core.head
+    rank = st.trainer_rank.get(node.key, 0)
+    return st, st.group_of(rank)
+
+
+class HonestView:
+    """What an omniscient attacker knows of a round: the honest trainers' values, recomputed.
+
+    Values are computed on each honest trainer's own shard, at the round's head, on the round's
+    streams for that trainer's group, with a generator derived from (run seed, round, trainer
+    index): deterministic, and independent of every generator the honest nodes use. Cached per
+    (head, group), so all colluding Byzantine trainers of one round share one computation. At most
+    ``sample`` honest trainers are recomputed (each costs one local estimate).
+    """
+
+    def __init__(self, sample: int = 6) -> None:
+        self.sample = sample
+        self._cache: dict[tuple[bytes, int], np.ndarray] = {}
+
+    def values(self, sim: Simulation, st: ChainState, group: int) -> np.ndarray:
+        """``(n_honest, K)`` float64 array of honest values (``n_honest >= 1`` unless none exists)."""
+        key = (st.head, group)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        honest = [p for p in st.committee.trainers
+                  if st.group_of(st.trainer_rank[p]) == group and p in sim.by_key
+                  and not sim.by_key[p].byzantine]
+        if not honest:  # a fully Byzantine committee: fall back to any honest node's shard
+            honest = [n.key for n in sim.nodes if not n.byzantine][:1]
+        streams = tuple(st.streams(group))
+        rows = [_estimate(sim, sim.by_key[p], st, streams) for p in honest[: self.sample]]
+        arr = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(streams))
+        if len(self._cache) > 64:
+            self._cache.clear()
+        self._cache[key] = arr
+        return arr
+
+
+def _estimate(sim: Simulation, node: SimNode, st: ChainState, streams: tuple[int, ...]) -> list[float]:
+    """The honest estimate ``node`` would compute at ``st`` (same code path as the engine's)."""
+    params = sim.states.get(st.head)
+    assert params is not None and sim.model is not None
+    model = bind_(sim.model, params)
+    g = sim.genesis
+    rng = np.random.default_rng([g.seed, st.round, node.index, 0xA77AC4])
+    if g.estimator == "fo":
+        batches = [sim.task.batch(node.shard, rng, g.batch_size) for _ in range(g.local_steps)]
+        return fo_project(model, lambda m, t: sim.task.loss(m, batches[t]), streams,
+                          steps=g.local_steps, lr=g.local_lr)
+    batch = sim.task.batch(node.shard, rng, g.batch_size)
+    return zo_spsa(model, lambda m: sim.task.loss(m, batch), streams, g.eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# value attacks
+
+
+def sign_flip(node: SimNode, values: list[float], sim: Simulation) -> list[float]:
+    """Saturate every direction against the node's own estimate (clipped to -+127 by the codec)."""
+    big = 2.0 * QMAX * node.core.head.scale  # beyond the clip: the byte saturates
+    return [-math.copysign(big, v) for v in values]
+
+
+def make_alie(z: float = 1.0, view: HonestView | None = None) -> Attack:
+    """ALIE: ``mu - z sigma sign(mu)``; small enough to sit inside the honest spread."""
+    hv = view or HonestView()
+
+    def alie(node: SimNode, values: list[float], sim: Simulation) -> list[float]:
+        st, grp = _round_state(node)
+        h = hv.values(sim, st, grp)
+        mu, sigma = h.mean(axis=0), h.std(axis=0)
+        return [float(x) for x in mu - z * sigma * np.sign(mu)]
+
+    return alie
+
+
+def make_ipm(eps: float = 0.5, view: HonestView | None = None) -> Attack:
+    """Inner-product manipulation: ``-eps`` times the honest mean (a negative inner product)."""
+    hv = view or HonestView()
+
+    def ipm(node: SimNode, values: list[float], sim: Simulation) -> list[float]:
+        st, grp = _round_state(node)
+        return [float(x) for x in -eps * hv.values(sim, st, grp).mean(axis=0)]
+
+    return ipm
+
+
+def random_bytes(node: SimNode, values: list[float], sim: Simulation) -> list[float]:
+    """Uniform bytes in [-127, 127] (drawn from the Byzantine node's own generator)."""
+    scale = node.core.head.scale
+    return [float(q) * scale for q in node.rng.integers(-QMAX, QMAX + 1, size=len(values))]
+
+
+def make_mimic(view: HonestView | None = None) -> Attack:
+    """Copy the lowest-ranked honest trainer of the round (all colluders copy the same one)."""
+    hv = view or HonestView(sample=1)
+
+    def mimic(node: SimNode, values: list[float], sim: Simulation) -> list[float]:
+        st, grp = _round_state(node)
+        return [float(x) for x in hv.values(sim, st, grp)[0]]
+
+    return mimic
+
+
+def zeros(node: SimNode, values: list[float], sim: Simulation) -> list[float]:
+    """Free-riding: zeros, i.e. "no opinion" on every direction, at no cost."""
+    return [0.0] * len(values)
+
+
+# ---------------------------------------------------------------------------------------------
+# protocol attacks (the injected message is sent directly; the node's own bytes stay honest)
+
+
+def withhold(node: SimNode, values: list[float], sim: Simulation) -> None:
+    """Sampled but silent."""
+    return None
+
+
+def _first_aggregator(st: ChainState) -> bytes | None:
+    aggs = st.committee.aggregators
+    return aggs[0] if aggs else None
+
+
+def equivocate(node: SimNode, values: list[float], sim: Simulation) -> list[float]:
+    """Send a different signed contribution first; the honest one follows through the core."""
+    st = node.core.head
+    agg = _first_aggregator(st)
+    if agg is not None:
+        other = quantize([-v for v in values], st.scale)
+        if other == quantize(values, st.scale):  # all zeros: make the pair differ anyway
+            other = bytes([1]) + other[1:]
+        c = Contribution(run=st.run_id, round=st.round, peer=node.key, q=other).signed(node.identity)
+        sim._send(node, agg, c)
+    return values
+
+
+def make_replay() -> Attack:
+    """Re-send the node's contribution of its previous duty (the first time: one of round r - 1)."""
+    last: dict[bytes, Contribution] = {}
+
+    def replay(node: SimNode, values: list[float], sim: Simulation) -> list[float]:
+        st = node.core.head
+        agg = _first_aggregator(st)
+        old = last.get(node.key)
+        if old is None and st.round > 0:
+            old = Contribution(run=st.run_id, round=st.round - 1, peer=node.key,
+                               q=quantize(values, st.scale)).signed(node.identity)
+        if agg is not None and old is not None:
+            sim._send(node, agg, old)
+        last[node.key] = Contribution(run=st.run_id, round=st.round, peer=node.key,
+                                      q=quantize(values, st.scale)).signed(node.identity)
+        return values
+
+    return replay
+
+
+def forge(node: SimNode, values: list[float], sim: Simulation) -> list[float]:
+    """A contribution in an honest trainer's name, signed with the attacker's key."""
+    st = node.core.head
+    agg = _first_aggregator(st)
+    victim = next((p for p in st.committee.trainers if p in sim.by_key and not sim.by_key[p].byzantine), None)
+    if agg is not None and victim is not None:
+        q = quantize(sign_flip(node, values, sim), st.scale)
+        good = Contribution(run=st.run_id, round=st.round, peer=node.key, q=q).signed(node.identity)
+        sim._send(node, agg, Contribution(run=st.run_id, round=st.round, peer=victim, q=q, sig=good.sig))
+    return values
+
+
+def make_non_member() -> Attack:
+    """A contribution from a fresh key that is not a member of the swarm."""
+    outsiders: dict[bytes, Identity] = {}
+
+    def non_member(node: SimNode, values: list[float], sim: Simulation) -> list[float]:
+        st = node.core.head
+        agg = _first_aggregator(st)
+        ident = outsiders.get(node.key)
+        if ident is None:
+            ident = outsiders[node.key] = Identity.from_seed(bytes(node.rng.integers(0, 256, 32, dtype=np.uint8)))
+        if agg is not None:
+            q = quantize(sign_flip(node, values, sim), st.scale)
+            sim._send(node, agg, Contribution(run=st.run_id, round=st.round, peer=ident.public, q=q).signed(ident))
+        return values
+
+    return non_member
+
+
+def rush(node: SimNode, values: list[float], sim: Simulation) -> list[float]:
+    """Publish at once a one-contribution record (own saturated bytes) as a fallback aggregator."""
+    from seedswarm.node.chain import build_record, record_hash
+
+    st = node.core.head
+    q = quantize(sign_flip(node, values, sim), st.scale)
+    c = Contribution(run=st.run_id, round=st.round, peer=node.key, q=q).signed(node.identity)
+    rec, inputs = build_record(st, node.identity, [c])
+    node.core._inputs[record_hash(rec)] = (st.round, inputs)  # serve verifiers, like an aggregator
+    sim._publish(node, rec)
+    return values
+
+
+# ---------------------------------------------------------------------------------------------
+# registry
+
+def honest(node: SimNode, values: list[float], sim: Simulation) -> list[float]:
+    """No attack: the node is labelled Byzantine (for the metrics) but behaves honestly."""
+    return values
+
+
+ATTACKS: dict[str, Callable[[float | None], Attack]] = {
+    "none": lambda p: honest,
+    "sign_flip": lambda p: sign_flip,
+    "alie": lambda p: make_alie(1.0 if p is None else p),
+    "ipm": lambda p: make_ipm(0.5 if p is None else p),
+    "random": lambda p: random_bytes,
+    "mimic": lambda p: make_mimic(),
+    "zeros": lambda p: zeros,
+    "withhold": lambda p: withhold,
+    "equivocate": lambda p: equivocate,
+    "replay": lambda p: make_replay(),
+    "forge": lambda p: forge,
+    "non_member": lambda p: make_non_member(),
+    "rush": lambda p: rush,
+}
+
+
+def get_attack(name: str) -> Attack:
+    """A fresh attack hook for ``name`` (``NAME`` or ``NAME:PARAM``); ValueError lists the choices.
+
+    Fresh: stateful attacks (replay, non_member, the honest-value caches) must not leak between
+    two simulations in one process.
+    """
+    base, sep, param = name.partition(":")
+    factory = ATTACKS.get(base)
+    if factory is None:
+        raise ValueError(f"unknown attack {name!r}; choose one of: {', '.join(ATTACKS)}")
+    value: float | None = None
+    if sep:
+        try:
+            value = float(param)
+        except ValueError:
+            raise ValueError(f"attack parameter must be a number, got {param!r}") from None
+    return factory(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# what the summary reports about Byzantine nodes
+
+
+class ByzantineMetrics:
+    """Reputation of Byzantine vs honest trainers, and how many Byzantine nodes the chain expelled.
+
+    Fed once per new best round by the runner. A round's inputs are read from a core that holds
+    them (the record's aggregator keeps them to serve verifiers, verifying trainers keep a copy);
+    they are the signed contributions the aggregate was computed from, so a forged or replayed
+    message never reaches the reputation either.
+    """
+
+    def __init__(self, decay: float = 0.9) -> None:
+        self.decay = decay
+        self.scores: dict[bytes, float] = {}
+        self.rounds_scored = 0
+
+    def on_round(self, sim: Simulation, st: ChainState) -> None:
+        from seedswarm.gossip.wire import WireError, decode_as
+        from seedswarm.sampling.reputation import update_scores
+
+        inputs = None
+        for n in sim.nodes:
+            entry = n.core._inputs.get(st.head)  # the core's cache of record inputs (read only)
+            if entry is not None:
+                inputs = entry[1]
+                break
+        if not inputs:
+            return
+        peers, rows = [], []
+        for data in inputs:
+            try:
+                c = decode_as(data, Contribution, st.run_id)
+            except WireError:
+                return
+            peers.append(bytes(c.peer))
+            rows.append(bytes(c.q))
+        self.scores = update_scores(self.scores, peers, rows, self.decay)
+        self.rounds_scored += 1
+
+    def summary(self, sim: Simulation, head: ChainState | None) -> dict[str, object]:
+        byz = [n for n in sim.nodes if n.byzantine]
+        hon = [n for n in sim.nodes if not n.byzantine]
+
+        def mean_rep(nodes: list[SimNode]) -> float | None:
+            vals = [self.scores[n.key] for n in nodes if n.key in self.scores]
+            return float(np.mean(vals)) if vals else None
+
+        expelled = sum(1 for n in byz if head is not None and n.key not in head.members)
+        return {
+            "byzantine_nodes": len(byz),
+            "byzantine_expelled": expelled,
+            "reputation_honest": mean_rep(hon),
+            "reputation_byzantine": mean_rep(byz),
+            "reputation_rounds": self.rounds_scored,
+        }

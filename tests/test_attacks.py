@@ -1,0 +1,201 @@
+"""Byzantine attacks in the simulator, the reputation signal, and the bench's plumbing.
+
+The accuracy claims themselves are measured by ``seedswarm bench byzantine`` (minutes); here the
+attacks are pinned one by one: what bytes each one sends, that they are deterministic, that the
+robust rules keep a saturated minority inside the honest range while the mean does not, and that
+protocol attacks in a (tiny) simulation are rejected or punished without splitting honest nodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+from seedswarm.node.codec import quantize
+from seedswarm.sampling.aggregators import AGG_ONE, aggregate
+from seedswarm.sampling.reputation import (
+    distances,
+    relative_distances,
+    round_signals,
+    update_scores,
+)
+from seedswarm.sim.attacks import ATTACKS, PROTOCOL_ATTACKS, VALUE_ATTACKS, get_attack
+from seedswarm.sim.runner import SimConfig, build, run
+
+SMALL = dict(nodes=12, trainers=5, directions=8, rounds=8, eval_every=4, quiet=True, max_wall=60.0)
+
+
+@pytest.fixture(scope="module")
+def sim():
+    s = build(SimConfig(**{**SMALL, "byzantine": 0.25, "attack": "alie"}))
+    return s
+
+
+def _byz_trainer(sim):
+    st = sim.nodes[0].core.head
+    for p in st.committee.trainers:
+        if sim.by_key[p].byzantine:
+            return sim.by_key[p]
+    # make one of the trainers Byzantine for the test
+    node = sim.by_key[st.committee.trainers[-1]]
+    node.byzantine = True
+    return node
+
+
+def _own(n: int = 8) -> list[float]:
+    return [0.01 * (i - 3.5) for i in range(n)]
+
+
+def test_registry_and_names() -> None:
+    assert set(VALUE_ATTACKS) | set(PROTOCOL_ATTACKS) | {"none"} == set(ATTACKS)
+    for name in ATTACKS:
+        assert callable(get_attack(name))
+    with pytest.raises(ValueError, match="unknown attack"):
+        get_attack("nope")
+    with pytest.raises(ValueError, match="number"):
+        get_attack("alie:x")
+    # stateful attacks are fresh per call: two simulations in one process do not share state
+    assert get_attack("replay") is not get_attack("replay")
+
+
+def test_sign_flip_saturates_against_own_estimate(sim) -> None:
+    node = _byz_trainer(sim)
+    scale = node.core.head.scale
+    own = _own()
+    q = np.frombuffer(quantize(get_attack("sign_flip")(node, own, sim), scale), dtype=np.int8)
+    assert set(np.abs(q).tolist()) == {127}
+    assert all(np.sign(q[i]) == -np.sign(own[i]) for i in range(len(own)) if own[i] != 0)
+
+
+def test_alie_ipm_mimic_use_honest_values_deterministically(sim) -> None:
+    from seedswarm.sim.attacks import HonestView, make_alie, make_ipm, make_mimic
+
+    node = _byz_trainer(sim)
+    st = node.core.head
+    grp = st.group_of(st.trainer_rank[node.key])
+    view = HonestView(sample=3)
+    h = view.values(sim, st, grp)
+    assert h.shape == (min(3, sum(1 for p in st.committee.trainers if not sim.by_key[p].byzantine)), 8)
+    assert np.array_equal(h, HonestView(sample=3).values(sim, st, grp))  # deterministic
+    mu, sigma = h.mean(axis=0), h.std(axis=0)
+    alie = np.array(make_alie(1.5, view)(node, _own(), sim))
+    assert np.allclose(np.abs(alie - mu), 1.5 * sigma)
+    assert np.all((alie - mu) * np.sign(mu) <= 1e-12)  # shifted against the honest mean
+    ipm = np.array(make_ipm(0.5, view)(node, _own(), sim))
+    assert np.allclose(ipm, -0.5 * mu)
+    assert np.array(make_mimic(view)(node, _own(), sim)) == pytest.approx(h[0])
+
+
+def test_random_zeros_withhold(sim) -> None:
+    node = _byz_trainer(sim)
+    scale = node.core.head.scale
+    r = get_attack("random")(node, _own(), sim)
+    assert r is not None and all(abs(v) <= 127 * scale for v in r)
+    assert get_attack("zeros")(node, _own(), sim) == [0.0] * 8
+    assert get_attack("withhold")(node, _own(), sim) is None
+    assert get_attack("none")(node, _own(), sim) == _own()
+
+
+def test_robust_rules_bound_a_saturated_minority_the_mean_does_not() -> None:
+    rng = np.random.default_rng(0)
+    honest = [bytes(v & 0xFF for v in rng.integers(5, 25, size=8)) for _ in range(13)]
+    flip = [bytes([(-127) & 0xFF] * 8)] * 3  # 3 of 16, as at 20 % Byzantine
+    lo = np.min([np.frombuffer(r, dtype=np.int8).astype(np.int64) for r in honest], axis=0) * AGG_ONE
+    hi = np.max([np.frombuffer(r, dtype=np.int8).astype(np.int64) for r in honest], axis=0) * AGG_ONE
+    for rule in ("median", "trimmed_mean", "clipped_mean"):
+        a = np.array(aggregate(rule, honest + flip, 3))
+        assert np.all((lo <= a) & (a <= hi)), rule
+    mean = np.array(aggregate("mean", honest + flip))
+    assert np.any(mean < lo)
+
+
+def test_reputation_flags_loud_attackers_only() -> None:
+    rng = np.random.default_rng(1)
+    honest = [bytes(v & 0xFF for v in rng.integers(-20, 21, size=32)) for _ in range(12)]
+    loud = bytes([127] * 32)
+    rows = [*honest, loud]
+    d = distances(rows)
+    assert d[-1] > 3 * np.median(d[:-1])
+    rho = relative_distances(rows)
+    assert np.median(rho) == pytest.approx(1.0)
+    s = round_signals(rows)
+    assert s[-1] < 0.05 and np.median(s[:-1]) > 0.9
+    peers = [bytes([i]) * 32 for i in range(len(rows))]
+    before: dict[bytes, float] = {}
+    scores = before
+    for _ in range(20):
+        scores = update_scores(scores, peers, rows, decay=0.8)
+    assert before == {}  # pure: the input mapping is not modified
+    assert scores[peers[-1]] < 0.1
+    assert min(scores[p] for p in peers[:-1]) > 0.6
+    with pytest.raises(ValueError):
+        update_scores({}, peers[:1], rows)
+    with pytest.raises(ValueError):
+        update_scores({}, [], [], decay=1.0)
+    assert update_scores({b"x": 0.5}, [], []) == {b"x": 0.5}
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny simulations
+
+
+def _run(**kw):
+    return run(SimConfig(**{**SMALL, **kw}))
+
+
+def test_value_attack_run_is_deterministic_and_reports_reputation() -> None:
+    a = _run(byzantine=0.25, attack="sign_flip", seed=5)
+    b = _run(byzantine=0.25, attack="sign_flip", seed=5)
+    for k in ("final_accuracy", "total_bytes", "rounds", "reputation_byzantine", "reputation_honest"):
+        assert a[k] == b[k], k
+    assert a["byzantine_nodes"] == 3
+    assert a["honest_digest_agreement"] == 1.0
+    assert a["reputation_byzantine"] < a["reputation_honest"]
+
+
+@pytest.mark.parametrize("attack,reason", [("forge", "bad-signature"), ("non_member", "not-trainer")])
+def test_protocol_attacks_in_sim_are_rejected(attack: str, reason: str) -> None:
+    s = _run(byzantine=0.25, attack=attack, seed=6)
+    assert s["rejected"].get(reason, 0) > 0, s["rejected"]
+    assert s["honest_digest_agreement"] == 1.0
+    assert s["rounds"] >= SMALL["rounds"]
+
+
+def test_equivocators_are_expelled_in_sim() -> None:
+    s = _run(byzantine=0.25, attack="equivocate", seed=7, rounds=12)
+    assert s["byzantine_expelled"] >= 1
+    assert s["honest_digest_agreement"] == 1.0
+
+
+def test_withholding_and_replay_do_not_stop_the_swarm() -> None:
+    for attack in ("withhold", "replay"):
+        s = _run(byzantine=0.25, attack=attack, seed=8)
+        assert s["rounds"] >= SMALL["rounds"], attack
+        assert s["honest_digest_agreement"] == 1.0, attack
+
+
+# ---------------------------------------------------------------------------------------------
+# command lines
+
+
+def test_sim_cli_has_byzantine_flags() -> None:
+    from seedswarm.sim.cli import add_parser
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="cmd"))
+    args = parser.parse_args(["sim", "--byzantine", "0.2", "--attack", "alie"])
+    assert args.byzantine == 0.2 and args.attack == "alie"
+
+
+def test_bench_table_and_bad_arguments(capsys) -> None:
+    from seedswarm.bench.byzantine import main, table
+
+    res = [
+        {"aggregator": "mean", "byzantine": 0.0, "attack": "none", "final_accuracy": 0.9},
+        {"aggregator": "mean", "byzantine": 0.2, "attack": "sign_flip", "final_accuracy": 0.5},
+        {"aggregator": "mean", "byzantine": 0.2, "attack": "zeros", "final_accuracy": 0.89},
+    ]
+    md = table(res, ["sign_flip", "zeros"])
+    assert "| mean | 20% | 90.0 | 50.0 (-40.0) | 89.0 (-1.0) | -40.0 |" in md
+    assert main(["--attacks", "nope"]) == 2
