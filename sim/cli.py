@@ -57,6 +57,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--crash-at", type=int, default=-1)
     p.add_argument("--join-nodes", type=int, default=0)
     p.add_argument("--join-at", type=int, default=-1)
+    p.add_argument("--leave-nodes", type=int, default=0, help="nodes that gossip a Leave and stop")
+    p.add_argument("--leave-at", type=int, default=-1)
     p.add_argument("--latency-ms", type=float, default=d.latency_ms)
     p.add_argument("--loss", type=float, default=d.loss)
     p.add_argument("--max-wall", type=float, default=float("inf"), help="stop after this many seconds")
@@ -83,6 +85,7 @@ def run_command(args: argparse.Namespace) -> int:
         lr=args.lr, local_lr=args.local_lr, batch_size=args.batch_size, target=args.target,
         eval_every=args.eval_every, stop_at_target=args.stop_at_target, crash_fraction=args.crash_fraction,
         crash_at=args.crash_at, join_nodes=args.join_nodes, join_at=args.join_at,
+        leave_nodes=args.leave_nodes, leave_at=args.leave_at,
         latency_ms=args.latency_ms, loss=args.loss, max_wall=args.max_wall, out=out, quiet=args.quiet,
         byzantine=args.byzantine, attack=args.attack,
     )

@@ -95,3 +95,14 @@ def test_eighty_percent_crash_is_expelled_and_the_chain_goes_on():
     assert s["rounds"] >= 45
     assert s["honest_digest_agreement"] == 1.0
     assert s["final_members"] <= 30 - 20, "crashed members were not expelled by the records"
+
+
+def test_graceful_leaves_leave_the_membership():
+    """A Leave is gossiped, an aggregator puts it in a record, and the chain drops the member:
+    the leavers are gone from the final membership without any missed-duty expulsion."""
+    # Five rounds after the leave: too few for four missed duties (the expulsion threshold).
+    s = _run(seed=6, rounds=8, leave_nodes=3, leave_at=3)
+    assert s["rounds"] >= 8
+    assert s["bytes_by_kind"].get("Leave", 0) > 0
+    assert s["final_members"] == 20 - 3
+    assert s["honest_digest_agreement"] == 1.0
