@@ -63,6 +63,7 @@ from seedswarm.node.replay import bind_, model_digest
 from seedswarm.node.tasks import Shard, Task, load_task, param_count
 from seedswarm.sampling.committee import select_committee
 from seedswarm.sim.engine import NetConfig
+from seedswarm.sim.runlog import RunLog
 
 __all__ = [
     "BASELINES",
@@ -336,34 +337,22 @@ def run_baseline(cfg: Any, log: TextIO = sys.stderr, on_send: SendHook | None = 
     net = BaselineNet(cfg.nodes, NetConfig(latency_ms=cfg.latency_ms), np.random.default_rng([cfg.seed, 0x7E7]),
                       on_send)
     out_dir = Path(cfg.out) if cfg.out else None
-    metrics_f = None
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        metrics_f = open(out_dir / "metrics.jsonl", "w")  # noqa: SIM115 - closed below
-    st: dict[str, Any] = {"acc": None, "loss": None, "bytes_to_target": None, "round_to_target": None,
-                          "now": 0.0, "rounds": 0, "last_print": 0.0}
+    runlog = RunLog(out_dir, cfg.target, cfg.eval_every, cfg.rounds)
+    st: dict[str, Any] = {"now": 0.0, "rounds": 0, "last_print": 0.0}
 
     def record(r: int, model_flat: Callable[[], torch.Tensor]) -> None:
         line: dict[str, Any] = {"round": r, "time": round(st["now"], 4),
                                 "wall": round(time.monotonic() - wall0, 3), "bytes_total": net.total,
                                 "online": cfg.nodes, "members": cfg.nodes}
-        if r % cfg.eval_every == 0 or r >= cfg.rounds:
-            ev = trainer.evaluate(model_flat())
-            st["acc"], st["loss"] = ev["accuracy"], ev["loss"]
-            line["accuracy"], line["loss"] = ev["accuracy"], ev["loss"]
-            if st["bytes_to_target"] is None and ev["accuracy"] >= cfg.target:
-                st["bytes_to_target"], st["round_to_target"] = net.total, r
-        if metrics_f is not None:
-            metrics_f.write(json.dumps(line) + "\n")
+        runlog.round(line, lambda: trainer.evaluate(model_flat()))
         if not cfg.quiet and (time.monotonic() - st["last_print"] > 2.0 or r >= cfg.rounds):
             st["last_print"] = time.monotonic()
-            acc = f"{st['acc']:.3f}" if st["acc"] is not None else "-"
-            print(f"{cfg.protocol} round {r:5d}  t={st['now']:8.1f}s  acc={acc}  "
+            print(f"{cfg.protocol} round {r:5d}  t={st['now']:8.1f}s  acc={runlog.acc_text()}  "
                   f"bytes={net.total / 1e6:9.2f} MB  wall={line['wall']:.0f}s", file=log)
 
     def done() -> bool:
         return (time.monotonic() - wall0 > cfg.max_wall
-                or (cfg.stop_at_target and st["bytes_to_target"] is not None))
+                or (cfg.stop_at_target and runlog.bytes_to_target is not None))
 
     setup_seconds = time.monotonic() - wall0
     extra: dict[str, Any]
@@ -383,11 +372,11 @@ def run_baseline(cfg: Any, log: TextIO = sys.stderr, on_send: SendHook | None = 
         "nodes": cfg.nodes,
         "nodes_total": cfg.nodes,
         "rounds": rounds_done,
-        "final_accuracy": st["acc"],
-        "final_loss": st["loss"],
+        "final_accuracy": runlog.acc,
+        "final_loss": runlog.loss,
         "target": cfg.target,
-        "bytes_to_target": st["bytes_to_target"],
-        "rounds_to_target": st["round_to_target"],
+        "bytes_to_target": runlog.bytes_to_target,
+        "rounds_to_target": runlog.round_to_target,
         "bytes_per_trainer_per_round": trainer_bytes / max(1, extra["trainer_rounds"]),
         "bytes_per_node_per_round": sum(net.received) / max(1, cfg.nodes) / max(1, rounds_done),
         "total_bytes": net.total,
@@ -408,8 +397,7 @@ def run_baseline(cfg: Any, log: TextIO = sys.stderr, on_send: SendHook | None = 
         "genesis_run_id": run_id.hex(),
         **extra,
     }
-    if metrics_f is not None:
-        metrics_f.close()
+    runlog.close()
     if out_dir is not None:
         from seedswarm.sim.plots import write_outputs
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import resource
 import sys
@@ -20,6 +19,7 @@ from seedswarm.node.protocol import CoreConfig
 from seedswarm.node.replay import bind_, model_digest
 from seedswarm.node.tasks import load_task
 from seedswarm.sim.engine import NetConfig, Simulation
+from seedswarm.sim.runlog import RunLog
 
 
 @dataclass
@@ -106,11 +106,7 @@ def run(cfg: SimConfig, log: TextIO = sys.stderr) -> dict[str, Any]:
     setup_seconds = time.monotonic() - wall0
     assert sim.model is not None
     out_dir = Path(cfg.out) if cfg.out else None
-    metrics_f = None
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        metrics_f = open(out_dir / "metrics.jsonl", "w")  # noqa: SIM115 - closed below
-    state: dict[str, Any] = {"bytes_to_target": None, "round_to_target": None, "acc": None, "loss": None}
+    runlog = RunLog(out_dir, cfg.target, cfg.eval_every, cfg.rounds)
     last_print = [0.0]
     crash_round: list[int] = []
 
@@ -119,16 +115,12 @@ def run(cfg: SimConfig, log: TextIO = sys.stderr) -> dict[str, Any]:
         line: dict[str, Any] = {"round": r, "time": round(s.now, 4), "wall": round(time.monotonic() - wall0, 3),
                                 "bytes_total": s.bytes_total, "online": sum(n.online for n in s.nodes),
                                 "members": len(st.members)}
-        if r % cfg.eval_every == 0 or r >= cfg.rounds:
+
+        def evaluate() -> dict[str, float] | None:
             params = s.states.get(st.head)
-            if params is not None:
-                ev = s.task.evaluate(bind_(s.model, params))  # type: ignore[arg-type]
-                state["acc"], state["loss"] = ev["accuracy"], ev["loss"]
-                line["accuracy"], line["loss"] = ev["accuracy"], ev["loss"]
-                if state["bytes_to_target"] is None and ev["accuracy"] >= cfg.target:
-                    state["bytes_to_target"], state["round_to_target"] = s.bytes_total, r
-        if metrics_f is not None:
-            metrics_f.write(json.dumps(line) + "\n")
+            return None if params is None else s.task.evaluate(bind_(s.model, params))  # type: ignore[arg-type]
+
+        runlog.round(line, evaluate)
         # churn schedule (deterministic: drawn from the seeded RNG)
         if r == cfg.crash_at and cfg.crash_fraction > 0:
             alive = [n for n in s.nodes if n.online]
@@ -150,8 +142,7 @@ def run(cfg: SimConfig, log: TextIO = sys.stderr) -> dict[str, Any]:
                 s.start_node(node, join=True)
         if not cfg.quiet and (time.monotonic() - last_print[0] > 2.0 or r >= cfg.rounds):
             last_print[0] = time.monotonic()
-            acc = f"{state['acc']:.3f}" if state["acc"] is not None else "-"
-            print(f"round {r:5d}  t={s.now:8.1f}s  acc={acc}  bytes={s.bytes_total / 1e6:8.2f} MB  "
+            print(f"round {r:5d}  t={s.now:8.1f}s  acc={runlog.acc_text()}  bytes={s.bytes_total / 1e6:8.2f} MB  "
                   f"online={line['online']}  wall={line['wall']:.0f}s", file=log)
 
     byz_metrics = None
@@ -169,7 +160,7 @@ def run(cfg: SimConfig, log: TextIO = sys.stderr) -> dict[str, Any]:
     else:
         sim.on_round = on_round
     sim.start()
-    stop = (lambda s: state["bytes_to_target"] is not None) if cfg.stop_at_target else None
+    stop = (lambda s: runlog.bytes_to_target is not None) if cfg.stop_at_target else None
     sim.run(cfg.rounds, max_wall=cfg.max_wall, stop=stop)
     sim.settle(grace=5 * sim.genesis.round_timeout + 4 * sim._core_config.sync_after)
     # final evaluation on the majority head
@@ -177,8 +168,7 @@ def run(cfg: SimConfig, log: TextIO = sys.stderr) -> dict[str, Any]:
     heads = [n.core.head for n in sim.honest_online()]
     final_head = max(heads, key=lambda st: st.round) if heads else None
     if final_head is not None and (params := sim.states.get(final_head.head)) is not None:
-        ev = sim.task.evaluate(bind_(sim.model, params))
-        state["acc"], state["loss"] = ev["accuracy"], ev["loss"]
+        runlog.set_eval(sim.task.evaluate(bind_(sim.model, params)))
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     rounds_done = sim.best_round
     n_nodes = len(sim.nodes)
@@ -190,11 +180,11 @@ def run(cfg: SimConfig, log: TextIO = sys.stderr) -> dict[str, Any]:
         "nodes": cfg.nodes,
         "nodes_total": n_nodes,
         "rounds": rounds_done,
-        "final_accuracy": state["acc"],
-        "final_loss": state["loss"],
+        "final_accuracy": runlog.acc,
+        "final_loss": runlog.loss,
         "target": cfg.target,
-        "bytes_to_target": state["bytes_to_target"],
-        "rounds_to_target": state["round_to_target"],
+        "bytes_to_target": runlog.bytes_to_target,
+        "rounds_to_target": runlog.round_to_target,
         "bytes_per_trainer_per_round": contrib_bytes / trainer_rounds,
         "bytes_per_node_per_round": sum(n.bytes_received for n in sim.nodes) / max(1, n_nodes) / max(1, rounds_done),
         "total_bytes": sim.bytes_total,
@@ -216,8 +206,7 @@ def run(cfg: SimConfig, log: TextIO = sys.stderr) -> dict[str, Any]:
     if byz_metrics is not None:
         summary["attack"] = cfg.attack
         summary.update(byz_metrics.summary(sim, final_head))
-    if metrics_f is not None:
-        metrics_f.close()
+    runlog.close()
     if out_dir is not None:
         from seedswarm.sim.plots import write_outputs
 
