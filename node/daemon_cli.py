@@ -20,6 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from seedswarm.sampling.aggregators import DEFAULT_RULE, RULES
+
 PROG = "seedswarm"
 
 
@@ -88,8 +90,8 @@ def add_genesis_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aggregators", type=int, default=2)
     p.add_argument("--directions", type=int, default=64, help="K: bytes per trainer per round")
     p.add_argument("--groups", type=int, default=1)
-    p.add_argument("--aggregator", default="trimmed_mean", choices=["mean", "median", "trimmed_mean", "clipped_mean"])
-    p.add_argument("--lr", type=float, default=0.04, help="learning rate on the aggregated step")
+    p.add_argument("--aggregator", default=DEFAULT_RULE, choices=RULES)
+    p.add_argument("--lr", type=float, default=0.08, help="learning rate on the aggregated step")
     p.add_argument("--lr-half-life", type=int, default=0, help="rounds; lr / (1 + r / half_life); 0 = constant")
     p.add_argument("--local-lr", type=float, default=0.5)
     p.add_argument("--local-steps", type=int, default=1)

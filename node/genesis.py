@@ -18,6 +18,7 @@ from typing import Any
 import msgpack
 from seedswarm import PROTOCOL_VERSION
 from seedswarm.crypto.hashing import h
+from seedswarm.sampling.aggregators import DEFAULT_RULE, RULES
 
 ESTIMATORS = ("fo", "zo")
 
@@ -46,7 +47,7 @@ class Genesis:
     aggregators: int = 2  # a (ranked; rank 0 publishes, the others back it up)
     directions: int = 64  # K bytes per trainer per round
     groups: int = 1  # G: trainer rank i measures direction group i % G
-    aggregator_rule: str = "trimmed_mean"
+    aggregator_rule: str = DEFAULT_RULE
     byzantine_share: float = 0.2  # the share the trim f is sized for
     p_fail: float = 1e-6  # target per-round probability that f is exceeded
     # --- membership and timing (rounds, seconds)
@@ -75,6 +76,8 @@ class Genesis:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 problems.append(f"{name} must be a positive number")
+        if self.aggregator_rule not in RULES:
+            problems.append(f"aggregator_rule must be one of {', '.join(RULES)}, not {self.aggregator_rule!r}")
         if not 0 <= self.byzantine_share < 0.5:
             problems.append("byzantine_share must be in [0, 0.5)")
         if not 0 < self.p_fail < 1:

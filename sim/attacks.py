@@ -25,6 +25,9 @@ Value attacks (the byte a Byzantine trainer sends):
 ``mimic``      copy one honest peer (the lowest-ranked honest trainer of the round): all Byzantine
                trainers over-weight that peer's data (Karimireddy et al. 2022).
 ``zeros``      free-riding: send zeros without computing anything useful.
+``adaptive``   ALIE with the largest ``z`` that the default ``guarded_mean`` still keeps: an
+               attacker that knows the aggregation rule and the honest rows (the worst case for
+               the default rule among ALIE-shaped attacks).
 
 Protocol attacks (the node's own bytes are honest, so only the injected message is measured):
 
@@ -63,6 +66,7 @@ if TYPE_CHECKING:
     from seedswarm.sim.engine import Attack, SimNode, Simulation
 
 __all__ = [
+    "ADAPTIVE_ATTACKS",
     "ATTACKS",
     "PROTOCOL_ATTACKS",
     "VALUE_ATTACKS",
@@ -71,6 +75,8 @@ __all__ = [
 ]
 
 VALUE_ATTACKS: tuple[str, ...] = ("sign_flip", "alie", "ipm", "random", "mimic", "zeros")
+ADAPTIVE_ATTACKS: tuple[str, ...] = ("adaptive",)
+"""Attacks tuned against the default rule itself (not in the issue's list; reported beside it)."""
 PROTOCOL_ATTACKS: tuple[str, ...] = ("withhold", "equivocate", "replay", "forge", "non_member", "rush")
 
 # ---------------------------------------------------------------------------------------------
@@ -169,6 +175,46 @@ def make_ipm(eps: float = 0.5, view: HonestView | None = None) -> Attack:
         return [float(x) for x in -eps * hv.values(sim, st, grp).mean(axis=0)]
 
     return ipm
+
+
+def make_adaptive(view: HonestView | None = None) -> Attack:
+    """ALIE at the largest ``z`` the default rule's guards let through: an attacker that knows the rule.
+
+    The colluders recompute every honest row of the round, quantize them at the round's scale as
+    the honest nodes will, and try ``z`` from 4 down to 0 in steps of 1/8 with one copy of their
+    row per Byzantine trainer of the group added: the first ``z`` at which
+    :func:`~seedswarm.sampling.aggregators.guarded_keep` keeps every copy is sent (``z = 0`` is the
+    honest mean, harmless). Cached per round and group, so all colluders send the same row.
+    """
+    from seedswarm.sampling.aggregators import guarded_keep
+
+    hv = view or HonestView(sample=4096)
+    cache: dict[tuple[bytes, int], list[float]] = {}
+
+    def adaptive(node: SimNode, values: list[float], sim: Simulation) -> list[float]:
+        st, grp = _round_state(node)
+        hit = cache.get((st.head, grp))
+        if hit is not None:
+            return hit
+        h = hv.values(sim, st, grp)
+        mu, sigma = h.mean(axis=0), h.std(axis=0)
+        rows = [quantize([float(v) for v in r], st.scale) for r in h]
+        b = sum(1 for p in st.committee.trainers if st.group_of(st.trainer_rank[p]) == grp
+                and p in sim.by_key and sim.by_key[p].byzantine)
+        best = mu
+        for z in np.arange(4.0, 0.0, -0.125):
+            v = mu - z * sigma * np.sign(mu)
+            keep = guarded_keep(rows + [quantize([float(x) for x in v], st.scale)] * b, st.trim)
+            if keep is not None and set(range(len(rows), len(rows) + b)) <= set(keep):
+                best = v
+                break
+        out = [float(x) for x in best]
+        if len(cache) > 64:
+            cache.clear()
+        cache[(st.head, grp)] = out
+        return out
+
+    return adaptive
 
 
 def random_bytes(node: SimNode, values: list[float], sim: Simulation) -> list[float]:
@@ -298,6 +344,7 @@ ATTACKS: dict[str, Callable[[float | None], Attack]] = {
     "ipm": lambda p: make_ipm(0.5 if p is None else p),
     "random": lambda p: random_bytes,
     "mimic": lambda p: make_mimic(),
+    "adaptive": lambda p: make_adaptive(),
     "zeros": lambda p: zeros,
     "withhold": lambda p: withhold,
     "equivocate": lambda p: equivocate,

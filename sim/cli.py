@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from seedswarm.sampling.aggregators import RULES
+
 
 def _task_options(pairs: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
@@ -40,8 +42,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--trainers", type=int, default=d.trainers)
     p.add_argument("--directions", type=int, default=d.directions, help="K: bytes per trainer per round")
     p.add_argument("--groups", type=int, default=d.groups)
-    p.add_argument("--aggregator", default=d.aggregator,
-                   choices=["mean", "median", "trimmed_mean", "clipped_mean"])
+    p.add_argument("--aggregator", default=d.aggregator, choices=RULES)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--local-lr", type=float, default=d.local_lr)
     p.add_argument("--batch-size", type=int, default=d.batch_size)

@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from seedswarm.sampling.aggregators import DEFAULT_RULE, RULES
+
 
 @dataclass
 class ClusterConfig:
@@ -42,8 +44,8 @@ class ClusterConfig:
     trainers: int = 16
     directions: int = 64
     groups: int = 1
-    aggregator: str = "trimmed_mean"
-    lr: float = 0.04
+    aggregator: str = DEFAULT_RULE
+    lr: float = 0.08
     local_lr: float = 0.5
     batch_size: int = 32
     round_timeout: float = 2.0
@@ -347,7 +349,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--trainers", type=int, default=d.trainers)
     p.add_argument("--directions", type=int, default=d.directions)
     p.add_argument("--groups", type=int, default=d.groups)
-    p.add_argument("--aggregator", default=d.aggregator, choices=["mean", "median", "trimmed_mean", "clipped_mean"])
+    p.add_argument("--aggregator", default=d.aggregator, choices=RULES)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--local-lr", type=float, default=d.local_lr)
     p.add_argument("--batch-size", type=int, default=d.batch_size)

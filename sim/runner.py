@@ -18,6 +18,7 @@ from seedswarm.node.genesis import Genesis
 from seedswarm.node.protocol import CoreConfig
 from seedswarm.node.replay import bind_, model_digest
 from seedswarm.node.tasks import load_task
+from seedswarm.sampling.aggregators import DEFAULT_RULE
 from seedswarm.sim.engine import NetConfig, Simulation
 from seedswarm.sim.runlog import RunLog
 
@@ -34,8 +35,8 @@ class SimConfig:
     trainers: int = 16
     directions: int = 64
     groups: int = 1
-    aggregator: str = "trimmed_mean"
-    lr: float = 0.04
+    aggregator: str = DEFAULT_RULE
+    lr: float = 0.08
     local_lr: float = 0.5
     local_steps: int = 1
     batch_size: int = 32

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from seedswarm.sampling.aggregators import (
     AGG_ONE,
+    DEFAULT_RULE,
     RULES,
     aggregate,
     aggregate_array,
@@ -20,6 +21,7 @@ from seedswarm.sampling.aggregators import (
 )
 
 ROBUST = ("median", "trimmed_mean", "clipped_mean")
+PER_DIRECTION = ("mean", *ROBUST)
 
 
 def row(*values: int) -> bytes:
@@ -58,7 +60,33 @@ def ref_stat(rule: str, values: list[int], f: int) -> Fraction:
 def ref_aggregate(rule: str, rows: list[bytes], f: int) -> list[int]:
     k = len(rows[0])
     cols = [[int(np.int8(np.uint8(r[j]))) for r in rows] for j in range(k)]
+    if rule == "guarded_mean":
+        return ref_guarded(rows, f)
     return [round_half_away(AGG_ONE * ref_stat(rule, c, f)) for c in cols]
+
+
+def ints(r: bytes) -> list[int]:
+    return [int(v) for v in np.frombuffer(r, dtype=np.int8)]
+
+
+def ref_guarded(rows: list[bytes], f: int) -> list[int]:
+    """The guarded mean in exact rationals, written from the module docstring's definition."""
+    xs = [ints(r) for r in rows]
+    n, k = len(xs), len(xs[0])
+    m = [ref_stat("median", [x[j] for x in xs], 0) for j in range(k)]
+    dist2 = [sum((x[j] - m[j]) ** 2 for j in range(k)) for x in xs]
+    r2 = ref_stat("median", dist2, 0)  # type: ignore[arg-type]
+    near = [x for x, d2 in zip(xs, dist2, strict=True) if d2 <= 4 * r2]  # |x - m| <= 2R
+    if len(near) < max(n - f, n // 2 + 1):
+        return [round_half_away(AGG_ONE * v) for v in m]
+    c = [Fraction(sum(x[j] for x in near), len(near)) for j in range(k)]
+    cc = sum(v * v for v in c)
+    along = [sum((x[j] - c[j]) * c[j] for j in range(k)) for x in near]
+    # <x - c, c> >= -2 |c| R / sqrt(K), squared (the signs of both sides are known)
+    kept = [x for x, a in zip(near, along, strict=True) if not (a < 0 and a * a * k > 4 * cc * r2)]
+    if len(kept) < max(n - f, n // 2 + 1):
+        return [round_half_away(AGG_ONE * v) for v in m]
+    return [round_half_away(Fraction(AGG_ONE * sum(x[j] for x in kept), len(kept))) for j in range(k)]
 
 
 values = st.integers(min_value=-127, max_value=127)
@@ -75,10 +103,11 @@ def matrices(draw: st.DrawFn, max_n: int = 12, max_k: int = 5) -> list[bytes]:
 
 
 def test_rules_and_validation() -> None:
-    assert RULES == ("mean", "median", "trimmed_mean", "clipped_mean")
+    assert RULES == ("mean", "median", "trimmed_mean", "clipped_mean", "guarded_mean")
+    assert DEFAULT_RULE == "guarded_mean"
     for r in RULES:
         assert validate_rule(r) == r
-    with pytest.raises(ValueError, match="choose one of: mean, median, trimmed_mean, clipped_mean"):
+    with pytest.raises(ValueError, match="choose one of: mean, median, trimmed_mean, clipped_mean, guarded_mean"):
         validate_rule("krum")
     with pytest.raises(ValueError, match="unknown aggregation rule"):
         aggregate("avg", col(1))
@@ -136,7 +165,7 @@ def test_clipped_mean() -> None:
 
 def test_columns_are_independent() -> None:
     rows = [row(1, -5, 127), row(2, -6, -127), row(3, -7, 0)]
-    for rule in RULES:
+    for rule in PER_DIRECTION:
         whole = aggregate(rule, rows, f=1)
         per = [aggregate(rule, [bytes([r[j]]) for r in rows], f=1)[0] for j in range(3)]
         assert whole == per
@@ -220,13 +249,24 @@ def test_pinned_results_are_stable() -> None:
     """
     rows = _pseudo_rows(33, 64, b"pin")
     digest = hashlib.sha256()
-    for rule in RULES:
+    for rule in PER_DIRECTION:
         for f in (0, 5, 16):
             digest.update(repr((rule, f, aggregate(rule, rows, f))).encode())
     assert digest.hexdigest() == PINNED_DIGEST
+    # guarded_mean, pinned separately (added later; the four rules above keep their old pin), on
+    # inputs where it keeps a subset of rows: honest-looking rows plus a coherent minority.
+    rng = np.random.default_rng(7)
+    mu = rng.normal(0, 6, 64)
+    honest = [np.clip(np.round(mu + rng.normal(0, 12, 64)), -127, 127) for _ in range(25)]
+    rows = [r.astype(np.int8).tobytes() for r in [*honest, *[np.round(-0.5 * mu)] * 8]]
+    out = [aggregate("guarded_mean", rows, f) for f in (0, 5, 16)]
+    # 8 of 33 rows dropped: too many for f = 0 and 5 (the median), within f = 16 (the mean of 25)
+    assert out[0] == out[1] == aggregate("median", rows) != out[2]
+    assert hashlib.sha256(repr(out).encode()).hexdigest() == PINNED_GUARDED
 
 
 PINNED_DIGEST = "3776efc4497fd5b231fda2b87bf46cfd8ab2f3305f641e48a43d0e3881eac0c2"
+PINNED_GUARDED = "7dccd1f5880a7402fc1d76b3927ece71d375b4957bf263c1eb64716669800890"
 
 
 def test_large_input_is_fast() -> None:
@@ -280,6 +320,70 @@ def test_mean_is_not_robust() -> None:
     assert out > 2 * AGG_ONE  # one saturated row leaves the honest range [-1, 2]
     for rule in ROBUST:
         assert -AGG_ONE <= aggregate(rule, honest + col(127), f=1)[0] <= 2 * AGG_ONE
+
+
+@st.composite
+def attacked_rows(draw: st.DrawFn) -> tuple[list[bytes], list[bytes], int]:
+    """Honest rows and any Byzantine rows, fewer than half of all rows, K up to 8."""
+    k = draw(st.integers(1, 8))
+    n_honest = draw(st.integers(1, 12))
+    n_byz = draw(st.integers(0, n_honest - 1))
+    extreme = st.sampled_from([-127, 127, 0])
+    honest = [row(*draw(st.lists(values, min_size=k, max_size=k))) for _ in range(n_honest)]
+    byz = [row(*draw(st.lists(st.one_of(values, extreme), min_size=k, max_size=k))) for _ in range(n_byz)]
+    return honest, byz, draw(st.integers(0, 8))
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=attacked_rows())
+def test_guarded_mean_stays_near_the_median(case: tuple[list[bytes], list[bytes], int]) -> None:
+    """With fewer than half the rows Byzantine: |a - m| <= 2 max_honest |x_i - m|, whatever the
+    Byzantine rows hold (up to rounding); m is the per-direction median."""
+    honest, byz, f = case
+    rows = honest + byz
+    k = len(rows[0])
+    a = [Fraction(v, AGG_ONE) for v in aggregate("guarded_mean", rows, f)]
+    xs = [ints(r) for r in rows]
+    m = [ref_stat("median", [x[j] for x in xs], 0) for j in range(k)]
+    dev2 = sum((a[j] - m[j]) ** 2 for j in range(k))
+    max_h2 = max(sum((x - m[j]) ** 2 for j, x in enumerate(ints(r))) for r in honest)
+    rounding2 = Fraction(k, 4 * AGG_ONE**2)  # each value is off by at most 1 / 512
+    assert dev2 <= (2 * max_h2 ** 0.5 + float(rounding2) ** 0.5) ** 2 + 1e-9
+
+
+def _coherent_case(attack: str) -> tuple[list[bytes], list[bytes], np.ndarray]:
+    """13 honest trainers (one gradient, noisy per trainer) and 3 attackers, K = 64, as at 20 %."""
+    rng = np.random.default_rng(3)
+    mu = rng.normal(0, 4, 64)
+    honest = np.clip(np.round(mu + rng.normal(0, 10, (13, 64))), -127, 127)
+    h_mean, h_std = honest.mean(axis=0), honest.std(axis=0)
+    bad = {"zeros": np.zeros(64), "ipm": -0.5 * h_mean, "alie": h_mean - h_std * np.sign(h_mean),
+           "sign_flip": -127 * np.sign(h_mean)}[attack]
+    to_rows = lambda a: [r.astype(np.int8).tobytes() for r in a]  # noqa: E731
+    return to_rows(honest), to_rows(np.tile(np.round(bad), (3, 1))), mu
+
+
+@pytest.mark.parametrize("attack", ["zeros", "ipm", "alie", "sign_flip"])
+def test_guarded_mean_drops_coherent_attackers_the_median_cannot(attack: str) -> None:
+    """Each attacker value sits inside its column's honest spread (but sign_flip), so no
+    per-direction rule can drop it; summed over K directions it points against the median, and
+    the guard drops all three rows: the result is exactly the mean of the honest rows."""
+    honest, byz, mu = _coherent_case(attack)
+    assert aggregate("guarded_mean", honest + byz, f=7) == aggregate("mean", honest)
+    g = np.array(aggregate("guarded_mean", honest + byz, f=7), dtype=float)
+    med = np.array(aggregate("median", honest + byz), dtype=float)
+    signal = lambda v: float(v @ mu / (mu @ mu)) / AGG_ONE  # noqa: E731  (1.0: all of the gradient)
+    print(attack, signal(g), signal(med))
+    assert signal(g) > 0.8 and signal(med) < signal(g) - 0.2
+
+
+def test_guarded_mean_falls_back_to_the_median() -> None:
+    """Too few rows pass the guards (fewer than max(n - f, n // 2 + 1)): the median."""
+    honest, byz, _ = _coherent_case("zeros")
+    rows = honest + byz
+    assert aggregate("guarded_mean", rows, f=2) == aggregate("median", rows)  # needs 14 kept of 16
+    assert aggregate("guarded_mean", rows, f=3) == aggregate("mean", honest)  # 13 kept: enough
+    assert aggregate("guarded_mean", col(5), f=0) == [5 * AGG_ONE]  # one row is its own mean
 
 
 def test_even_split_can_break_the_median() -> None:

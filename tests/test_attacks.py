@@ -20,7 +20,13 @@ from seedswarm.sampling.reputation import (
     round_signals,
     update_scores,
 )
-from seedswarm.sim.attacks import ATTACKS, PROTOCOL_ATTACKS, VALUE_ATTACKS, get_attack
+from seedswarm.sim.attacks import (
+    ADAPTIVE_ATTACKS,
+    ATTACKS,
+    PROTOCOL_ATTACKS,
+    VALUE_ATTACKS,
+    get_attack,
+)
 from seedswarm.sim.runner import SimConfig, build, run
 
 SMALL = dict(nodes=12, trainers=5, directions=8, rounds=8, eval_every=4, quiet=True, max_wall=60.0)
@@ -48,7 +54,7 @@ def _own(n: int = 8) -> list[float]:
 
 
 def test_registry_and_names() -> None:
-    assert set(VALUE_ATTACKS) | set(PROTOCOL_ATTACKS) | {"none"} == set(ATTACKS)
+    assert set(VALUE_ATTACKS) | set(PROTOCOL_ATTACKS) | set(ADAPTIVE_ATTACKS) | {"none"} == set(ATTACKS)
     for name in ATTACKS:
         assert callable(get_attack(name))
     with pytest.raises(ValueError, match="unknown attack"):
@@ -87,6 +93,32 @@ def test_alie_ipm_mimic_use_honest_values_deterministically(sim) -> None:
     assert np.array(make_mimic(view)(node, _own(), sim)) == pytest.approx(h[0])
 
 
+def test_adaptive_sends_the_largest_shift_the_guards_keep(sim) -> None:
+    """The adaptive attacker's row passes the default rule's guards (else it would be wasted), and a
+    shift an eighth larger would not: it is ALIE tuned to the rule's edge."""
+    from seedswarm.sampling.aggregators import guarded_keep
+    from seedswarm.sim.attacks import HonestView, make_adaptive
+
+    node = _byz_trainer(sim)
+    st = node.core.head
+    grp = st.group_of(st.trainer_rank[node.key])
+    h = HonestView(sample=4096).values(sim, st, grp)
+    out = np.array(make_adaptive()(node, _own(), sim))
+    mu, sigma = h.mean(axis=0), h.std(axis=0)
+    shift = (mu - out) * np.sign(mu)
+    z = float(np.max(shift / np.where(sigma > 0, sigma, 1)))
+    assert np.all(shift >= -1e-12) and np.allclose(shift, z * sigma)  # ALIE-shaped, z >= 0
+    honest = [quantize([float(v) for v in r], st.scale) for r in h]
+    b = sum(1 for p in st.committee.trainers if sim.by_key[p].byzantine)
+    rows = honest + [quantize([float(v) for v in out], st.scale)] * b
+    keep = guarded_keep(rows, st.trim)
+    assert keep is not None and set(range(len(honest), len(rows))) <= set(keep)
+    if z < 4.0:
+        more = quantize([float(v) for v in mu - (z + 0.125) * sigma * np.sign(mu)], st.scale)
+        keep2 = guarded_keep(honest + [more] * b, st.trim)
+        assert keep2 is None or not set(range(len(honest), len(rows))) <= set(keep2)
+
+
 def test_random_zeros_withhold(sim) -> None:
     node = _byz_trainer(sim)
     scale = node.core.head.scale
@@ -103,7 +135,7 @@ def test_robust_rules_bound_a_saturated_minority_the_mean_does_not() -> None:
     flip = [bytes([(-127) & 0xFF] * 8)] * 3  # 3 of 16, as at 20 % Byzantine
     lo = np.min([np.frombuffer(r, dtype=np.int8).astype(np.int64) for r in honest], axis=0) * AGG_ONE
     hi = np.max([np.frombuffer(r, dtype=np.int8).astype(np.int64) for r in honest], axis=0) * AGG_ONE
-    for rule in ("median", "trimmed_mean", "clipped_mean"):
+    for rule in ("median", "trimmed_mean", "clipped_mean", "guarded_mean"):
         a = np.array(aggregate(rule, honest + flip, 3))
         assert np.all((lo <= a) & (a <= hi)), rule
     mean = np.array(aggregate("mean", honest + flip))
@@ -199,3 +231,23 @@ def test_bench_table_and_bad_arguments(capsys) -> None:
     md = table(res, ["sign_flip", "zeros"])
     assert "| mean | 20% | 90.0 | 50.0 (-40.0) | 89.0 (-1.0) | -40.0 |" in md
     assert main(["--attacks", "nope"]) == 2
+
+
+def test_bench_acceptance_verdict_averages_seeds_and_judges_the_listed_attacks() -> None:
+    from seedswarm.bench.byzantine import verdict
+    from seedswarm.sampling.aggregators import DEFAULT_RULE
+
+    def r(agg: str, attack: str, seed: int, acc: float) -> dict:
+        return {"aggregator": agg, "attack": attack, "seed": seed, "byzantine": 0.0 if attack == "none" else 0.2,
+                "final_accuracy": acc}
+
+    res = [r(DEFAULT_RULE, "none", 0, 0.95), r(DEFAULT_RULE, "none", 1, 0.97),
+           r(DEFAULT_RULE, "alie", 0, 0.92), r(DEFAULT_RULE, "alie", 1, 0.96),  # -3 and -1: mean -2.0
+           r(DEFAULT_RULE, "adaptive", 0, 0.50),  # reported, not judged
+           r("mean", "none", 0, 0.95), r("mean", "none", 1, 0.95),
+           r("mean", "alie", 0, 0.80), r("mean", "alie", 1, 0.86)]  # mean -12
+    v = verdict(res)
+    assert v["pass"] and v["worst_default"] == pytest.approx(-2.0) and v["worst_mean"] == pytest.approx(-12.0)
+    assert any("adaptive" in line and "not judged" in line for line in v["lines"])
+    res[3] = r(DEFAULT_RULE, "alie", 1, 0.95)  # now -3 and -2: mean -2.5
+    assert not verdict(res)["pass"]

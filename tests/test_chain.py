@@ -324,3 +324,13 @@ def test_replay_same_digest_across_processes(tmp_path):
         outs.append(r.stdout.strip().splitlines()[-1])
     assert outs[0] == outs[1]
     assert outs[0] == H["replay_digest"](5).hex()
+
+
+def test_genesis_rejects_an_unknown_aggregation_rule() -> None:
+    """A typo in the rule would otherwise surface only when the first record is aggregated."""
+    from seedswarm.node.genesis import Genesis, GenesisError
+    from seedswarm.sampling.aggregators import DEFAULT_RULE
+
+    assert Genesis().aggregator_rule == DEFAULT_RULE
+    with pytest.raises(GenesisError, match="aggregator_rule must be one of .*guarded_mean.*not 'krum'"):
+        Genesis(aggregator_rule="krum")
