@@ -404,8 +404,13 @@ def next_state(state: ChainState, rec: Record) -> ChainState:
     missed = dict(state.missed)
     departed = dict(state.departed)
     contributed = set(ranks_of(rec.contributors))
-    for rank, peer in enumerate(state.committee.trainers):
-        missed[peer] = 0 if rank in contributed else missed.get(peer, 0) + 1
+    # An empty record proves nothing about the trainers: its aggregator may simply have heard from
+    # none of them (after a mass crash, live trainers wait to verify the previous record while
+    # fallback aggregators publish empty ones). Only a record that holds some contribution counts
+    # the others as missed duties.
+    if contributed:
+        for rank, peer in enumerate(state.committee.trainers):
+            missed[peer] = 0 if rank in contributed else missed.get(peer, 0) + 1
     agg_rank = state.aggregator_rank(rec.aggregator)
     assert agg_rank is not None
     for peer in state.aggregators_before(agg_rank):

@@ -334,3 +334,19 @@ def test_genesis_rejects_an_unknown_aggregation_rule() -> None:
     assert Genesis().aggregator_rule == DEFAULT_RULE
     with pytest.raises(GenesisError, match="aggregator_rule must be one of .*guarded_mean.*not 'krum'"):
         Genesis(aggregator_rule="krum")
+
+
+def test_empty_record_counts_no_missed_duty(state, rng):
+    """An empty record proves nothing about who was silent: its aggregator may have heard from
+    nobody (after a mass crash, live trainers wait to verify the previous record while fallback
+    aggregators publish empty ones). Counting it expelled honest survivors in the 80 % crash run."""
+    trainers = set(state.committee.trainers)
+    rec, _, _ = H["honest_round"](state, rng, skip=trainers)  # nobody contributed
+    check_record(state, rec)
+    st = next_state(state, rec)
+    assert all(st.missed.get(p, 0) == 0 for p in trainers)
+    assert set(st.members) == set(state.members)
+    # ...while a record with one contribution counts the others
+    rec, _, _ = H["honest_round"](st, rng, skip=set(st.committee.trainers[1:]))
+    s2 = next_state(st, rec)
+    assert [s2.missed[p] for p in st.committee.trainers] == [0] + [1] * (len(st.committee.trainers) - 1)
