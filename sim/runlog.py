@@ -44,6 +44,11 @@ class RunLog:
     def set_eval(self, ev: dict[str, float]) -> None:
         self.acc, self.loss = ev["accuracy"], ev["loss"]
 
+    def outcome(self) -> dict[str, Any]:
+        """The summary fields every protocol reports the same way (in summary.json's order)."""
+        return {"final_accuracy": self.acc, "final_loss": self.loss, "target": self.target,
+                "bytes_to_target": self.bytes_to_target, "rounds_to_target": self.round_to_target}
+
     def acc_text(self) -> str:
         return f"{self.acc:.3f}" if self.acc is not None else "-"
 
