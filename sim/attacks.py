@@ -94,6 +94,13 @@ def _round_state(node: SimNode) -> tuple[ChainState, int]:
     return st, st.group_of(rank)
 
 
+def _group_trainers(sim: Simulation, st: ChainState, group: int, byzantine: bool) -> list[bytes]:
+    """The round's simulated trainers of one direction group that are (or are not) Byzantine."""
+    return [p for p in st.committee.trainers
+            if st.group_of(st.trainer_rank[p]) == group and p in sim.by_key
+            and sim.by_key[p].byzantine == byzantine]
+
+
 class HonestView:
     """What an omniscient attacker knows of a round: the honest trainers' values, recomputed.
 
@@ -114,9 +121,7 @@ class HonestView:
         hit = self._cache.get(key)
         if hit is not None:
             return hit
-        honest = [p for p in st.committee.trainers
-                  if st.group_of(st.trainer_rank[p]) == group and p in sim.by_key
-                  and not sim.by_key[p].byzantine]
+        honest = _group_trainers(sim, st, group, byzantine=False)
         if not honest:  # a fully Byzantine committee: fall back to any honest node's shard
             honest = [n.key for n in sim.nodes if not n.byzantine][:1]
         streams = tuple(st.streams(group))
@@ -199,8 +204,7 @@ def make_adaptive(view: HonestView | None = None) -> Attack:
         h = hv.values(sim, st, grp)
         mu, sigma = h.mean(axis=0), h.std(axis=0)
         rows = [quantize([float(v) for v in r], st.scale) for r in h]
-        b = sum(1 for p in st.committee.trainers if st.group_of(st.trainer_rank[p]) == grp
-                and p in sim.by_key and sim.by_key[p].byzantine)
+        b = len(_group_trainers(sim, st, grp, byzantine=True))
         best = mu
         for z in np.arange(4.0, 0.0, -0.125):
             v = mu - z * sigma * np.sign(mu)

@@ -58,11 +58,10 @@ def ref_stat(rule: str, values: list[int], f: int) -> Fraction:
 
 
 def ref_aggregate(rule: str, rows: list[bytes], f: int) -> list[int]:
-    k = len(rows[0])
-    cols = [[int(np.int8(np.uint8(r[j]))) for r in rows] for j in range(k)]
     if rule == "guarded_mean":
         return ref_guarded(rows, f)
-    return [round_half_away(AGG_ONE * ref_stat(rule, c, f)) for c in cols]
+    xs = [ints(r) for r in rows]
+    return [round_half_away(AGG_ONE * ref_stat(rule, [x[j] for x in xs], f)) for j in range(len(xs[0]))]
 
 
 def ints(r: bytes) -> list[int]:
