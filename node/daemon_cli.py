@@ -95,7 +95,7 @@ def add_genesis_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-half-life", type=int, default=0, help="rounds; lr / (1 + r / half_life); 0 = constant")
     p.add_argument("--local-lr", type=float, default=0.5)
     p.add_argument("--local-steps", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--eps", type=float, default=1e-3)
     p.add_argument("--scale-exp", type=int, default=-6, help="initial quantisation scale 2**scale_exp (scale rule)")
     p.add_argument("--round-timeout", type=float, default=2.0)

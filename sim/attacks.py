@@ -16,7 +16,8 @@ the honest nodes draw exactly the batches they would draw without the attack.
 
 Value attacks (the byte a Byzantine trainer sends):
 
-``sign_flip``  saturation sign flip: ``-127`` steps against its own estimate on every direction.
+``sign_flip``  saturation sign flip: ``-127`` steps on every direction against the colluders' own
+               estimate (the mean of what they compute on their own shards; needs no honest value).
 ``alie``       "a little is enough" (Baruch et al. 2019): ``mu - z * sigma * sign(mu)`` per
                direction, with ``mu, sigma`` the honest mean and spread; ``z = 1`` keeps the value
                inside the honest spread so trimming does not remove it.
@@ -152,10 +153,38 @@ def _estimate(sim: Simulation, node: SimNode, st: ChainState, streams: tuple[int
 # value attacks
 
 
-def sign_flip(node: SimNode, values: list[float], sim: Simulation) -> list[float]:
-    """Saturate every direction against the node's own estimate (clipped to -+127 by the codec)."""
-    big = 2.0 * QMAX * node.core.head.scale  # beyond the clip: the byte saturates
+def _saturated_against(values: list[float], scale: float) -> list[float]:
+    """Values beyond the clip, opposite in sign to ``values``: the codec turns them into -+127."""
+    big = 2.0 * QMAX * scale
     return [-math.copysign(big, v) for v in values]
+
+
+def make_sign_flip() -> Attack:
+    """Saturation sign flip: every colluder of a group sends ``-127 * sign`` of their pooled estimate.
+
+    "Its own estimate" for a coalition is the mean of the estimates its members compute on their
+    own shards (recomputed as :class:`HonestView` does, so no honest node's generator is touched):
+    the colluders pool what they know, which removes most of their shard noise, and all send the
+    same saturated row. A lone attacker flips its own estimate. Cached per (head, group).
+    """
+    cache: dict[tuple[bytes, int], list[float]] = {}
+
+    def sign_flip(node: SimNode, values: list[float], sim: Simulation) -> list[float]:
+        st, grp = _round_state(node)
+        hit = cache.get((st.head, grp))
+        if hit is not None:
+            return hit
+        streams = tuple(st.streams(grp))
+        own = [_estimate(sim, sim.by_key[p], st, streams)
+               for p in _group_trainers(sim, st, grp, byzantine=True)] or [values]
+        out = _saturated_against([float(v) for v in np.mean(np.asarray(own, dtype=np.float64), axis=0)],
+                                 st.scale)
+        if len(cache) > 64:
+            cache.clear()
+        cache[(st.head, grp)] = out
+        return out
+
+    return sign_flip
 
 
 def make_alie(z: float = 1.0, view: HonestView | None = None) -> Attack:
@@ -296,7 +325,7 @@ def forge(node: SimNode, values: list[float], sim: Simulation) -> list[float]:
     agg = _first_aggregator(st)
     victim = next((p for p in st.committee.trainers if p in sim.by_key and not sim.by_key[p].byzantine), None)
     if agg is not None and victim is not None:
-        q = quantize(sign_flip(node, values, sim), st.scale)
+        q = quantize(_saturated_against(values, st.scale), st.scale)
         good = Contribution(run=st.run_id, round=st.round, peer=node.key, q=q).signed(node.identity)
         sim._send(node, agg, Contribution(run=st.run_id, round=st.round, peer=victim, q=q, sig=good.sig))
     return values
@@ -313,7 +342,7 @@ def make_non_member() -> Attack:
         if ident is None:
             ident = outsiders[node.key] = Identity.from_seed(bytes(node.rng.integers(0, 256, 32, dtype=np.uint8)))
         if agg is not None:
-            q = quantize(sign_flip(node, values, sim), st.scale)
+            q = quantize(_saturated_against(values, st.scale), st.scale)
             sim._send(node, agg, Contribution(run=st.run_id, round=st.round, peer=ident.public, q=q).signed(ident))
         return values
 
@@ -325,7 +354,7 @@ def rush(node: SimNode, values: list[float], sim: Simulation) -> list[float]:
     from seedswarm.node.chain import build_record, record_hash
 
     st = node.core.head
-    q = quantize(sign_flip(node, values, sim), st.scale)
+    q = quantize(_saturated_against(values, st.scale), st.scale)
     c = Contribution(run=st.run_id, round=st.round, peer=node.key, q=q).signed(node.identity)
     rec, inputs = build_record(st, node.identity, [c])
     node.core._inputs[record_hash(rec)] = (st.round, inputs)  # serve verifiers, like an aggregator
@@ -343,7 +372,7 @@ def honest(node: SimNode, values: list[float], sim: Simulation) -> list[float]:
 
 ATTACKS: dict[str, Callable[[float | None], Attack]] = {
     "none": lambda p: honest,
-    "sign_flip": lambda p: sign_flip,
+    "sign_flip": lambda p: make_sign_flip(),
     "alie": lambda p: make_alie(1.0 if p is None else p),
     "ipm": lambda p: make_ipm(0.5 if p is None else p),
     "random": lambda p: random_bytes,

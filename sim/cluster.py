@@ -47,7 +47,7 @@ class ClusterConfig:
     aggregator: str = DEFAULT_RULE
     lr: float = 0.08
     local_lr: float = 0.5
-    batch_size: int = 32
+    batch_size: int = 64
     round_timeout: float = 2.0
     join_nodes: int = 0
     join_at: int = -1

@@ -39,7 +39,7 @@ class SimConfig:
     lr: float = 0.08
     local_lr: float = 0.5
     local_steps: int = 1
-    batch_size: int = 32
+    batch_size: int = 64
     eps: float = 1e-3
     byzantine: float = 0.0
     attack: str = "none"

@@ -65,13 +65,22 @@ def test_registry_and_names() -> None:
     assert get_attack("replay") is not get_attack("replay")
 
 
-def test_sign_flip_saturates_against_own_estimate(sim) -> None:
+def test_sign_flip_saturates_against_the_colluders_pooled_estimate(sim) -> None:
+    from seedswarm.sim.attacks import _estimate, _group_trainers
+
     node = _byz_trainer(sim)
-    scale = node.core.head.scale
-    own = _own()
-    q = np.frombuffer(quantize(get_attack("sign_flip")(node, own, sim), scale), dtype=np.int8)
+    st = node.core.head
+    grp = st.group_of(st.trainer_rank[node.key])
+    colluders = _group_trainers(sim, st, grp, byzantine=True)
+    streams = tuple(st.streams(grp))
+    pooled = np.mean([_estimate(sim, sim.by_key[p], st, streams) for p in colluders], axis=0)
+    attack = get_attack("sign_flip")
+    rows = {quantize(attack(sim.by_key[p], _own(), sim), st.scale) for p in colluders}
+    assert len(rows) == 1  # every colluder of the group sends the same row
+    q = np.frombuffer(rows.pop(), dtype=np.int8)
     assert set(np.abs(q).tolist()) == {127}
-    assert all(np.sign(q[i]) == -np.sign(own[i]) for i in range(len(own)) if own[i] != 0)
+    assert all(np.sign(q[i]) == -np.sign(pooled[i]) for i in range(len(q)) if pooled[i] != 0)
+    assert np.count_nonzero(pooled) > 0
 
 
 def test_alie_ipm_mimic_use_honest_values_deterministically(sim) -> None:

@@ -81,8 +81,8 @@ def test_iid_shards_partition_and_scale(task: DigitsTask) -> None:
 
 
 def test_dirichlet_label_skew() -> None:
-    skewed = DigitsTask({"partition": "dirichlet", "alpha": 0.05})
-    flat = DigitsTask({"partition": "dirichlet", "alpha": 1000.0})
+    skewed = DigitsTask({"partition": "dirichlet", "alpha": 0.05, "min_shard": 16})
+    flat = DigitsTask({"partition": "dirichlet", "alpha": 1000.0, "min_shard": 16})
 
     def top_share(t: DigitsTask) -> float:
         shares = []
