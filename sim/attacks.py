@@ -29,6 +29,9 @@ Value attacks (the byte a Byzantine trainer sends):
 ``adaptive``   ALIE with the largest ``z`` that the default ``guarded_mean`` still keeps: an
                attacker that knows the aggregation rule and the honest rows (the worst case for
                the default rule among ALIE-shaped attacks).
+``scale_lock`` IPM tuned against the plain mean and the public scale rule: every direction
+               reversed as far as the byte clip allows, while the aggregate's median magnitude is
+               held above the floor at which the scale would get finer (the mean's own defence).
 
 Protocol attacks (the node's own bytes are honest, so only the injected message is measured):
 
@@ -70,14 +73,16 @@ __all__ = [
     "ADAPTIVE_ATTACKS",
     "ATTACKS",
     "PROTOCOL_ATTACKS",
+    "TUNED_AGAINST",
     "VALUE_ATTACKS",
     "HonestView",
     "get_attack",
 ]
 
 VALUE_ATTACKS: tuple[str, ...] = ("sign_flip", "alie", "ipm", "random", "mimic", "zeros")
-ADAPTIVE_ATTACKS: tuple[str, ...] = ("adaptive",)
-"""Attacks tuned against the default rule itself (not in the issue's list; reported beside it)."""
+TUNED_AGAINST: dict[str, str] = {"adaptive": "guarded_mean", "scale_lock": "mean"}
+"""Attacks tuned against one aggregation rule (not in the issue's list), and that rule."""
+ADAPTIVE_ATTACKS: tuple[str, ...] = tuple(TUNED_AGAINST)
 PROTOCOL_ATTACKS: tuple[str, ...] = ("withhold", "equivocate", "replay", "forge", "non_member", "rush")
 
 # ---------------------------------------------------------------------------------------------
@@ -250,6 +255,53 @@ def make_adaptive(view: HonestView | None = None) -> Attack:
     return adaptive
 
 
+def make_scale_lock(view: HonestView | None = None) -> Attack:
+    """IPM tuned against the plain mean and the public scale rule: reverse, but never let the scale refine.
+
+    Against the mean, the byte clip bounds each colluder's pull to 127 steps, and the scale rule
+    (:func:`~seedswarm.node.codec.next_scale_exp`) makes the scale finer whenever the median
+    ``|a_k|`` falls below ``SCALE_DOWN_MEDIAN_STEPS``: an attack that only reverses (``sign_flip``,
+    ``ipm:8``) drives the aggregate towards zero, the scale halves, the honest bytes double in
+    steps, and the honest majority takes the step back. This attacker knows the honest rows, hence
+    the mean the committee will take: it saturates every direction against the honest sum, and if
+    that would leave fewer than ``K // 2 + 1`` directions with ``|a_k|`` above the floor, it sets
+    just enough of the directions where its flip achieves least to one step above the floor, *with*
+    the honest sign. The median stays above the floor, the scale never gets finer, and every other
+    direction is reversed as far as the clip allows. Cached per round and group (one row for all).
+    """
+    from seedswarm.node.codec import SCALE_DOWN_MEDIAN_STEPS
+
+    hv = view or HonestView(sample=4096)
+    cache: dict[tuple[bytes, int], list[float]] = {}
+    floor = SCALE_DOWN_MEDIAN_STEPS + 1
+
+    def scale_lock(node: SimNode, values: list[float], sim: Simulation) -> list[float]:
+        st, grp = _round_state(node)
+        hit = cache.get((st.head, grp))
+        if hit is not None:
+            return hit
+        rows = [np.frombuffer(quantize([float(v) for v in r], st.scale), dtype=np.int8)
+                for r in hv.values(sim, st, grp)]
+        total = np.sum(np.asarray(rows, dtype=np.float64), axis=0)
+        b = max(1, len(_group_trainers(sim, st, grp, byzantine=True)))
+        n = len(rows) + b
+        sign = np.where(total >= 0, 1.0, -1.0)
+        x = -QMAX * sign
+        a = (total + b * x) / n  # the mean the committee will take, in steps
+        short = len(a) // 2 + 1 - int(np.count_nonzero(np.abs(a) >= floor))
+        if short > 0:
+            weakest = sorted((i for i in range(len(a)) if abs(a[i]) < floor), key=lambda i: (-a[i] * sign[i], i))
+            for i in weakest[:short]:
+                x[i] = np.clip(np.round((floor * sign[i] * n - total[i]) / b), -QMAX, QMAX)
+        out = [float(v) * st.scale for v in x]
+        if len(cache) > 64:
+            cache.clear()
+        cache[(st.head, grp)] = out
+        return out
+
+    return scale_lock
+
+
 def random_bytes(node: SimNode, values: list[float], sim: Simulation) -> list[float]:
     """Uniform bytes in [-127, 127] (drawn from the Byzantine node's own generator)."""
     scale = node.core.head.scale
@@ -378,6 +430,7 @@ ATTACKS: dict[str, Callable[[float | None], Attack]] = {
     "random": lambda p: random_bytes,
     "mimic": lambda p: make_mimic(),
     "adaptive": lambda p: make_adaptive(),
+    "scale_lock": lambda p: make_scale_lock(),
     "zeros": lambda p: zeros,
     "withhold": lambda p: withhold,
     "equivocate": lambda p: equivocate,

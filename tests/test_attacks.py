@@ -83,6 +83,26 @@ def test_sign_flip_saturates_against_the_colluders_pooled_estimate(sim) -> None:
     assert np.count_nonzero(pooled) > 0
 
 
+def test_scale_lock_reverses_the_mean_without_letting_the_scale_refine(sim) -> None:
+    from seedswarm.node.codec import next_scale_exp
+    from seedswarm.sim.attacks import HonestView, _group_trainers, make_scale_lock
+
+    node = _byz_trainer(sim)
+    st = node.core.head
+    grp = st.group_of(st.trainer_rank[node.key])
+    view = HonestView(sample=4096)
+    honest = [quantize([float(v) for v in r], st.scale) for r in view.values(sim, st, grp)]
+    b = max(1, len(_group_trainers(sim, st, grp, byzantine=True)))
+    row = quantize(make_scale_lock(view)(node, _own(), sim), st.scale)
+    clean = np.asarray(aggregate("mean", honest), dtype=np.int64)
+    attacked = np.asarray(aggregate("mean", honest + [row] * b), dtype=np.int64)
+    exp = -6
+    # the scale rule would not make the scale finer after this aggregate ...
+    assert next_scale_exp(exp, attacked.tolist()) >= exp
+    # ... and the aggregate points against the honest one
+    assert int(attacked @ clean) < 0 < int(clean @ clean)
+
+
 def test_alie_ipm_mimic_use_honest_values_deterministically(sim) -> None:
     from seedswarm.sim.attacks import HonestView, make_alie, make_ipm, make_mimic
 
@@ -252,11 +272,30 @@ def test_bench_acceptance_verdict_averages_seeds_and_judges_the_listed_attacks()
 
     res = [r(DEFAULT_RULE, "none", 0, 0.95), r(DEFAULT_RULE, "none", 1, 0.97),
            r(DEFAULT_RULE, "alie", 0, 0.92), r(DEFAULT_RULE, "alie", 1, 0.96),  # -3 and -1: mean -2.0
-           r(DEFAULT_RULE, "adaptive", 0, 0.50),  # reported, not judged
+           r(DEFAULT_RULE, "adaptive", 0, 0.50),  # tuned against the default: reported, not judged
            r("mean", "none", 0, 0.95), r("mean", "none", 1, 0.95),
            r("mean", "alie", 0, 0.80), r("mean", "alie", 1, 0.86)]  # mean -12
     v = verdict(res)
     assert v["pass"] and v["worst_default"] == pytest.approx(-2.0) and v["worst_mean"] == pytest.approx(-12.0)
-    assert any("adaptive" in line and "not judged" in line for line in v["lines"])
+    assert any("adaptive" in line and "tuned against" in line for line in v["lines"])
     res[3] = r(DEFAULT_RULE, "alie", 1, 0.95)  # now -3 and -2: mean -2.5
     assert not verdict(res)["pass"]
+    # the mean's criterion counts an attack tuned against the mean too
+    res[3] = r(DEFAULT_RULE, "alie", 1, 0.96)
+    res[7:9] = [r("mean", "alie", 0, 0.94), r("mean", "alie", 1, 0.94)]  # -1: the mean holds
+    assert not verdict(res)["pass"]
+    res += [r("mean", "scale_lock", 0, 0.50), r("mean", "scale_lock", 1, 0.70)]  # -35
+    v = verdict(res)
+    assert v["pass"] and v["worst_mean"] == pytest.approx(-35.0)
+
+
+def test_acceptance_runs_each_tuned_attack_against_its_own_rule_only() -> None:
+    from seedswarm.bench.byzantine import _jobs
+    from seedswarm.sim.attacks import TUNED_AGAINST
+
+    args = argparse.Namespace(nodes=10, rounds=10, trainers=4, directions=8, batch_size=8, lr=0.1, max_wall=1.0,
+                              seed=0, seeds=1, aggregators=["guarded_mean", "mean"], shares=[0.2],
+                              attacks=["alie", *TUNED_AGAINST], acceptance=True)
+    cells = {(j["aggregator"], j["attack"]) for j in _jobs(args)}
+    assert cells == {("guarded_mean", "none"), ("guarded_mean", "alie"), ("guarded_mean", "adaptive"),
+                     ("mean", "none"), ("mean", "alie"), ("mean", "scale_lock")}
