@@ -158,10 +158,36 @@ def _estimate(sim: Simulation, node: SimNode, st: ChainState, streams: tuple[int
 # value attacks
 
 
+def _per_round(compute: Callable[[SimNode, list[float], Simulation, ChainState, int], list[float]]) -> Attack:
+    """An attack whose colluders in one group all send one row, computed once per (head, group).
+
+    ``compute(node, values, sim, state, group)`` runs for the first colluder of the round to call;
+    the others get the same row. At most 65 rounds are kept.
+    """
+    cache: dict[tuple[bytes, int], list[float]] = {}
+
+    def attack(node: SimNode, values: list[float], sim: Simulation) -> list[float]:
+        st, grp = _round_state(node)
+        key = (st.head, grp)
+        hit = cache.get(key)
+        if hit is None:
+            if len(cache) > 64:
+                cache.clear()
+            hit = cache[key] = compute(node, values, sim, st, grp)
+        return hit
+
+    return attack
+
+
 def _saturated_against(values: list[float], scale: float) -> list[float]:
     """Values beyond the clip, opposite in sign to ``values``: the codec turns them into -+127."""
     big = 2.0 * QMAX * scale
     return [-math.copysign(big, v) for v in values]
+
+
+def _saturated_row(values: list[float], scale: float) -> bytes:
+    """The bytes of :func:`_saturated_against`: -+127 against ``values`` (protocol attacks' payload)."""
+    return quantize(_saturated_against(values, scale), scale)
 
 
 def make_sign_flip() -> Attack:
@@ -172,24 +198,14 @@ def make_sign_flip() -> Attack:
     the colluders pool what they know, which removes most of their shard noise, and all send the
     same saturated row. A lone attacker flips its own estimate. Cached per (head, group).
     """
-    cache: dict[tuple[bytes, int], list[float]] = {}
-
-    def sign_flip(node: SimNode, values: list[float], sim: Simulation) -> list[float]:
-        st, grp = _round_state(node)
-        hit = cache.get((st.head, grp))
-        if hit is not None:
-            return hit
+    def sign_flip(node: SimNode, values: list[float], sim: Simulation, st: ChainState, grp: int) -> list[float]:
         streams = tuple(st.streams(grp))
         own = [_estimate(sim, sim.by_key[p], st, streams)
                for p in _group_trainers(sim, st, grp, byzantine=True)] or [values]
-        out = _saturated_against([float(v) for v in np.mean(np.asarray(own, dtype=np.float64), axis=0)],
-                                 st.scale)
-        if len(cache) > 64:
-            cache.clear()
-        cache[(st.head, grp)] = out
-        return out
+        return _saturated_against([float(v) for v in np.mean(np.asarray(own, dtype=np.float64), axis=0)],
+                                  st.scale)
 
-    return sign_flip
+    return _per_round(sign_flip)
 
 
 def make_alie(z: float = 1.0, view: HonestView | None = None) -> Attack:
@@ -228,13 +244,7 @@ def make_adaptive(view: HonestView | None = None) -> Attack:
     from seedswarm.sampling.aggregators import guarded_keep
 
     hv = view or HonestView(sample=4096)
-    cache: dict[tuple[bytes, int], list[float]] = {}
-
-    def adaptive(node: SimNode, values: list[float], sim: Simulation) -> list[float]:
-        st, grp = _round_state(node)
-        hit = cache.get((st.head, grp))
-        if hit is not None:
-            return hit
+    def adaptive(node: SimNode, values: list[float], sim: Simulation, st: ChainState, grp: int) -> list[float]:
         h = hv.values(sim, st, grp)
         mu, sigma = h.mean(axis=0), h.std(axis=0)
         rows = [quantize([float(v) for v in r], st.scale) for r in h]
@@ -246,13 +256,9 @@ def make_adaptive(view: HonestView | None = None) -> Attack:
             if keep is not None and set(range(len(rows), len(rows) + b)) <= set(keep):
                 best = v
                 break
-        out = [float(x) for x in best]
-        if len(cache) > 64:
-            cache.clear()
-        cache[(st.head, grp)] = out
-        return out
+        return [float(x) for x in best]
 
-    return adaptive
+    return _per_round(adaptive)
 
 
 def make_scale_lock(view: HonestView | None = None) -> Attack:
@@ -272,14 +278,9 @@ def make_scale_lock(view: HonestView | None = None) -> Attack:
     from seedswarm.node.codec import SCALE_DOWN_MEDIAN_STEPS
 
     hv = view or HonestView(sample=4096)
-    cache: dict[tuple[bytes, int], list[float]] = {}
     floor = SCALE_DOWN_MEDIAN_STEPS + 1
 
-    def scale_lock(node: SimNode, values: list[float], sim: Simulation) -> list[float]:
-        st, grp = _round_state(node)
-        hit = cache.get((st.head, grp))
-        if hit is not None:
-            return hit
+    def scale_lock(node: SimNode, values: list[float], sim: Simulation, st: ChainState, grp: int) -> list[float]:
         rows = [np.frombuffer(quantize([float(v) for v in r], st.scale), dtype=np.int8)
                 for r in hv.values(sim, st, grp)]
         total = np.sum(np.asarray(rows, dtype=np.float64), axis=0)
@@ -293,13 +294,9 @@ def make_scale_lock(view: HonestView | None = None) -> Attack:
             weakest = sorted((i for i in range(len(a)) if abs(a[i]) < floor), key=lambda i: (-a[i] * sign[i], i))
             for i in weakest[:short]:
                 x[i] = np.clip(np.round((floor * sign[i] * n - total[i]) / b), -QMAX, QMAX)
-        out = [float(v) * st.scale for v in x]
-        if len(cache) > 64:
-            cache.clear()
-        cache[(st.head, grp)] = out
-        return out
+        return [float(v) * st.scale for v in x]
 
-    return scale_lock
+    return _per_round(scale_lock)
 
 
 def random_bytes(node: SimNode, values: list[float], sim: Simulation) -> list[float]:
@@ -377,7 +374,7 @@ def forge(node: SimNode, values: list[float], sim: Simulation) -> list[float]:
     agg = _first_aggregator(st)
     victim = next((p for p in st.committee.trainers if p in sim.by_key and not sim.by_key[p].byzantine), None)
     if agg is not None and victim is not None:
-        q = quantize(_saturated_against(values, st.scale), st.scale)
+        q = _saturated_row(values, st.scale)
         good = Contribution(run=st.run_id, round=st.round, peer=node.key, q=q).signed(node.identity)
         sim._send(node, agg, Contribution(run=st.run_id, round=st.round, peer=victim, q=q, sig=good.sig))
     return values
@@ -394,7 +391,7 @@ def make_non_member() -> Attack:
         if ident is None:
             ident = outsiders[node.key] = Identity.from_seed(bytes(node.rng.integers(0, 256, 32, dtype=np.uint8)))
         if agg is not None:
-            q = quantize(_saturated_against(values, st.scale), st.scale)
+            q = _saturated_row(values, st.scale)
             sim._send(node, agg, Contribution(run=st.run_id, round=st.round, peer=ident.public, q=q).signed(ident))
         return values
 
@@ -406,7 +403,7 @@ def rush(node: SimNode, values: list[float], sim: Simulation) -> list[float]:
     from seedswarm.node.chain import build_record, record_hash
 
     st = node.core.head
-    q = quantize(_saturated_against(values, st.scale), st.scale)
+    q = _saturated_row(values, st.scale)
     c = Contribution(run=st.run_id, round=st.round, peer=node.key, q=q).signed(node.identity)
     rec, inputs = build_record(st, node.identity, [c])
     node.core._inputs[record_hash(rec)] = (st.round, inputs)  # serve verifiers, like an aggregator

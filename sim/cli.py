@@ -26,6 +26,7 @@ def _task_options(pairs: list[str]) -> dict[str, Any]:
 
 
 def add_parser(sub: Any) -> None:
+    from seedswarm.sim.attacks import ATTACKS
     from seedswarm.sim.runner import SimConfig
 
     d = SimConfig()
@@ -52,8 +53,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--byzantine", type=float, default=d.byzantine, metavar="FRACTION",
                    help="share of nodes that are Byzantine (they run --attack)")
     p.add_argument("--attack", default=d.attack, metavar="NAME",
-                   help="Byzantine behaviour: none, sign_flip, alie, ipm, random, mimic, zeros, "
-                        "withhold, equivocate, replay, forge, non_member, rush (NAME:PARAM sets z or eps)")
+                   help=f"Byzantine behaviour: {', '.join(ATTACKS)} (NAME:PARAM sets z or eps)")
     p.add_argument("--crash-fraction", type=float, default=0.0)
     p.add_argument("--crash-at", type=int, default=-1)
     p.add_argument("--join-nodes", type=int, default=0)

@@ -288,11 +288,16 @@ def test_replayed_contribution_rejected_state_identical(control: Net) -> None:
     _same_as_control(net, control)
 
 
+def _send_saturated(net: Net, sender: Identity, honest: Contribution, agg: bytes) -> None:
+    """A saturated contribution for the honest one's round, signed by ``sender`` itself, to ``agg``."""
+    c = Contribution(run=honest.run, round=honest.round, peer=sender.public,
+                     q=bytes([127] * len(honest.q))).signed(sender)
+    net.send(sender.public, agg, c, dt=LATENCY / 2)
+
+
 def test_non_member_contribution_rejected_state_identical(control: Net) -> None:
     def outsider(net: Net, _key: bytes, honest: Contribution, agg: bytes) -> None:
-        c = Contribution(run=honest.run, round=honest.round, peer=OUTSIDER.public,
-                         q=bytes([127] * len(honest.q))).signed(OUTSIDER)
-        net.send(OUTSIDER.public, agg, c, dt=LATENCY / 2)
+        _send_saturated(net, OUTSIDER, honest, agg)
 
     net = run_net(setup=_inject_on_first_contribution(outsider))
     assert "not-trainer" in net.rejected_reasons()
@@ -302,10 +307,7 @@ def test_non_member_contribution_rejected_state_identical(control: Net) -> None:
 def test_contribution_from_member_not_on_committee_rejected(control: Net) -> None:
     def sidecar(net: Net, _key: bytes, honest: Contribution, agg: bytes) -> None:
         st = net.cores[agg].head
-        other = next(i for i in IDS if i.public not in st.committee.trainers)
-        c = Contribution(run=honest.run, round=honest.round, peer=other.public,
-                         q=bytes([127] * len(honest.q))).signed(other)
-        net.send(other.public, agg, c, dt=LATENCY / 2)
+        _send_saturated(net, next(i for i in IDS if i.public not in st.committee.trainers), honest, agg)
 
     net = run_net(setup=_inject_on_first_contribution(sidecar))
     assert "not-trainer" in net.rejected_reasons()
