@@ -29,9 +29,11 @@ Value attacks (the byte a Byzantine trainer sends):
 ``adaptive``   ALIE with the largest ``z`` that the default ``guarded_mean`` still keeps: an
                attacker that knows the aggregation rule and the honest rows (the worst case for
                the default rule among ALIE-shaped attacks).
-``scale_lock`` IPM tuned against the plain mean and the public scale rule: every direction
-               reversed as far as the byte clip allows, while the aggregate's median magnitude is
-               held above the floor at which the scale would get finer (the mean's own defence).
+``scale_pump`` tuned against the plain mean and the public scale rule: whenever saturating with
+               the honest sum would make the scale coarser it does so, otherwise it reverses every
+               direction as far as the byte clip allows while holding the aggregate's median
+               magnitude above the floor at which the scale would get finer (the mean's own
+               defence). The scale ratchets up until the honest bytes are noise against the clip.
 
 Protocol attacks (the node's own bytes are honest, so only the injected message is measured):
 
@@ -80,7 +82,7 @@ __all__ = [
 ]
 
 VALUE_ATTACKS: tuple[str, ...] = ("sign_flip", "alie", "ipm", "random", "mimic", "zeros")
-TUNED_AGAINST: dict[str, str] = {"adaptive": "guarded_mean", "scale_lock": "mean"}
+TUNED_AGAINST: dict[str, str] = {"adaptive": "guarded_mean", "scale_pump": "mean"}
 """Attacks tuned against one aggregation rule (not in the issue's list), and that rule."""
 ADAPTIVE_ATTACKS: tuple[str, ...] = tuple(TUNED_AGAINST)
 PROTOCOL_ATTACKS: tuple[str, ...] = ("withhold", "equivocate", "replay", "forge", "non_member", "rush")
@@ -261,33 +263,47 @@ def make_adaptive(view: HonestView | None = None) -> Attack:
     return _per_round(adaptive)
 
 
-def make_scale_lock(view: HonestView | None = None) -> Attack:
-    """IPM tuned against the plain mean and the public scale rule: reverse, but never let the scale refine.
+def make_scale_pump(view: HonestView | None = None) -> Attack:
+    """Tuned against the plain mean and the public scale rule: ratchet the scale coarser, then reverse.
 
-    Against the mean, the byte clip bounds each colluder's pull to 127 steps, and the scale rule
-    (:func:`~seedswarm.node.codec.next_scale_exp`) makes the scale finer whenever the median
-    ``|a_k|`` falls below ``SCALE_DOWN_MEDIAN_STEPS``: an attack that only reverses (``sign_flip``,
-    ``ipm:8``) drives the aggregate towards zero, the scale halves, the honest bytes double in
-    steps, and the honest majority takes the step back. This attacker knows the honest rows, hence
-    the mean the committee will take: it saturates every direction against the honest sum, and if
-    that would leave fewer than ``K // 2 + 1`` directions with ``|a_k|`` above the floor, it sets
-    just enough of the directions where its flip achieves least to one step above the floor, *with*
-    the honest sign. The median stays above the floor, the scale never gets finer, and every other
-    direction is reversed as far as the clip allows. Cached per round and group (one row for all).
+    Against the mean the byte clip bounds each colluder's pull to 127 steps of the public scale,
+    and the scale rule (:func:`~seedswarm.node.codec.next_scale_exp`) keeps the honest bytes in
+    proportion to that clip: an attack that only reverses (``sign_flip``, ``ipm:8``) drives the
+    aggregate towards zero, the scale halves, the honest bytes double in steps, and the honest
+    majority takes the step back. The rule reads the aggregate, which the colluders help write.
+    This attacker knows the honest rows of the round and both rules, and sends one of two rows:
+
+    * **pump**: if saturating every direction *with* the honest sum lifts the mean's median
+      ``|a_k|`` over ``SCALE_UP_MEDIAN_STEPS``, it sends that. The round's step is larger but
+      right; the scale doubles, which halves every honest byte against the colluders' fixed clip.
+    * **lock**: otherwise it saturates every direction against the honest sum, and if that would
+      leave fewer than ``K // 2 + 1`` directions with ``|a_k|`` above the floor at which the scale
+      gets finer, it sets just enough of the directions where its flip achieves least to one step
+      above that floor, with the honest sign: the scale never refines.
+
+    So the scale gets coarser and (but for the rounds where the colluders' recomputed honest rows
+    miss the real ones) never finer. The reversed steps push the model to where its gradients are
+    larger, which is what the next pump needs; the honest bytes never catch up with the clip, and
+    the scale climbs to ``EXP_MAX``. Cached per round and group (all colluders send one row).
     """
-    from seedswarm.node.codec import SCALE_DOWN_MEDIAN_STEPS
+    from seedswarm.node.codec import SCALE_DOWN_MEDIAN_STEPS, next_scale_exp
+    from seedswarm.sampling.aggregators import aggregate_array
 
     hv = view or HonestView(sample=4096)
     floor = SCALE_DOWN_MEDIAN_STEPS + 1
 
-    def scale_lock(node: SimNode, values: list[float], sim: Simulation, st: ChainState, grp: int) -> list[float]:
-        rows = [np.frombuffer(quantize([float(v) for v in r], st.scale), dtype=np.int8)
-                for r in hv.values(sim, st, grp)]
+    def scale_pump(node: SimNode, values: list[float], sim: Simulation, st: ChainState, grp: int) -> list[float]:
+        honest = [quantize([float(v) for v in r], st.scale) for r in hv.values(sim, st, grp)]
+        rows = [np.frombuffer(q, dtype=np.int8) for q in honest]
         total = np.sum(np.asarray(rows, dtype=np.float64), axis=0)
         b = max(1, len(_group_trainers(sim, st, grp, byzantine=True)))
-        n = len(rows) + b
         sign = np.where(total >= 0, 1.0, -1.0)
-        x = -QMAX * sign
+        pump = QMAX * sign
+        pumped = aggregate_array("mean", honest + [quantize([float(v) for v in pump], 1.0)] * b)
+        if next_scale_exp(st.scale_exp, pumped.tolist()) > st.scale_exp:
+            return [float(v) * st.scale for v in pump]
+        n = len(rows) + b
+        x = -pump
         a = (total + b * x) / n  # the mean the committee will take, in steps
         short = len(a) // 2 + 1 - int(np.count_nonzero(np.abs(a) >= floor))
         if short > 0:
@@ -296,7 +312,7 @@ def make_scale_lock(view: HonestView | None = None) -> Attack:
                 x[i] = np.clip(np.round((floor * sign[i] * n - total[i]) / b), -QMAX, QMAX)
         return [float(v) * st.scale for v in x]
 
-    return _per_round(scale_lock)
+    return _per_round(scale_pump)
 
 
 def random_bytes(node: SimNode, values: list[float], sim: Simulation) -> list[float]:
@@ -427,7 +443,7 @@ ATTACKS: dict[str, Callable[[float | None], Attack]] = {
     "random": lambda p: random_bytes,
     "mimic": lambda p: make_mimic(),
     "adaptive": lambda p: make_adaptive(),
-    "scale_lock": lambda p: make_scale_lock(),
+    "scale_pump": lambda p: make_scale_pump(),
     "zeros": lambda p: zeros,
     "withhold": lambda p: withhold,
     "equivocate": lambda p: equivocate,

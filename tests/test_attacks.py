@@ -83,22 +83,50 @@ def test_sign_flip_saturates_against_the_colluders_pooled_estimate(sim) -> None:
     assert np.count_nonzero(pooled) > 0
 
 
-def test_scale_lock_reverses_the_mean_without_letting_the_scale_refine(sim) -> None:
-    from seedswarm.node.codec import next_scale_exp
-    from seedswarm.sim.attacks import HonestView, _group_trainers, make_scale_lock
+class _FixedView:
+    """An omniscient view that reports chosen honest values (``steps`` quantization steps each)."""
+
+    def __init__(self, steps: np.ndarray) -> None:
+        self.steps = steps
+
+    def values(self, sim, st, group) -> np.ndarray:
+        return self.steps * st.scale
+
+
+def _pump_case(sim, steps: np.ndarray):
+    """The honest rows, the colluders' row and their count, for honest values of ``steps``."""
+    from seedswarm.sim.attacks import _group_trainers, make_scale_pump
 
     node = _byz_trainer(sim)
     st = node.core.head
     grp = st.group_of(st.trainer_rank[node.key])
-    view = HonestView(sample=4096)
-    honest = [quantize([float(v) for v in r], st.scale) for r in view.values(sim, st, grp)]
+    honest = [quantize([float(v) for v in r], st.scale) for r in steps * st.scale]
     b = max(1, len(_group_trainers(sim, st, grp, byzantine=True)))
-    row = quantize(make_scale_lock(view)(node, _own(), sim), st.scale)
+    row = quantize(make_scale_pump(_FixedView(steps))(node, _own(), sim), st.scale)  # type: ignore[arg-type]
+    return honest, row, b
+
+
+def test_scale_pump_makes_the_scale_coarser_whenever_saturating_with_the_honest_sum_does(sim) -> None:
+    from seedswarm.node.codec import next_scale_exp
+
+    signs = np.where(np.arange(8) % 3 == 0, -1.0, 1.0)
+    honest, row, b = _pump_case(sim, np.tile(40.0 * signs, (4, 1)))  # honest bytes at 40 steps
+    q = np.frombuffer(row, dtype=np.int8)
+    assert (q == 127 * signs).all()  # saturated *with* the honest sign
+    attacked = aggregate("mean", honest + [row] * b)
+    assert next_scale_exp(-6, attacked) == -5  # ... which doubles the scale
+
+
+def test_scale_pump_otherwise_reverses_the_mean_without_letting_the_scale_refine(sim) -> None:
+    from seedswarm.node.codec import next_scale_exp
+
+    rng = np.random.default_rng(7)
+    steps = np.round(rng.normal(1.0, 3.0, size=(12, 8)))  # honest bytes near zero: no pump possible
+    honest, row, b = _pump_case(sim, steps)
     clean = np.asarray(aggregate("mean", honest), dtype=np.int64)
     attacked = np.asarray(aggregate("mean", honest + [row] * b), dtype=np.int64)
-    exp = -6
-    # the scale rule would not make the scale finer after this aggregate ...
-    assert next_scale_exp(exp, attacked.tolist()) >= exp
+    # the scale rule would not make the scale finer (nor coarser) after this aggregate ...
+    assert next_scale_exp(-6, attacked.tolist()) == -6
     # ... and the aggregate points against the honest one
     assert int(attacked @ clean) < 0 < int(clean @ clean)
 
@@ -284,18 +312,23 @@ def test_bench_acceptance_verdict_averages_seeds_and_judges_the_listed_attacks()
     res[3] = r(DEFAULT_RULE, "alie", 1, 0.96)
     res[7:9] = [r("mean", "alie", 0, 0.94), r("mean", "alie", 1, 0.94)]  # -1: the mean holds
     assert not verdict(res)["pass"]
-    res += [r("mean", "scale_lock", 0, 0.50), r("mean", "scale_lock", 1, 0.70)]  # -35
+    res += [r("mean", "scale_pump", 0, 0.50), r("mean", "scale_pump", 1, 0.70)]  # -35
     v = verdict(res)
     assert v["pass"] and v["worst_mean"] == pytest.approx(-35.0)
 
 
-def test_acceptance_runs_each_tuned_attack_against_its_own_rule_only() -> None:
-    from seedswarm.bench.byzantine import _jobs
+def test_acceptance_runs_every_attack_against_both_rules_and_names_what_each_is_tuned_against() -> None:
+    from seedswarm.bench.byzantine import _jobs, verdict
     from seedswarm.sim.attacks import TUNED_AGAINST
 
     args = argparse.Namespace(nodes=10, rounds=10, trainers=4, directions=8, batch_size=8, lr=0.1, max_wall=1.0,
                               seed=0, seeds=1, aggregators=["guarded_mean", "mean"], shares=[0.2],
                               attacks=["alie", *TUNED_AGAINST], acceptance=True)
     cells = {(j["aggregator"], j["attack"]) for j in _jobs(args)}
-    assert cells == {("guarded_mean", "none"), ("guarded_mean", "alie"), ("guarded_mean", "adaptive"),
-                     ("mean", "none"), ("mean", "alie"), ("mean", "scale_lock")}
+    assert cells == {(agg, a) for agg in ("guarded_mean", "mean") for a in ("none", "alie", *TUNED_AGAINST)}
+    res = [{"aggregator": c[0], "attack": c[1], "seed": 0, "byzantine": 0.2, "final_accuracy": 0.9} for c in cells]
+    lines = verdict(res)["lines"]
+    for a, rule in TUNED_AGAINST.items():
+        for agg in ("guarded_mean", "mean"):
+            assert any(line.startswith(agg) and f" {a} " in line and f"(tuned against {rule})" in line
+                       for line in lines)
