@@ -149,6 +149,11 @@ def next_scale_exp(exp: int, aggregate: Sequence[int], agg_one: int = AGG_ONE) -
     ``scale * a_k / agg_one``, this rule also normalizes the update size: the step tracks the
     typical projected-gradient magnitude (as in normalized SGD), so the learning rate ``eta`` is
     a fraction of "one typical gradient", and the scale halves as the gradients shrink.
+
+    The rule is only as robust as the aggregate it reads: under the plain mean the Byzantine
+    trainers write their share of every ``a_k``, so they can lift the median over 48 steps when the
+    honest one is near it, and hold it above 8 otherwise, ratcheting the scale up until the honest
+    bytes are noise against the clip (``scale_pump`` in ``sim/attacks.py``; docs/byzantine.md).
     """
     e = _as_int(exp, "exp")
     one = _as_int(agg_one, "agg_one")
