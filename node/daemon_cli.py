@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from seedswarm.sampling.aggregators import DEFAULT_RULE, RULES
+from seedswarm.sampling.aggregators import RULES
 
 PROG = "seedswarm"
 
@@ -82,27 +82,29 @@ def make_genesis(args: argparse.Namespace, members: list[bytes]) -> Any:
 
 
 def add_genesis_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", default="digits", help="'digits' or package.module:factory")
+    from seedswarm.node.genesis import default
+
+    p.add_argument("--task", default=default("task"), help="'digits' or package.module:factory")
     p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--seed", type=int, default=0, help="model init and data seed")
-    p.add_argument("--estimator", default="fo", choices=["fo", "zo"])
-    p.add_argument("--trainers", type=int, default=16, help="committee size s")
-    p.add_argument("--aggregators", type=int, default=2)
-    p.add_argument("--directions", type=int, default=64, help="K: bytes per trainer per round")
-    p.add_argument("--groups", type=int, default=1)
-    p.add_argument("--aggregator", default=DEFAULT_RULE, choices=RULES)
-    p.add_argument("--lr", type=float, default=0.08, help="learning rate on the aggregated step")
-    p.add_argument("--lr-half-life", type=int, default=0, help="rounds; lr / (1 + r / half_life); 0 = constant")
-    p.add_argument("--local-lr", type=float, default=0.5)
-    p.add_argument("--local-steps", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--eps", type=float, default=1e-3)
-    p.add_argument("--scale-exp", type=int, default=-6, help="initial quantisation scale 2**scale_exp (scale rule)")
-    p.add_argument("--round-timeout", type=float, default=2.0)
-    p.add_argument("--min-round-time", type=float, default=0.05)
-    p.add_argument("--quorum", type=float, default=0.75)
-    p.add_argument("--join-delay", type=int, default=2)
-    p.add_argument("--expel-after", type=int, default=4)
+    p.add_argument("--seed", type=int, default=default("seed"), help="model init and data seed")
+    p.add_argument("--estimator", default=default("estimator"), choices=["fo", "zo"])
+    p.add_argument("--trainers", type=int, default=default("trainers"), help="committee size s")
+    p.add_argument("--aggregators", type=int, default=default("aggregators"))
+    p.add_argument("--directions", type=int, default=default("directions"), help="K: bytes per trainer per round")
+    p.add_argument("--groups", type=int, default=default("groups"))
+    p.add_argument("--aggregator", default=default("aggregator_rule"), choices=RULES)
+    p.add_argument("--lr", type=float, default=default("lr"), help="learning rate on the aggregated step")
+    p.add_argument("--lr-half-life", type=int, default=default("lr_half_life"), help="rounds; lr / (1 + r / half_life); 0 = constant")
+    p.add_argument("--local-lr", type=float, default=default("local_lr"))
+    p.add_argument("--local-steps", type=int, default=default("local_steps"))
+    p.add_argument("--batch-size", type=int, default=default("batch_size"))
+    p.add_argument("--eps", type=float, default=default("eps"))
+    p.add_argument("--scale-exp", type=int, default=default("scale_exp"), help="initial quantisation scale 2**scale_exp (scale rule)")
+    p.add_argument("--round-timeout", type=float, default=default("round_timeout"))
+    p.add_argument("--min-round-time", type=float, default=default("min_round_time"))
+    p.add_argument("--quorum", type=float, default=default("quorum"))
+    p.add_argument("--join-delay", type=int, default=default("join_delay"))
+    p.add_argument("--expel-after", type=int, default=default("expel_after"))
 
 
 def cmd_init(args: argparse.Namespace) -> int:

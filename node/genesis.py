@@ -36,9 +36,9 @@ class Genesis:
     estimator: str = "fo"  # "fo": local gradient projected (Ferret); "zo": SPSA (MeZO)
     batch_size: int = 64
     local_steps: int = 1  # fo: local SGD steps whose update is projected
-    local_lr: float = 0.1  # fo: their learning rate
+    local_lr: float = 0.5  # fo: their learning rate
     eps: float = 1e-3  # zo: SPSA perturbation size
-    lr: float = 0.5  # server-side learning rate on the aggregated direction step
+    lr: float = 0.08  # server-side learning rate on the aggregated direction step
     lr_half_life: int = 0  # rounds; 0 keeps lr constant, else lr / (1 + r / half_life)
     scale_exp: int = -6  # initial public quantisation scale 2**scale_exp
     # --- committees
@@ -165,3 +165,18 @@ def _canon(v: Any) -> Any:
     if isinstance(v, float):
         return ["f", v.hex()]
     return v
+
+
+def default(name: str) -> Any:
+    """The default of genesis field ``name``.
+
+    `seedswarm sim`, `seedswarm cluster` and `seedswarm init` start from these, so a default
+    is changed in one place and the three tools cannot drift apart.
+    """
+    f = _FIELDS[name]
+    if f.default is dataclasses.MISSING:
+        raise KeyError(f"genesis field {name!r} has no plain default")
+    return f.default
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Genesis)}

@@ -452,7 +452,9 @@ class NodeCore:
         if agg.published or agg.state is not self.head:
             return []
         st = agg.state
-        everyone = len(agg.got) + len(agg.evidence) >= len(st.committee.trainers)
+        # an equivocator is in both maps (its first copy in got): count peers, not entries, or
+        # rank 0 publishes one honest contribution early for every equivocator
+        everyone = len(agg.got.keys() | agg.evidence.keys()) >= len(st.committee.trainers)
         waited = now - agg.started
         if not (everyone and agg.rank == 0) and waited < self._publish_delay(agg):
             return []

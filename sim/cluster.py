@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from seedswarm.node.genesis import default
 from seedswarm.sampling.aggregators import DEFAULT_RULE, RULES
 
 
@@ -38,17 +39,17 @@ class ClusterConfig:
     nodes: int = 8
     rounds: int = 60
     seed: int = 0
-    task: str = "digits"
+    task: str = default("task")
     task_options: list[str] = field(default_factory=list)
-    estimator: str = "fo"
-    trainers: int = 16
-    directions: int = 64
-    groups: int = 1
+    estimator: str = default("estimator")
+    trainers: int = default("trainers")
+    directions: int = default("directions")
+    groups: int = default("groups")
     aggregator: str = DEFAULT_RULE
-    lr: float = 0.08
-    local_lr: float = 0.5
-    batch_size: int = 64
-    round_timeout: float = 2.0
+    lr: float = default("lr")
+    local_lr: float = default("local_lr")
+    batch_size: int = default("batch_size")
+    round_timeout: float = default("round_timeout")
     join_nodes: int = 0
     join_at: int = -1
     kill_nodes: int = 0

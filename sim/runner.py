@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from seedswarm.crypto.keys import Identity
 from seedswarm.node.chain import ChainState
-from seedswarm.node.genesis import Genesis
+from seedswarm.node.genesis import Genesis, default
 from seedswarm.node.protocol import CoreConfig
 from seedswarm.node.replay import bind_, model_digest
 from seedswarm.node.tasks import load_task
@@ -28,19 +28,19 @@ class SimConfig:
     nodes: int = 100
     rounds: int = 800
     seed: int = 0
-    task: str = "digits"
+    task: str = default("task")
     task_options: dict[str, Any] = field(default_factory=dict)
     protocol: str = "seedswarm"
-    estimator: str = "fo"
-    trainers: int = 16
-    directions: int = 64
-    groups: int = 1
+    estimator: str = default("estimator")
+    trainers: int = default("trainers")
+    directions: int = default("directions")
+    groups: int = default("groups")
     aggregator: str = DEFAULT_RULE
-    lr: float = 0.08
-    local_lr: float = 0.5
-    local_steps: int = 1
-    batch_size: int = 64
-    eps: float = 1e-3
+    lr: float = default("lr")
+    local_lr: float = default("local_lr")
+    local_steps: int = default("local_steps")
+    batch_size: int = default("batch_size")
+    eps: float = default("eps")
     byzantine: float = 0.0
     attack: str = "none"
     target: float = 0.9

@@ -336,6 +336,27 @@ def test_genesis_rejects_an_unknown_aggregation_rule() -> None:
         Genesis(aggregator_rule="krum")
 
 
+def test_sim_cluster_and_init_start_from_the_genesis_defaults() -> None:
+    """One place for a default: the three tools that write a genesis cannot drift apart."""
+    import argparse
+
+    from seedswarm.node.daemon_cli import add_genesis_options
+    from seedswarm.node.genesis import Genesis, default
+    from seedswarm.sim.cluster import ClusterConfig
+    from seedswarm.sim.runner import SimConfig
+
+    p = argparse.ArgumentParser()
+    add_genesis_options(p)
+    init = vars(p.parse_args([]))
+    g, sim, cluster = Genesis(), SimConfig(), ClusterConfig()
+    for name in ("task", "estimator", "trainers", "directions", "groups", "lr", "local_lr", "batch_size"):
+        assert getattr(sim, name) == getattr(cluster, name) == init[name] == getattr(g, name), name
+    assert sim.aggregator == cluster.aggregator == init["aggregator"] == g.aggregator_rule
+    assert init["scale_exp"] == g.scale_exp and init["quorum"] == g.quorum
+    with pytest.raises(KeyError, match="no plain default"):
+        default("task_options")
+
+
 def test_empty_record_counts_no_missed_duty(state, rng):
     """An empty record proves nothing about who was silent: its aggregator may have heard from
     nobody (after a mass crash, live trainers wait to verify the previous record while fallback
