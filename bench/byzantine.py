@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from seedswarm.sampling.aggregators import DEFAULT_RULE, RULES
-from seedswarm.sim.attacks import ADAPTIVE_ATTACKS, TUNED_AGAINST, VALUE_ATTACKS
+from seedswarm.sim.attacks import TUNED_AGAINST, VALUE_ATTACKS
 from seedswarm.sim.runner import SimConfig
 
 AGGREGATORS = RULES
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         args.aggregators, args.shares = f"{DEFAULT_RULE},mean", "0.2"
         args.nodes, args.rounds, args.trainers = _SIM.nodes, _SIM.rounds, _SIM.trainers
         args.directions, args.batch_size, args.lr = _SIM.directions, _SIM.batch_size, _SIM.lr
-        args.attacks = ",".join((*ACCEPTANCE_ATTACKS, *ADAPTIVE_ATTACKS))
+        args.attacks = ",".join((*ACCEPTANCE_ATTACKS, *TUNED_AGAINST))
     if args.seeds is None:
         args.seeds = 3 if args.acceptance else 1
     args.attacks = [a for a in args.attacks.split(",") if a]

@@ -180,3 +180,22 @@ def default(name: str) -> Any:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Genesis)}
+
+
+@dataclass
+class GenesisOptions:
+    """The genesis settings that `seedswarm sim` and `seedswarm cluster` both take, at their defaults.
+
+    Both configs extend this class, so the two tools expose one set of names with one set of
+    defaults (those of :class:`Genesis`).
+    """
+
+    task: str = default("task")
+    estimator: str = default("estimator")
+    trainers: int = default("trainers")
+    directions: int = default("directions")
+    groups: int = default("groups")
+    aggregator: str = default("aggregator_rule")
+    lr: float = default("lr")
+    local_lr: float = default("local_lr")
+    batch_size: int = default("batch_size")

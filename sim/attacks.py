@@ -72,7 +72,6 @@ if TYPE_CHECKING:
     from seedswarm.sim.engine import Attack, SimNode, Simulation
 
 __all__ = [
-    "ADAPTIVE_ATTACKS",
     "ATTACKS",
     "PROTOCOL_ATTACKS",
     "TUNED_AGAINST",
@@ -84,7 +83,6 @@ __all__ = [
 VALUE_ATTACKS: tuple[str, ...] = ("sign_flip", "alie", "ipm", "random", "mimic", "zeros")
 TUNED_AGAINST: dict[str, str] = {"adaptive": "guarded_mean", "scale_pump": "mean"}
 """Attacks tuned against one aggregation rule (not in the issue's list), and that rule."""
-ADAPTIVE_ATTACKS: tuple[str, ...] = tuple(TUNED_AGAINST)
 PROTOCOL_ATTACKS: tuple[str, ...] = ("withhold", "equivocate", "replay", "forge", "non_member", "rush")
 
 # ---------------------------------------------------------------------------------------------

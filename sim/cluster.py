@@ -30,25 +30,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from seedswarm.node.genesis import default
-from seedswarm.sampling.aggregators import DEFAULT_RULE, RULES
+from seedswarm.node.genesis import GenesisOptions, default
+from seedswarm.sampling.aggregators import RULES
 
 
 @dataclass
-class ClusterConfig:
+class ClusterConfig(GenesisOptions):
     nodes: int = 8
     rounds: int = 60
     seed: int = 0
-    task: str = default("task")
     task_options: list[str] = field(default_factory=list)
-    estimator: str = default("estimator")
-    trainers: int = default("trainers")
-    directions: int = default("directions")
-    groups: int = default("groups")
-    aggregator: str = DEFAULT_RULE
-    lr: float = default("lr")
-    local_lr: float = default("local_lr")
-    batch_size: int = default("batch_size")
     round_timeout: float = default("round_timeout")
     join_nodes: int = 0
     join_at: int = -1

@@ -14,32 +14,22 @@ import numpy as np
 import torch
 from seedswarm.crypto.keys import Identity
 from seedswarm.node.chain import ChainState
-from seedswarm.node.genesis import Genesis, default
+from seedswarm.node.genesis import Genesis, GenesisOptions, default
 from seedswarm.node.protocol import CoreConfig
 from seedswarm.node.replay import bind_, model_digest
 from seedswarm.node.tasks import load_task
-from seedswarm.sampling.aggregators import DEFAULT_RULE
 from seedswarm.sim.engine import NetConfig, Simulation
 from seedswarm.sim.runlog import RunLog
 
 
 @dataclass
-class SimConfig:
+class SimConfig(GenesisOptions):
     nodes: int = 100
     rounds: int = 800
     seed: int = 0
-    task: str = default("task")
     task_options: dict[str, Any] = field(default_factory=dict)
     protocol: str = "seedswarm"
-    estimator: str = default("estimator")
-    trainers: int = default("trainers")
-    directions: int = default("directions")
-    groups: int = default("groups")
-    aggregator: str = DEFAULT_RULE
-    lr: float = default("lr")
-    local_lr: float = default("local_lr")
     local_steps: int = default("local_steps")
-    batch_size: int = default("batch_size")
     eps: float = default("eps")
     byzantine: float = 0.0
     attack: str = "none"

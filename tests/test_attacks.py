@@ -21,9 +21,9 @@ from seedswarm.sampling.reputation import (
     update_scores,
 )
 from seedswarm.sim.attacks import (
-    ADAPTIVE_ATTACKS,
     ATTACKS,
     PROTOCOL_ATTACKS,
+    TUNED_AGAINST,
     VALUE_ATTACKS,
     get_attack,
 )
@@ -54,7 +54,7 @@ def _own(n: int = 8) -> list[float]:
 
 
 def test_registry_and_names() -> None:
-    assert set(VALUE_ATTACKS) | set(PROTOCOL_ATTACKS) | set(ADAPTIVE_ATTACKS) | {"none"} == set(ATTACKS)
+    assert set(VALUE_ATTACKS) | set(PROTOCOL_ATTACKS) | set(TUNED_AGAINST) | {"none"} == set(ATTACKS)
     for name in ATTACKS:
         assert callable(get_attack(name))
     with pytest.raises(ValueError, match="unknown attack"):
