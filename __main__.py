@@ -1,3 +1,3 @@
-from seedswarm.node.cli import main
+from seedswarm.cli import main
 
 raise SystemExit(main())

@@ -51,6 +51,7 @@ SHARES = (0.1, 0.2, 0.3)
 def _cell(job: dict[str, Any]) -> dict[str, Any]:
     """One simulation (runs in a worker process): its config in, its key figures out."""
     import torch
+
     from seedswarm.sim.runner import run
 
     torch.set_num_threads(1)

@@ -35,7 +35,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from seedswarm.node.tasks import digits_param_count, load_task
+from seedswarm.node.learn.tasks import digits_param_count, load_task
 from seedswarm.sim.runner import SimConfig, run
 
 PROTOCOLS = ("seedswarm", "modest", "dpsgd")

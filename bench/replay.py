@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
 from seedswarm.crypto.directions import add_directions_, stream_seed
 
 

@@ -76,7 +76,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import torch
-from seedswarm.crypto.hashing import h, u64
+
+from seedswarm.crypto.hashing import check_u64 as _check_u64
+from seedswarm.crypto.hashing import stream_seed
 
 __all__ = [
     "TABLE_BITS",
@@ -123,25 +125,6 @@ def _s64(x: int) -> int:
     """An integer mod 2**64 as the signed int64 torch stores (two's complement)."""
     x &= _MASK64
     return x - (1 << 64) if x >> 63 else x
-
-
-def _check_u64(name: str, x: int) -> int:
-    if isinstance(x, bool) or not isinstance(x, int):
-        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
-    if not 0 <= x <= _MASK64:
-        raise ValueError(f"{name} must be in [0, 2**64), got {x}")
-    return x
-
-
-def stream_seed(round_seed: int, k: int) -> int:
-    """64-bit seed of direction ``k`` of the round whose seed is ``round_seed``.
-
-    SHA-256 under its own domain tag (as every derivation in ``hashing``), so streams of
-    different (round, k) are unrelated and cannot collide with any other digest's use.
-    """
-    _check_u64("round_seed", round_seed)
-    _check_u64("k", k)
-    return int.from_bytes(h(b"seedswarm/direction-stream", u64(round_seed), u64(k))[:8], "big")
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,9 +324,15 @@ _pool_size = 0
 _pool_lock = threading.Lock()
 
 
+_forked = False  # this process is a fork() child of one that had torch threads
+
+
 def _forget_pool_after_fork() -> None:
-    global _pool, _pool_size, _pool_lock
-    _pool, _pool_size, _pool_lock = None, 0, threading.Lock()
+    # A fork child inherits no threads, and a *new* thread in it that runs a torch op makes
+    # torch re-initialise its intra-op pool, which fails an internal assert when the parent had
+    # one ("Invalid thread pool!"). So a fork child computes every chunk in the calling thread.
+    global _pool, _pool_size, _pool_lock, _forked
+    _pool, _pool_size, _pool_lock, _forked = None, 0, threading.Lock(), True
 
 
 if hasattr(os, "register_at_fork"):
@@ -354,7 +343,7 @@ def _map_chunks(device: torch.device, fn: Callable[[int], _T], starts: Sequence[
     """``[fn(s) for s in starts]``; on CPU spread over the pool (chunks are independent)."""
     global _pool, _pool_size
     workers = min(torch.get_num_threads(), _MAX_WORKERS)
-    if device.type != "cpu" or workers < 2 or len(starts) < 2:
+    if device.type != "cpu" or workers < 2 or len(starts) < 2 or _forked:
         return [fn(s) for s in starts]
     with _pool_lock:
         if _pool is None or _pool_size != workers:

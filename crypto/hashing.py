@@ -27,6 +27,30 @@ def u64(x: int) -> bytes:
     return struct.pack(">Q", x & 0xFFFFFFFFFFFFFFFF)
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def check_u64(name: str, x: int) -> int:
+    """``x`` if it is an int in [0, 2**64); a TypeError or ValueError naming ``name`` otherwise."""
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+    if not 0 <= x <= _MASK64:
+        raise ValueError(f"{name} must be in [0, 2**64), got {x}")
+    return x
+
+
+def stream_seed(round_seed: int, k: int) -> int:
+    """64-bit seed of direction ``k`` of the round whose seed is ``round_seed``.
+
+    SHA-256 under its own domain tag (as every derivation here), so streams of different
+    (round, k) are unrelated and cannot collide with any other digest's use. Torch-free: the
+    chain derives stream seeds; only the direction generator (``crypto.directions``) needs torch.
+    """
+    check_u64("round_seed", round_seed)
+    check_u64("k", k)
+    return int.from_bytes(h(b"seedswarm/direction-stream", u64(round_seed), u64(k))[:8], "big")
+
+
 def beacon_of(record_hash: bytes) -> bytes:
     """Beacon of round r+1 is derived from the hash of record r (DESIGN.md 3.1)."""
     return h(b"seedswarm/beacon", record_hash)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar, cast
 
 import msgpack
+
 from seedswarm import PROTOCOL_VERSION
 from seedswarm.crypto.hashing import h
 from seedswarm.crypto.keys import SIG_SIZE, Identity, verify

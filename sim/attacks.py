@@ -61,12 +61,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
+
 from seedswarm.crypto.keys import Identity
 from seedswarm.gossip.wire import Contribution
-from seedswarm.node.chain import ChainState
-from seedswarm.node.codec import QMAX, quantize
-from seedswarm.node.estimators import fo_project, zo_spsa
-from seedswarm.node.replay import bind_
+from seedswarm.node.core.chain import ChainState
+from seedswarm.node.core.codec import QMAX, quantize
+from seedswarm.node.learn.estimators import fo_project, zo_spsa
+from seedswarm.node.learn.replay import bind_
 
 if TYPE_CHECKING:
     from seedswarm.sim.engine import Attack, SimNode, Simulation
@@ -265,7 +266,7 @@ def make_scale_pump(view: HonestView | None = None) -> Attack:
     """Tuned against the plain mean and the public scale rule: ratchet the scale coarser, then reverse.
 
     Against the mean the byte clip bounds each colluder's pull to 127 steps of the public scale,
-    and the scale rule (:func:`~seedswarm.node.codec.next_scale_exp`) keeps the honest bytes in
+    and the scale rule (:func:`~seedswarm.node.core.codec.next_scale_exp`) keeps the honest bytes in
     proportion to that clip: an attack that only reverses (``sign_flip``, ``ipm:8``) drives the
     aggregate towards zero, the scale halves, the honest bytes double in steps, and the honest
     majority takes the step back. The rule reads the aggregate, which the colluders help write.
@@ -284,7 +285,7 @@ def make_scale_pump(view: HonestView | None = None) -> Attack:
     larger, which is what the next pump needs; the honest bytes never catch up with the clip, and
     the scale climbs to ``EXP_MAX``. Cached per round and group (all colluders send one row).
     """
-    from seedswarm.node.codec import SCALE_DOWN_MEDIAN_STEPS, next_scale_exp
+    from seedswarm.node.core.codec import SCALE_DOWN_MEDIAN_STEPS, next_scale_exp
     from seedswarm.sampling.aggregators import aggregate_array
 
     hv = view or HonestView(sample=4096)
@@ -414,7 +415,7 @@ def make_non_member() -> Attack:
 
 def rush(node: SimNode, values: list[float], sim: Simulation) -> list[float]:
     """Publish at once a one-contribution record (own saturated bytes) as a fallback aggregator."""
-    from seedswarm.node.chain import build_record, record_hash
+    from seedswarm.node.core.chain import build_record, record_hash
 
     st = node.core.head
     q = _saturated_row(values, st.scale)

@@ -58,9 +58,10 @@ from typing import Any, TextIO
 import msgpack
 import numpy as np
 import torch
+
 from seedswarm.crypto.hashing import h, u64
-from seedswarm.node.replay import bind_, model_digest
-from seedswarm.node.tasks import Shard, Task, load_task, param_count
+from seedswarm.node.learn.replay import bind_, model_digest
+from seedswarm.node.learn.tasks import Shard, Task, load_task, param_count
 from seedswarm.sampling.committee import select_committee
 from seedswarm.sim.engine import NetConfig
 from seedswarm.sim.runlog import RunLog
@@ -315,7 +316,7 @@ def run_baseline(cfg: Any, log: TextIO = sys.stderr, on_send: SendHook | None = 
     sees every delivered message (kind, source, destination, encoded bytes): tests use it to check
     that what is counted is what was sent.
     """
-    from seedswarm.sim.runner import identities
+    from seedswarm.sim.engine import identities
 
     _check(cfg)
     torch.set_num_threads(1)

@@ -12,19 +12,6 @@ from typing import Any
 from seedswarm.sampling.aggregators import RULES
 
 
-def _task_options(pairs: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"seedswarm: --task-option expects KEY=VALUE, got {pair!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 def add_parser(sub: Any) -> None:
     from seedswarm.sim.attacks import ATTACKS
     from seedswarm.sim.runner import SimConfig
@@ -68,8 +55,9 @@ def add_parser(sub: Any) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from seedswarm.node.genesis import GenesisError
-    from seedswarm.node.tasks import TaskError
+    from seedswarm.node.core.genesis import GenesisError
+    from seedswarm.node.learn.initial import parse_task_options
+    from seedswarm.node.learn.tasks import TaskError
     from seedswarm.sim.runner import SimConfig, run
 
     if args.nodes < 1 or args.rounds < 1:
@@ -79,9 +67,14 @@ def run_command(args: argparse.Namespace) -> int:
         print("seedswarm sim: --byzantine must be in [0, 1)", file=sys.stderr)
         return 2
     out = args.out or str(Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S"))
+    try:
+        task_options = parse_task_options(args.task_option)
+    except TaskError as e:
+        print(f"seedswarm sim: {e}", file=sys.stderr)
+        return 2
     cfg = SimConfig(
         nodes=args.nodes, rounds=args.rounds, seed=args.seed, task=args.task,
-        task_options=_task_options(args.task_option), protocol=args.protocol, estimator=args.estimator,
+        task_options=task_options, protocol=args.protocol, estimator=args.estimator,
         trainers=args.trainers, directions=args.directions, groups=args.groups, aggregator=args.aggregator,
         lr=args.lr, local_lr=args.local_lr, batch_size=args.batch_size, target=args.target,
         eval_every=args.eval_every, stop_at_target=args.stop_at_target, crash_fraction=args.crash_fraction,

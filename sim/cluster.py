@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from seedswarm.node.genesis import GenesisOptions, default
+from seedswarm.node.core.genesis import GenesisOptions, default
 from seedswarm.sampling.aggregators import RULES
 
 
@@ -71,16 +71,6 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def _genesis_args(cfg: ClusterConfig) -> argparse.Namespace:
-    return argparse.Namespace(
-        task=cfg.task, task_option=cfg.task_options, seed=cfg.seed, estimator=cfg.estimator,
-        trainers=cfg.trainers, aggregators=2, directions=cfg.directions, groups=cfg.groups,
-        aggregator=cfg.aggregator, lr=cfg.lr, lr_half_life=0, local_lr=cfg.local_lr, local_steps=1,
-        batch_size=cfg.batch_size, eps=1e-3, scale_exp=-6, round_timeout=cfg.round_timeout,
-        min_round_time=0.05, quorum=0.75, join_delay=2, expel_after=4,
-    )
-
-
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         d: dict[str, Any] = json.loads(path.read_text())
@@ -118,7 +108,7 @@ class Cluster:
     def setup(self) -> None:
         from seedswarm.crypto.keys import Identity
         from seedswarm.gossip.libp2p_host import Libp2pHost
-        from seedswarm.node.daemon_cli import make_genesis
+        from seedswarm.node.learn.initial import build_genesis, parse_task_options
 
         cfg = self.cfg
         total = cfg.nodes + cfg.join_nodes
@@ -132,7 +122,11 @@ class Cluster:
             if not key.exists():
                 ident.save(key)
             idents.append(ident)
-        self.genesis = make_genesis(_genesis_args(cfg), [idents[i].public for i in range(cfg.nodes)])
+        self.genesis = build_genesis(
+            [idents[i].public for i in range(cfg.nodes)], task=cfg.task,
+            task_options=parse_task_options(cfg.task_options), seed=cfg.seed, **cfg.genesis_fields(),
+            round_timeout=cfg.round_timeout,
+        )
         self.genesis.save(self.out / "genesis.json")
         self.ports = free_ports(total)
         self.addrs = [f"/ip4/127.0.0.1/tcp/{p}/p2p/{Libp2pHost.peer_id_of(idents[i].public)}"

@@ -1,6 +1,6 @@
 """Virtual-time discrete-event simulator over the real sans-IO protocol core.
 
-Each simulated node is a :class:`~seedswarm.node.protocol.NodeCore`, the same class the daemon
+Each simulated node is a :class:`~seedswarm.node.core.protocol.NodeCore`, the same class the daemon
 drives; this module only plays the network (latency, bandwidth, loss, gossip), the clock, the
 local computation, churn and Byzantine behaviour. Everything is drawn from one seeded RNG, so a
 run is a deterministic function of its configuration.
@@ -21,16 +21,32 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from seedswarm.crypto.keys import Identity
 from seedswarm.gossip.wire import Message
-from seedswarm.node.chain import ChainState
-from seedswarm.node.estimators import fo_project, zo_spsa
-from seedswarm.node.genesis import Genesis
-from seedswarm.node.protocol import Apply, CoreConfig, Estimate, NodeCore, Publish, Rejected, Send
-from seedswarm.node.replay import ModelStates, bind_, model_digest
-from seedswarm.node.tasks import Task
+from seedswarm.node.core.chain import ChainState
+from seedswarm.node.core.genesis import Genesis
+from seedswarm.node.core.protocol import (
+    Apply,
+    CoreConfig,
+    Estimate,
+    NodeCore,
+    Publish,
+    Rejected,
+    Send,
+)
+from seedswarm.node.learn.estimators import fo_project, zo_spsa
+from seedswarm.node.learn.replay import ModelStates, bind_, model_digest
+from seedswarm.node.learn.tasks import Task
 
 Attack = Callable[["SimNode", list[float], "Simulation"], list[float] | None]
+
+
+def identities(n: int, seed: int, offset: int = 0) -> list[Identity]:
+    """Deterministic simulated identities (a run replays exactly from its seed)."""
+    rng = np.random.default_rng([seed, 0x5EED])
+    seeds = rng.integers(0, 256, size=(offset + n, 32), dtype=np.uint8)
+    return [Identity.from_seed(bytes(seeds[i])) for i in range(offset, offset + n)]
 
 
 @dataclass

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from seedswarm.node.store import atomic_write
+from seedswarm.node.files import atomic_write
 
 
 def write_outputs(out_dir: Path, summary: dict[str, Any]) -> None:

@@ -12,13 +12,14 @@ from typing import Any, TextIO
 
 import numpy as np
 import torch
-from seedswarm.crypto.keys import Identity
-from seedswarm.node.chain import ChainState
-from seedswarm.node.genesis import Genesis, GenesisOptions, default
-from seedswarm.node.protocol import CoreConfig
-from seedswarm.node.replay import bind_, model_digest
-from seedswarm.node.tasks import load_task
-from seedswarm.sim.engine import NetConfig, Simulation
+
+from seedswarm.node.core.chain import ChainState
+from seedswarm.node.core.genesis import GenesisOptions
+from seedswarm.node.core.protocol import CoreConfig
+from seedswarm.node.learn.initial import build_genesis
+from seedswarm.node.learn.replay import bind_
+from seedswarm.node.learn.tasks import load_task
+from seedswarm.sim.engine import NetConfig, Simulation, identities
 from seedswarm.sim.runlog import RunLog
 
 
@@ -29,8 +30,6 @@ class SimConfig(GenesisOptions):
     seed: int = 0
     task_options: dict[str, Any] = field(default_factory=dict)
     protocol: str = "seedswarm"
-    local_steps: int = default("local_steps")
-    eps: float = default("eps")
     byzantine: float = 0.0
     attack: str = "none"
     target: float = 0.9
@@ -49,27 +48,15 @@ class SimConfig(GenesisOptions):
     quiet: bool = False
 
 
-def identities(n: int, seed: int, offset: int = 0) -> list[Identity]:
-    """Deterministic simulated identities (a run replays exactly from its seed)."""
-    rng = np.random.default_rng([seed, 0x5EED])
-    seeds = rng.integers(0, 256, size=(offset + n, 32), dtype=np.uint8)
-    return [Identity.from_seed(bytes(seeds[i])) for i in range(offset, offset + n)]
-
-
 def build(cfg: SimConfig) -> Simulation:
     if cfg.protocol != "seedswarm":
         raise ValueError(f"build() is for the seedswarm protocol; {cfg.protocol!r} runs in sim/baselines.py")
-    task = load_task(cfg.task, cfg.task_options, seed=cfg.seed)
     idents = identities(cfg.nodes, cfg.seed)
-    model = task.build_model()
-    genesis = Genesis(
-        task=cfg.task, task_options=dict(cfg.task_options), seed=cfg.seed, estimator=cfg.estimator,
-        batch_size=cfg.batch_size, local_steps=cfg.local_steps, local_lr=cfg.local_lr, eps=cfg.eps,
-        lr=cfg.lr, members=tuple(i.public for i in idents), trainers=cfg.trainers,
-        directions=cfg.directions, groups=cfg.groups, aggregator_rule=cfg.aggregator,
-        round_timeout=max(0.5, 8 * cfg.latency_ms / 1000.0), min_round_time=0.05,
-        model_digest=model_digest(list(model.parameters())),
+    genesis = build_genesis(
+        [i.public for i in idents], task=cfg.task, task_options=cfg.task_options, seed=cfg.seed,
+        **cfg.genesis_fields(), round_timeout=max(0.5, 8 * cfg.latency_ms / 1000.0), min_round_time=0.05,
     )
+    task = load_task(cfg.task, cfg.task_options, seed=cfg.seed)
     net = NetConfig(latency_ms=cfg.latency_ms, loss=cfg.loss)
     sim = Simulation.create(genesis, task, [], net, cfg.seed, CoreConfig())
     sim._shard_count = cfg.nodes + cfg.join_nodes

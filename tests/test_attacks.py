@@ -12,7 +12,8 @@ import argparse
 
 import numpy as np
 import pytest
-from seedswarm.node.codec import quantize
+
+from seedswarm.node.core.codec import quantize
 from seedswarm.sampling.aggregators import AGG_ONE, aggregate
 from seedswarm.sampling.reputation import (
     distances,
@@ -107,7 +108,7 @@ def _pump_case(sim, steps: np.ndarray):
 
 
 def test_scale_pump_makes_the_scale_coarser_whenever_saturating_with_the_honest_sum_does(sim) -> None:
-    from seedswarm.node.codec import next_scale_exp
+    from seedswarm.node.core.codec import next_scale_exp
 
     signs = np.where(np.arange(8) % 3 == 0, -1.0, 1.0)
     honest, row, b = _pump_case(sim, np.tile(40.0 * signs, (4, 1)))  # honest bytes at 40 steps
@@ -118,7 +119,7 @@ def test_scale_pump_makes_the_scale_coarser_whenever_saturating_with_the_honest_
 
 
 def test_scale_pump_otherwise_reverses_the_mean_without_letting_the_scale_refine(sim) -> None:
-    from seedswarm.node.codec import next_scale_exp
+    from seedswarm.node.core.codec import next_scale_exp
 
     rng = np.random.default_rng(7)
     steps = np.round(rng.normal(1.0, 3.0, size=(12, 8)))  # honest bytes near zero: no pump possible

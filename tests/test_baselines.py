@@ -11,8 +11,9 @@ import json
 from typing import Any
 
 import pytest
+
 from seedswarm.bench import protocols as bench
-from seedswarm.node.tasks import digits_param_count, load_task
+from seedswarm.node.learn.tasks import digits_param_count, load_task
 from seedswarm.sim.baselines import (
     BaselineError,
     ModelMessage,
@@ -127,7 +128,7 @@ def test_bad_protocol_and_unsupported_options_are_clear_errors() -> None:
 
 
 def test_sim_cli_accepts_the_baselines(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    from seedswarm.node.cli import main
+    from seedswarm.cli import main
 
     rc = main(["sim", "--protocol", "dpsgd", "--nodes", "6", "--rounds", "2", "--task-option", "hidden=8",
                "--quiet", "--out", str(tmp_path)])

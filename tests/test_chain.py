@@ -9,9 +9,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from seedswarm.crypto.keys import Identity
 from seedswarm.gossip.wire import Contribution, Join, Leave
-from seedswarm.node.chain import (
+from seedswarm.node.core.chain import (
     ChainState,
     RecordError,
     build_record,
@@ -30,9 +31,9 @@ HELPERS = textwrap.dedent(
     import torch
     from seedswarm.crypto.keys import Identity
     from seedswarm.gossip.wire import Contribution
-    from seedswarm.node.chain import ChainState, build_record, check_record, next_state
-    from seedswarm.node.genesis import Genesis
-    from seedswarm.node.replay import apply_record_, model_digest
+    from seedswarm.node.core.chain import ChainState, build_record, check_record, next_state
+    from seedswarm.node.core.genesis import Genesis
+    from seedswarm.node.learn.replay import apply_record_, model_digest
 
     IDS = [Identity.from_seed(bytes([i]) * 32) for i in range(1, 13)]
     BY_PUB = {i.public: i for i in IDS}
@@ -328,7 +329,7 @@ def test_replay_same_digest_across_processes(tmp_path):
 
 def test_genesis_rejects_an_unknown_aggregation_rule() -> None:
     """A typo in the rule would otherwise surface only when the first record is aggregated."""
-    from seedswarm.node.genesis import Genesis, GenesisError
+    from seedswarm.node.core.genesis import Genesis, GenesisError
     from seedswarm.sampling.aggregators import DEFAULT_RULE
 
     assert Genesis().aggregator_rule == DEFAULT_RULE
@@ -340,8 +341,8 @@ def test_sim_cluster_and_init_start_from_the_genesis_defaults() -> None:
     """One place for a default: the three tools that write a genesis cannot drift apart."""
     import argparse
 
-    from seedswarm.node.daemon_cli import add_genesis_options
-    from seedswarm.node.genesis import Genesis, default
+    from seedswarm.node.cli import add_genesis_options
+    from seedswarm.node.core.genesis import Genesis, default
     from seedswarm.sim.cluster import ClusterConfig
     from seedswarm.sim.runner import SimConfig
 

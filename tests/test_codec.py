@@ -1,4 +1,4 @@
-"""The one-byte codec and the public scale rule (node/codec.py)."""
+"""The one-byte codec and the public scale rule (node/core/codec.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from typing import Any, cast
 
 import numpy as np
 import pytest
-from seedswarm.node import codec
-from seedswarm.node.codec import (
+
+from seedswarm.node.core import codec
+from seedswarm.node.core.codec import (
     EXP_MAX,
     EXP_MIN,
     QMAX,

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from seedswarm.node import cli, daemon_cli
+
+from seedswarm import cli
+from seedswarm.node import cli as daemon_cli
 
 PY = [sys.executable, "-m", "seedswarm"]
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
@@ -99,7 +101,7 @@ def nodes() -> Iterator[list[Node]]:
 
 def test_init_writes_genesis_with_safe_permissions(tmp_path: Path) -> None:
     genesis, data, run_id = init_swarm(tmp_path)
-    from seedswarm.node.genesis import Genesis
+    from seedswarm.node.core.genesis import Genesis
 
     g = Genesis.load(genesis)
     assert g.run_id.hex() == run_id and len(g.members) == 1 and g.trainers == 4 and g.model_digest
@@ -142,8 +144,8 @@ def test_bad_settings_exit_2_with_one_line(tmp_path: Path, capsys: pytest.Captur
     # a data dir that holds another swarm's chain
     other, _, _ = init_swarm(tmp_path / "other")
     (data / "chain.log").write_bytes(b"")
-    from seedswarm.node.genesis import Genesis
-    from seedswarm.node.store import ChainStore
+    from seedswarm.node.core.genesis import Genesis
+    from seedswarm.node.daemon.store import ChainStore
 
     ChainStore(data / "chain.log", Genesis.load(genesis).run_id)
     assert "holds the chain of run" in run("--genesis", str(other), "--data-dir", str(data), "--listen", "/ip4/127.0.0.1/tcp/0")
@@ -151,7 +153,7 @@ def test_bad_settings_exit_2_with_one_line(tmp_path: Path, capsys: pytest.Captur
 
 
 def test_toml_config_and_cli_override(tmp_path: Path) -> None:
-    from seedswarm.node.config import ConfigError, build_config, load_toml
+    from seedswarm.node.daemon.config import ConfigError, build_config, load_toml
 
     f = tmp_path / "node.toml"
     f.write_text('data-dir = "/srv/ss"\nlisten = "/ip4/0.0.0.0/tcp/4001"\nmetrics_port = 9100\n')
@@ -183,9 +185,9 @@ def test_node_trains_stops_on_signals_and_resumes_from_store(tmp_path: Path, nod
     assert "stop requested" in n.logs()
 
     # The store replays to exactly the head and model the node had when it stopped.
-    from seedswarm.node.config import NodeConfig
-    from seedswarm.node.daemon import Daemon
-    from seedswarm.node.genesis import Genesis
+    from seedswarm.node.core.genesis import Genesis
+    from seedswarm.node.daemon.config import NodeConfig
+    from seedswarm.node.daemon.daemon import Daemon
 
     d = Daemon(NodeConfig(data_dir=str(data), checkpoint_every=5), Genesis.load(genesis))
     d.prepare()

@@ -13,10 +13,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+
 from seedswarm.crypto.keys import Identity
 from seedswarm.gossip.libp2p_host import HostConfig, HostError, Libp2pHost, ProtocolMismatchError
 from seedswarm.gossip.wire import ChainRequest, ChainResponse, Contribution, Record, decode_as
-from seedswarm.node.daemon import (
+from seedswarm.node.core.genesis import Genesis
+from seedswarm.node.daemon.daemon import (
     PROTO_CHAIN,
     PROTO_CKPT,
     PROTO_HELLO,
@@ -26,8 +28,6 @@ from seedswarm.node.daemon import (
     encode_hello,
     protocol_prefix,
 )
-from seedswarm.node.genesis import Genesis
-
 from tests.test_daemon import Node, init_swarm, wait_for
 
 OTHER_RUN = b"\x42" * 32

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from seedswarm.crypto import directions as D
 from seedswarm.crypto.directions import (
     add_directions_,

@@ -1,4 +1,4 @@
-"""Projected-gradient estimators (node/estimators.py): exactness, correctness, unbiasedness."""
+"""Projected-gradient estimators (node/learn/estimators.py): exactness, correctness, unbiasedness."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from seedswarm.crypto.directions import fill_normal, project, stream_seed
-from seedswarm.node import estimators
-from seedswarm.node.estimators import fo_project, zo_spsa
-from seedswarm.node.tasks import DigitsTask
 from torch import nn
+
+from seedswarm.crypto.directions import fill_normal, project, stream_seed
+from seedswarm.node.learn import estimators
+from seedswarm.node.learn.estimators import fo_project, zo_spsa
+from seedswarm.node.learn.tasks import DigitsTask
 
 STREAMS = [stream_seed(2024, k) for k in range(16)]
 

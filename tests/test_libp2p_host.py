@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+
 from seedswarm.crypto.keys import Identity
 from seedswarm.gossip.libp2p_host import (
     FrameTooLargeError,

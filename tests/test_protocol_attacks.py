@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from seedswarm.crypto.hashing import h
 from seedswarm.crypto.keys import Identity
 from seedswarm.gossip.wire import (
@@ -29,7 +30,7 @@ from seedswarm.gossip.wire import (
     Record,
     decode,
 )
-from seedswarm.node.chain import (
+from seedswarm.node.core.chain import (
     AGG_MAX,
     ChainState,
     build_record,
@@ -39,9 +40,9 @@ from seedswarm.node.chain import (
     ranks_of,
     record_hash,
 )
-from seedswarm.node.genesis import Genesis
-from seedswarm.node.protocol import Apply, Estimate, NodeCore, Publish, Rejected, Send
-from seedswarm.node.replay import ModelStates, model_digest
+from seedswarm.node.core.genesis import Genesis
+from seedswarm.node.core.protocol import Apply, Estimate, NodeCore, Publish, Rejected, Send
+from seedswarm.node.learn.replay import ModelStates, model_digest
 
 IDS = [Identity.from_seed(bytes([i]) * 32) for i in range(1, 9)]
 BY_PUB = {i.public: i for i in IDS}

@@ -9,6 +9,7 @@ import time
 from fractions import Fraction
 
 import pytest
+
 from seedswarm.crypto.hashing import h, rank_key
 from seedswarm.sampling.byzantine import (
     TableRow,

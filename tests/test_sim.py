@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from seedswarm.sim.runner import SimConfig, run
 
 SMALL = dict(nodes=20, trainers=5, directions=16, rounds=15, eval_every=5, quiet=True, max_wall=60.0)
@@ -71,7 +72,7 @@ def test_join_nodes_become_members():
 
 def test_plugin_task(tmp_path, monkeypatch):
     (tmp_path / "seedswarm_test_plugmod.py").write_text(
-        "from seedswarm.node.tasks import DigitsTask\n"
+        "from seedswarm.node.learn.tasks import DigitsTask\n"
         "CALLS = []\n"
         "def factory(options, seed):\n"
         "    CALLS.append(seed)\n"

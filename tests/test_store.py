@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from seedswarm.node.store import MAGIC, ChainStore, StoreError, atomic_write
+
+from seedswarm.node.daemon.store import MAGIC, ChainStore, StoreError
+from seedswarm.node.files import atomic_write
 
 RUN = b"R" * 32
 RECS = [b"record-zero", b"record-one" * 7, b"record-two-" + bytes(range(256))]

@@ -1,4 +1,4 @@
-"""Tasks (node/tasks.py): the digits task, sharding, determinism, and load_task."""
+"""Tasks (node/learn/tasks.py): the digits task, sharding, determinism, and load_task."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from typing import Any, cast
 import numpy as np
 import pytest
 import torch
-from seedswarm.node import tasks
-from seedswarm.node.tasks import (
+
+from seedswarm.node.learn import tasks
+from seedswarm.node.learn.tasks import (
     BaseTask,
     DigitsTask,
     Task,
@@ -176,7 +177,7 @@ def test_digits_option_errors() -> None:
 PLUGIN = '''
 from __future__ import annotations
 import torch
-from seedswarm.node.tasks import BaseTask
+from seedswarm.node.learn.tasks import BaseTask
 
 
 class Blobs(BaseTask):

@@ -17,6 +17,7 @@ import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from seedswarm import PROTOCOL_VERSION
 from seedswarm.crypto.hashing import h, merkle_root
 from seedswarm.crypto.keys import PUBKEY_SIZE, SIG_SIZE, Identity

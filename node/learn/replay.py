@@ -12,10 +12,11 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
+
 from seedswarm.crypto.directions import add_directions_
 from seedswarm.crypto.hashing import h
 from seedswarm.gossip.wire import Record
-from seedswarm.node.chain import ChainState, decode_aggregate
+from seedswarm.node.core.chain import ChainState, decode_aggregate
 
 Params = list[torch.Tensor]
 
@@ -72,7 +73,7 @@ class ModelStates:
         if cur is None:
             raise KeyError(f"no parameters kept for head {base.head.hex()[:12]} (round {base.round})")
         for parent, rec in steps:
-            from seedswarm.node.chain import record_hash
+            from seedswarm.node.core.chain import record_hash
 
             child = record_hash(rec)
             nxt = self.get(child)

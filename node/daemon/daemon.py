@@ -46,6 +46,7 @@ from typing import Any
 import msgpack
 import numpy as np
 import torch
+
 from seedswarm import PROTOCOL_VERSION
 from seedswarm.crypto.hashing import h
 from seedswarm.crypto.keys import Identity, KeyFileError
@@ -76,22 +77,9 @@ from seedswarm.gossip.wire import (
     decode,
     decode_as,
 )
-from seedswarm.node.chain import ChainState, RecordError, checked_next_state, record_hash
-from seedswarm.node.checkpoint import (
-    Checkpoint,
-    CheckpointDir,
-    CheckpointError,
-    assemble,
-    check_chunk,
-    choose_manifest,
-    decode_params,
-    encode_params,
-)
-from seedswarm.node.config import ConfigError, NodeConfig
-from seedswarm.node.estimators import fo_project, zo_spsa
-from seedswarm.node.genesis import Genesis
-from seedswarm.node.metrics import Metrics, MetricsServer
-from seedswarm.node.protocol import (
+from seedswarm.node.core.chain import ChainState, RecordError, checked_next_state, record_hash
+from seedswarm.node.core.genesis import Genesis
+from seedswarm.node.core.protocol import (
     Apply,
     CoreConfig,
     Effect,
@@ -101,9 +89,22 @@ from seedswarm.node.protocol import (
     Rejected,
     Send,
 )
-from seedswarm.node.replay import ModelStates, bind_, model_digest
-from seedswarm.node.store import ChainStore, StoreError
-from seedswarm.node.tasks import load_task
+from seedswarm.node.daemon.config import ConfigError, NodeConfig
+from seedswarm.node.daemon.metrics import Metrics, MetricsServer
+from seedswarm.node.daemon.store import ChainStore, StoreError
+from seedswarm.node.learn.checkpoint import (
+    Checkpoint,
+    CheckpointDir,
+    CheckpointError,
+    assemble,
+    check_chunk,
+    choose_manifest,
+    decode_params,
+    encode_params,
+)
+from seedswarm.node.learn.estimators import fo_project, zo_spsa
+from seedswarm.node.learn.replay import ModelStates, bind_, model_digest
+from seedswarm.node.learn.tasks import load_task
 
 log = logging.getLogger("seedswarm.daemon")
 

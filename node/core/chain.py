@@ -21,8 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from seedswarm.crypto.directions import stream_seed
-from seedswarm.crypto.hashing import beacon_of, h, merkle_root, round_seed
+from seedswarm.crypto.hashing import beacon_of, h, merkle_root, round_seed, stream_seed
 from seedswarm.crypto.keys import Identity, verify
 from seedswarm.gossip.wire import (
     Contribution,
@@ -34,8 +33,8 @@ from seedswarm.gossip.wire import (
     WireError,
     decode_as,
 )
-from seedswarm.node.codec import next_scale_exp, scale_of
-from seedswarm.node.genesis import Genesis
+from seedswarm.node.core.codec import next_scale_exp, scale_of
+from seedswarm.node.core.genesis import Genesis
 from seedswarm.sampling.aggregators import AGG_ONE, aggregate
 from seedswarm.sampling.byzantine import trim_for
 from seedswarm.sampling.committee import Committee, select_committee

@@ -16,6 +16,8 @@ import os
 import struct
 from pathlib import Path
 
+from seedswarm.node.files import atomic_write
+
 log = logging.getLogger("seedswarm.store")
 
 MAGIC = b"seedswarm-chain-v1\n"
@@ -25,27 +27,6 @@ MAX_FRAME = 1 << 24
 
 class StoreError(Exception):
     """The store belongs to another run or is not a seedswarm store."""
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write, fsync, rename, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 class ChainStore:

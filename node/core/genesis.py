@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+
 from seedswarm import PROTOCOL_VERSION
 from seedswarm.crypto.hashing import h
 from seedswarm.sampling.aggregators import DEFAULT_RULE, RULES
@@ -140,7 +141,7 @@ class Genesis:
             raise GenesisError(f"bad genesis field: {e}") from None
 
     def save(self, path: str | Path) -> None:
-        from seedswarm.node.store import atomic_write
+        from seedswarm.node.files import atomic_write
 
         atomic_write(Path(path), self.to_json().encode() + b"\n")
 
@@ -199,3 +200,12 @@ class GenesisOptions:
     lr: float = default("lr")
     local_lr: float = default("local_lr")
     batch_size: int = default("batch_size")
+    local_steps: int = default("local_steps")
+    eps: float = default("eps")
+
+    def genesis_fields(self) -> dict[str, Any]:
+        """These options as :class:`Genesis` keyword arguments (``aggregator`` is ``aggregator_rule``)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(GenesisOptions)}
+        d["aggregator_rule"] = d.pop("aggregator")
+        d.pop("task")
+        return d

@@ -49,7 +49,7 @@ from seedswarm.gossip.wire import (
     WireError,
     decode_as,
 )
-from seedswarm.node.chain import (
+from seedswarm.node.core.chain import (
     ChainState,
     RecordError,
     admission_ok,
@@ -62,8 +62,8 @@ from seedswarm.node.chain import (
     record_hash,
     validate_contribution,
 )
-from seedswarm.node.codec import quantize
-from seedswarm.node.genesis import Genesis
+from seedswarm.node.core.codec import quantize
+from seedswarm.node.core.genesis import Genesis
 
 log = logging.getLogger("seedswarm.protocol")
 

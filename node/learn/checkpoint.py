@@ -23,9 +23,10 @@ from pathlib import Path
 
 import msgpack
 import torch
+
 from seedswarm.crypto.hashing import h
 from seedswarm.gossip.wire import CheckpointManifest
-from seedswarm.node.store import atomic_write
+from seedswarm.node.files import atomic_write
 
 log = logging.getLogger("seedswarm.checkpoint")
 

@@ -25,8 +25,9 @@ from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
-from seedswarm.crypto.directions import fill_normal, project
 from torch import nn
+
+from seedswarm.crypto.directions import fill_normal, project
 
 __all__ = ["fo_project", "zo_spsa"]
 

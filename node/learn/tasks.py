@@ -1,7 +1,7 @@
 """Tasks: what a swarm trains (a model, private data shards, a loss, an evaluation).
 
 The protocol core never looks inside a task: it builds the initial model from it, asks it for
-a node's local batch and loss (to estimate projected gradients, ``node/estimators.py``), and for
+a node's local batch and loss (to estimate projected gradients, ``node/learn/estimators.py``), and for
 held-out metrics. A task is anything that satisfies the :class:`Task` protocol; most tasks
 subclass :class:`BaseTask`, which supplies sharding (IID or Dirichlet label skew), batch
 sampling, cross-entropy loss and accuracy/loss evaluation over in-memory tensors, so that a new
