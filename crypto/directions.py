@@ -596,6 +596,16 @@ def fill_many(streams: Sequence[int], offset: int, numel: int, device: Any = Non
     return _table(dev, dtype)[idx]
 
 
+@functools.lru_cache(maxsize=4)
+def _small_directions(streams: tuple[int, ...], numel: int, device: torch.device) -> torch.Tensor:
+    """The float64 direction matrix of a small projection, kept for the round's other trainers.
+
+    Every trainer of a round projects on the same streams, so a process that hosts several (the
+    simulator) generates them once. At most ``_SMALL`` elements (2 MiB) per entry; never mutated.
+    """
+    return fill_many(streams, 0, numel, device, torch.float64)
+
+
 def project(tensors: Sequence[torch.Tensor], streams: Sequence[int]) -> list[float]:
     """``<v, z_k>`` for each stream, ``v`` the flat concatenation of ``tensors`` (float64 sums).
 
@@ -615,7 +625,7 @@ def project(tensors: Sequence[torch.Tensor], streams: Sequence[int]) -> list[flo
         with torch.no_grad():
             dev = tensors[0].device
             v = torch.cat([t.detach().reshape(-1).to(device=dev, dtype=torch.float64) for t in tensors])
-            z = fill_many(stream_list, 0, total, dev, torch.float64)
+            z = _small_directions(tuple(stream_list), total, dev)
             return [float(x) for x in (z * v).sum(dim=1).tolist()]
     with torch.no_grad():
         for offset, run in _segments(tensors, lambda _dt: torch.float64):

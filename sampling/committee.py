@@ -24,13 +24,14 @@ from __future__ import annotations
 import hashlib
 import heapq
 import struct
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 __all__ = [
     "AGGREGATOR_DOMAIN",
     "TRAINER_DOMAIN",
     "Committee",
+    "aggregator_order",
     "rank_peers",
     "select_committee",
 ]
@@ -139,7 +140,12 @@ def rank_peers(
 
 
 def select_committee(
-    beacon: bytes, eligible: Iterable[bytes], trainers: int, aggregators: int
+    beacon: bytes,
+    eligible: Iterable[bytes],
+    trainers: int,
+    aggregators: int,
+    probation: Collection[bytes] = (),
+    probation_seats: int | None = None,
 ) -> Committee:
     """The committee of the round whose beacon is ``beacon``.
 
@@ -149,6 +155,11 @@ def select_committee(
     ``trainers`` peers by trainer rank key become trainers and the first ``aggregators`` peers by
     aggregator rank key become aggregators, in rank order; if fewer peers are eligible than asked
     for, all of them are taken. The two draws are independent, so a peer may hold both roles.
+
+    ``probation``: eligible peers still on probation (new members). Together they take at most
+    ``probation_seats`` trainer seats (further ones are skipped in rank order), and they rank as
+    aggregators only after every other eligible peer (:func:`aggregator_order`), so fresh keys,
+    which cost nothing in an open swarm, can neither fill a committee nor publish its record.
     """
     if not isinstance(beacon, bytes):
         raise TypeError(f"beacon must be bytes, got {type(beacon).__name__}")
@@ -158,14 +169,47 @@ def select_committee(
         )
     peers = _as_peer_list(eligible)
     n = len(peers)
+    new = set(probation)
+    if not new.intersection(peers) or probation_seats is None:
+        probation_seats = n
 
-    def top(domain: bytes, k: int) -> tuple[bytes, ...]:
+    def top_trainers(k: int) -> tuple[bytes, ...]:
         if k == 0 or n == 0:
             return ()
-        keyed = _keyed(domain, beacon, peers)
-        best = sorted(keyed) if k >= n else heapq.nsmallest(k, keyed)
-        return tuple(p for _, p in best)
+        keyed = _keyed(TRAINER_DOMAIN, beacon, peers)
+        if probation_seats >= n:
+            best = sorted(keyed) if k >= n else heapq.nsmallest(k, keyed)
+            return tuple(p for _, p in best)
+        out: list[bytes] = []
+        seats = probation_seats
+        for _, p in sorted(keyed):
+            if p in new:
+                if seats <= 0:
+                    continue
+                seats -= 1
+            out.append(p)
+            if len(out) == k:
+                break
+        return tuple(out)
 
     return Committee(
-        trainers=top(TRAINER_DOMAIN, trainers), aggregators=top(AGGREGATOR_DOMAIN, aggregators)
+        trainers=top_trainers(trainers),
+        aggregators=tuple(aggregator_order(beacon, peers, new, aggregators)),
     )
+
+
+def aggregator_order(beacon: bytes, eligible: Iterable[bytes], probation: Collection[bytes] = (),
+                     k: int | None = None) -> list[bytes]:
+    """Eligible peers in aggregator rank order: every peer off probation first, then the rest.
+
+    The first ``a`` are the round's aggregators; the others are the fallback ranks that may
+    publish, one round timeout apart, when everyone ranked before them stayed silent.
+    """
+    peers = _as_peer_list(eligible)
+    new = set(probation)
+    veterans = [p for p in peers if p not in new]
+    rookies = [p for p in peers if p in new]
+    order = rank_peers(AGGREGATOR_DOMAIN, beacon, veterans, k)
+    if k is None or len(order) < k:
+        order += rank_peers(AGGREGATOR_DOMAIN, beacon, rookies, None if k is None else k - len(order))
+    return order

@@ -66,7 +66,7 @@ from seedswarm.crypto.keys import Identity
 from seedswarm.gossip.wire import Contribution
 from seedswarm.node.core.chain import ChainState
 from seedswarm.node.core.codec import QMAX, quantize
-from seedswarm.node.learn.estimators import fo_project, zo_spsa
+from seedswarm.node.learn.estimators import local_estimate
 from seedswarm.node.learn.replay import bind_
 
 if TYPE_CHECKING:
@@ -147,12 +147,7 @@ def _estimate(sim: Simulation, node: SimNode, st: ChainState, streams: tuple[int
     model = bind_(sim.model, params)
     g = sim.genesis
     rng = np.random.default_rng([g.seed, st.round, node.index, 0xA77AC4])
-    if g.estimator == "fo":
-        batches = [sim.task.batch(node.shard, rng, g.batch_size) for _ in range(g.local_steps)]
-        return fo_project(model, lambda m, t: sim.task.loss(m, batches[t]), streams,
-                          steps=g.local_steps, lr=g.local_lr)
-    batch = sim.task.batch(node.shard, rng, g.batch_size)
-    return zo_spsa(model, lambda m: sim.task.loss(m, batch), streams, g.eps)
+    return local_estimate(sim.task, g, model, node.shard, rng, streams)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,7 +416,7 @@ def rush(node: SimNode, values: list[float], sim: Simulation) -> list[float]:
     q = _saturated_row(values, st.scale)
     c = Contribution(run=st.run_id, round=st.round, peer=node.key, q=q).signed(node.identity)
     rec, inputs = build_record(st, node.identity, [c])
-    node.core._inputs[record_hash(rec)] = (st.round, inputs)  # serve verifiers, like an aggregator
+    node.core.keep_inputs(record_hash(rec), st.round, inputs)  # serve verifiers, like an aggregator
     sim._publish(node, rec)
     return values
 
@@ -496,9 +491,8 @@ class ByzantineMetrics:
 
         inputs = None
         for n in sim.nodes:
-            entry = n.core._inputs.get(st.head)  # the core's cache of record inputs (read only)
-            if entry is not None:
-                inputs = entry[1]
+            inputs = n.core.inputs_of(st.head)  # the core's cache of record inputs (read only)
+            if inputs is not None:
                 break
         if not inputs:
             return

@@ -26,18 +26,23 @@ from seedswarm.crypto.keys import Identity
 from seedswarm.gossip.wire import Message
 from seedswarm.node.core.chain import ChainState
 from seedswarm.node.core.genesis import Genesis
-from seedswarm.node.core.protocol import (
+from seedswarm.node.core.effects import (
     Apply,
-    CoreConfig,
     Estimate,
-    NodeCore,
+    InstallCheckpoint,
+    Notice,
     Publish,
     Rejected,
+    Reply,
+    Resync,
     Send,
 )
-from seedswarm.node.learn.estimators import fo_project, zo_spsa
+from seedswarm.node.core.protocol import CoreConfig, NodeCore
+from seedswarm.node.learn.checkpoint import decode_params
+from seedswarm.node.learn.estimators import local_estimate
 from seedswarm.node.learn.replay import ModelStates, bind_, model_digest
 from seedswarm.node.learn.tasks import Task
+from seedswarm.sim.chainview import ChainIndex, SimHistory
 
 Attack = Callable[["SimNode", list[float], "Simulation"], list[float] | None]
 
@@ -74,22 +79,15 @@ class SimNode:
     bytes_sent: int = 0
     bytes_received: int = 0
     joined_at: float = 0.0
-    first_applied_at: float | None = None
+    first_applied_at: float | None = None  # first record applied to its model
+    synced_at: float | None = None  # joiners: caught up with the swarm, model in hand
+    member_at: float | None = None  # joiners: a record made it a member
+    model_ready: bool = True  # false while it waits for a checkpoint (records kept, model deferred)
+    checkpoint_round: int | None = None  # joiners: the round of the checkpoint it installed
 
     @property
     def key(self) -> bytes:
         return self.identity.public
-
-
-@dataclass
-class RoundStat:
-    round: int
-    time: float
-    wall: float
-    contributors: int
-    bytes_total: int
-    accuracy: float | None = None
-    loss: float | None = None
 
 
 @dataclass
@@ -100,6 +98,9 @@ class Simulation:
     net: NetConfig
     rng: np.random.Generator
     states: ModelStates
+    index: ChainIndex
+    core_config: CoreConfig
+    shard_count: int = 0
     attack: Attack | None = None
     now: float = 0.0
     events: list[tuple[float, int, str, int, Any]] = field(default_factory=list)
@@ -108,48 +109,43 @@ class Simulation:
     bytes_total: int = 0
     bytes_by_kind: dict[str, int] = field(default_factory=dict)
     rejected: dict[str, int] = field(default_factory=dict)
+    notices: dict[str, int] = field(default_factory=dict)
     best_round: int = 0
-    round_log: list[RoundStat] = field(default_factory=list)
     on_round: Callable[[Simulation, ChainState], None] | None = None
     model: torch.nn.Module | None = None
     estimates: int = 0
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def create(
-        cls,
-        genesis: Genesis,
-        task: Task,
-        identities: list[Identity],
-        net: NetConfig,
-        seed: int,
-        core_config: CoreConfig | None = None,
-    ) -> Simulation:
+    def create(cls, genesis: Genesis, task: Task, identities: list[Identity], net: NetConfig, seed: int,
+               core_config: CoreConfig | None = None, checkpoint_every: int = 0,
+               checkpoint_chunk_bytes: int = 1 << 16) -> Simulation:
         rng = np.random.default_rng(seed)
         model = task.build_model()
         root = ChainState.initial(genesis)
-        states = ModelStates(root, [p.detach() for p in model.parameters()], keep=64)
-        sim = cls(genesis=genesis, task=task, nodes=[], net=net, rng=rng, states=states, model=model)
-        sim._core_config = core_config or CoreConfig()
+        params = [p.detach() for p in model.parameters()]
+        states = ModelStates(root, params, keep=64)
+        index = ChainIndex(root, params, checkpoint_every, checkpoint_chunk_bytes)
+        sim = cls(genesis=genesis, task=task, nodes=[], net=net, rng=rng, states=states, index=index,
+                  core_config=core_config or CoreConfig(), model=model)
         for ident in identities:
-            sim.add_node(ident, root, member=True)
+            sim.add_node(ident, root)
         return sim
 
-    def add_node(self, ident: Identity, base: ChainState, member: bool) -> SimNode:
+    def add_node(self, ident: Identity, base: ChainState, config: CoreConfig | None = None) -> SimNode:
         i = len(self.nodes)
-        core = NodeCore(self.genesis, ident, self._core_config, base=base)
         node = SimNode(
-            index=i, identity=ident, core=core, shard=self.task.shard(i, max(1, self._shard_count)),
+            index=i, identity=ident, core=None,  # type: ignore[arg-type]  # set below: the history needs the node
+            shard=self.task.shard(i, max(1, self.shard_count)),
             rng=np.random.default_rng([int(self.rng.integers(1 << 62)), i]),
             access_s=self.net.latency_ms / 2000.0 * float(math.exp(self.rng.normal(0.0, self.net.jitter))),
             speed=float(math.exp(self.rng.normal(0.0, 0.25))), joined_at=self.now,
         )
+        node.core = NodeCore(self.genesis, ident, config or self.core_config, base=base,
+                             history=SimHistory(self.index, node))
         self.nodes.append(node)
         self.by_key[ident.public] = node
         return node
-
-    _core_config: CoreConfig = field(default_factory=CoreConfig)
-    _shard_count: int = 0
 
     # ------------------------------------------------------------------ event plumbing
     def push(self, t: float, kind: str, node: int, payload: Any = None) -> None:
@@ -160,11 +156,18 @@ class Simulation:
         for n in self.nodes:
             self.handle(n, n.core.start(self.now))
 
-    def start_node(self, node: SimNode, join: bool) -> None:
+    def start_node(self, node: SimNode, join: bool, peers: int = 8) -> None:
+        """Start a node; a joiner learns a few online peers (as peer exchange would) and syncs,
+        downloads a checkpoint and announces its Join on its own, through its core."""
         node.joined_at = self.now
         self.handle(node, node.core.start(self.now))
         if join:
-            self.handle(node, node.core.join(self.now))
+            node.model_ready = False
+            online = [n for n in self.nodes if n.online and n is not node and not n.byzantine]
+            for i in self.rng.permutation(len(online))[:peers]:
+                p = online[int(i)]
+                self.handle(node, node.core.on_peer(self.now, p.key, p.core.head.round))
+            self.handle(node, node.core.join(self.now) if not node.core.cfg.auto_join else [])
 
     def link_delay(self, a: SimNode, b: SimNode, size: int) -> float:
         return a.access_s + b.access_s + size * 8 / (self.net.bandwidth_mbps * 1e6)
@@ -175,7 +178,7 @@ class Simulation:
 
     def handle(self, node: SimNode, effects: list[Any]) -> None:
         for e in effects:
-            if isinstance(e, Send):
+            if isinstance(e, Send | Reply):
                 self._send(node, e.to, e.msg)
             elif isinstance(e, Publish):
                 self._publish(node, e.msg)
@@ -183,8 +186,15 @@ class Simulation:
                 self._estimate(node, e)
             elif isinstance(e, Apply):
                 self._apply(node, e)
+            elif isinstance(e, InstallCheckpoint):
+                self._install(node, e)
             elif isinstance(e, Rejected):
                 self.rejected[e.reason] = self.rejected.get(e.reason, 0) + 1
+            elif isinstance(e, Notice):
+                self.notices[e.what] = self.notices.get(e.what, 0) + 1
+            elif isinstance(e, Resync):
+                self._resync(node, e)
+                return
         self._schedule_timer(node)
 
     def _schedule_timer(self, node: SimNode) -> None:
@@ -225,16 +235,8 @@ class Simulation:
         if params is None:
             return
         assert self.model is not None
-        model = bind_(self.model, params)
-        g = self.genesis
         self.estimates += 1
-        if g.estimator == "fo":
-            batches = [self.task.batch(node.shard, node.rng, g.batch_size) for _ in range(g.local_steps)]
-            values = fo_project(model, lambda m, t: self.task.loss(m, batches[t]), e.streams,
-                                steps=g.local_steps, lr=g.local_lr)
-        else:
-            batch = self.task.batch(node.shard, node.rng, g.batch_size)
-            values = zo_spsa(model, lambda m: self.task.loss(m, batch), e.streams, g.eps)
+        values = local_estimate(self.task, self.genesis, bind_(self.model, params), node.shard, node.rng, e.streams)
         if node.byzantine and self.attack is not None:
             forged = self.attack(node, values, self)
             if forged is None:
@@ -244,18 +246,54 @@ class Simulation:
         self.push(self.now + delay, "estimate", node.index, (e.round, e.head, values))
 
     def _apply(self, node: SimNode, e: Apply) -> None:
+        self.index.add(e.steps)
+        if e.catching_up:
+            node.model_ready = False  # records kept; the model waits for the checkpoint
+            return
         if node.byzantine and not self.states.has(e.base.head):
             # A Byzantine node left on its own fork (e.g. the rushers' records, which honest nodes
             # hold and drop) can fall out of the shared parameter cache; its model is never measured.
             return
+        if not self.states.has(e.base.head):
+            self.index.materialize(self.states, e.base)  # a node that replays instead of a checkpoint
         self.states.advance(e.base, e.steps)
+        node.model_ready = True
+        for st in [p for p, _ in e.steps[1:]] + [e.head]:
+            self.index.maybe_checkpoint(st, self.states)
         if node.first_applied_at is None and e.steps:
             node.first_applied_at = self.now
         st = e.head
+        if node.synced_at is None and st.round >= self.best_round - 1:
+            node.synced_at = self.now
+        if node.member_at is None and node.key in st.members:
+            node.member_at = self.now
         if st.round > self.best_round and not node.byzantine:
             self.best_round = st.round
             if self.on_round is not None:
                 self.on_round(self, st)
+
+    def _install(self, node: SimNode, e: InstallCheckpoint) -> None:
+        """A joiner's downloaded checkpoint: decode it and check it against the shared model."""
+        _, head, params = decode_params(e.blob, self.index.genesis_params)
+        have = self.states.get(e.head)
+        if have is not None and model_digest(have) != model_digest(params):
+            self.rejected["checkpoint-mismatch"] = self.rejected.get("checkpoint-mismatch", 0) + 1
+            return
+        if have is None:
+            self.states.put(e.head, params)
+        node.checkpoint_round = e.round
+
+    def _resync(self, node: SimNode, e: Resync) -> None:
+        """Peers agree on a chain that left ours too deep to undo: restart from the fork point."""
+        base = self.index.state_at(node.core.head, e.fork_round)
+        old = node.core
+        node.core = NodeCore(self.genesis, node.identity, old.cfg, base=base, history=SimHistory(self.index, node))
+        node.timer_at = math.inf
+        self.handle(node, node.core.start(self.now))
+        for p in e.voters:
+            peer = self.by_key.get(p)
+            if peer is not None:
+                self.handle(node, node.core.on_peer(self.now, p, peer.core.head.round))
 
     # ------------------------------------------------------------------ running
     def step(self) -> bool:

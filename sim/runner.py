@@ -43,6 +43,9 @@ class SimConfig(GenesisOptions):
     leave_at: int = -1
     latency_ms: float = 40.0
     loss: float = 0.0
+    bandwidth_mbps: float = 100.0  # every node's link
+    checkpoint_every: int = 20  # rounds between checkpoints nodes serve to joiners (0: joiners replay)
+    checkpoint_chunk_bytes: int = 1 << 16
     max_wall: float = math.inf
     out: str | None = None
     quiet: bool = False
@@ -57,12 +60,14 @@ def build(cfg: SimConfig) -> Simulation:
         **cfg.genesis_fields(), round_timeout=max(0.5, 8 * cfg.latency_ms / 1000.0), min_round_time=0.05,
     )
     task = load_task(cfg.task, cfg.task_options, seed=cfg.seed)
-    net = NetConfig(latency_ms=cfg.latency_ms, loss=cfg.loss)
-    sim = Simulation.create(genesis, task, [], net, cfg.seed, CoreConfig())
-    sim._shard_count = cfg.nodes + cfg.join_nodes
+    net = NetConfig(latency_ms=cfg.latency_ms, loss=cfg.loss, bandwidth_mbps=cfg.bandwidth_mbps)
+    core = CoreConfig(auto_join=True, checkpoint_gap=cfg.checkpoint_every)
+    sim = Simulation.create(genesis, task, [], net, cfg.seed, core, checkpoint_every=cfg.checkpoint_every,
+                            checkpoint_chunk_bytes=cfg.checkpoint_chunk_bytes)
+    sim.shard_count = cfg.nodes + cfg.join_nodes
     root = ChainState.initial(genesis)
     for ident in idents:
-        sim.add_node(ident, root, member=True)
+        sim.add_node(ident, root)
     n_byz = int(round(cfg.byzantine * cfg.nodes))
     if n_byz:
         from seedswarm.sim.attacks import get_attack
@@ -87,9 +92,14 @@ def run(cfg: SimConfig, log: TextIO = sys.stderr) -> dict[str, Any]:
     runlog = RunLog(out_dir, cfg.target, cfg.eval_every, cfg.rounds)
     last_print = [0.0]
     crash_round: list[int] = []
+    expelled_online: list[tuple[int, int]] = []  # (round, node index): removed while online and not leaving
 
     def on_round(s: Simulation, st: ChainState) -> None:
         r = st.round
+        for peer, at in st.departed.items():
+            node = s.by_key.get(peer)
+            if at == r - 1 and node is not None and node.online and not node.byzantine and not node.core.leaving:
+                expelled_online.append((at, node.index))
         line: dict[str, Any] = {"round": r, "time": round(s.now, 4), "wall": round(time.monotonic() - wall0, 3),
                                 "bytes_total": s.bytes_total, "online": sum(n.online for n in s.nodes),
                                 "members": len(st.members)}
@@ -114,9 +124,11 @@ def run(cfg: SimConfig, log: TextIO = sys.stderr) -> dict[str, Any]:
                 s.handle(node, node.core.leave(s.now))
                 s.push(s.now + 1.0, "call", 0, lambda s2, n=node: s2.crash(n))
         if r == cfg.join_at and cfg.join_nodes > 0:
-            donor = next(n for n in s.nodes if n.online and not n.byzantine)
+            # Joiners start from the genesis, as a new host does: they learn a few peers, sync the
+            # records, download the newest checkpoint in chunks and gossip a Join, all through
+            # their own core over the simulated links.
             for ident in identities(cfg.join_nodes, cfg.seed, offset=len(s.nodes)):
-                node = s.add_node(ident, donor.core.head, member=False)
+                node = s.add_node(ident, ChainState.initial(s.genesis))
                 s.start_node(node, join=True)
         if not cfg.quiet and (time.monotonic() - last_print[0] > 2.0 or r >= cfg.rounds):
             last_print[0] = time.monotonic()
@@ -140,7 +152,7 @@ def run(cfg: SimConfig, log: TextIO = sys.stderr) -> dict[str, Any]:
     sim.start()
     stop = (lambda s: runlog.bytes_to_target is not None) if cfg.stop_at_target else None
     sim.run(cfg.rounds, max_wall=cfg.max_wall, stop=stop)
-    sim.settle(grace=5 * sim.genesis.round_timeout + 4 * sim._core_config.sync_after)
+    sim.settle(grace=5 * sim.genesis.round_timeout + 4 * sim.core_config.sync_after)
     # final evaluation on the majority head
     agreement, _ = sim.digest_agreement()
     heads = [n.core.head for n in sim.honest_online()]
@@ -172,8 +184,15 @@ def run(cfg: SimConfig, log: TextIO = sys.stderr) -> dict[str, Any]:
         "peak_rss_mb": peak_rss_mb,  # the whole process, high-water mark
         "rejected": sim.rejected,
         "crash_round": crash_round[0] if crash_round else None,
-        "join_seconds": [n.first_applied_at - n.joined_at for n in sim.nodes[cfg.nodes:]
-                         if n.first_applied_at is not None],
+        "expelled_online": len(expelled_online),  # honest members the records removed while they ran
+        "expelled_online_at": expelled_online[:20],
+        # per joiner: from start until caught up with the swarm with a model (sync and checkpoint
+        # transfer included), and until a record made it a member
+        "join_seconds": [round(n.synced_at - n.joined_at, 4) for n in sim.nodes[cfg.nodes:] if n.synced_at is not None],
+        "join_member_seconds": [round(n.member_at - n.joined_at, 4) for n in sim.nodes[cfg.nodes:]
+                                if n.member_at is not None],
+        "join_checkpoint_rounds": [n.checkpoint_round for n in sim.nodes[cfg.nodes:]],
+        "notices": sim.notices,
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("out",) and not (isinstance(v, float) and math.isinf(v))},
         "genesis_run_id": sim.genesis.run_id.hex(),
     }

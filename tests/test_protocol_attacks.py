@@ -35,7 +35,7 @@ from seedswarm.node.core.chain import (
     ChainState,
     build_record,
     encode_aggregate,
-    issue_certificate,
+
     next_state,
     ranks_of,
     record_hash,

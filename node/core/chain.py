@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from seedswarm.crypto.hashing import beacon_of, h, merkle_root, round_seed, stream_seed
-from seedswarm.crypto.keys import Identity, verify
+from seedswarm.crypto.keys import Identity
 from seedswarm.gossip.wire import (
     Contribution,
     Equivocation,
@@ -33,33 +33,25 @@ from seedswarm.gossip.wire import (
     WireError,
     decode_as,
 )
+from seedswarm.node.core.admission import admission_ok, join_bits
 from seedswarm.node.core.codec import next_scale_exp, scale_of
+from seedswarm.node.core.effects import Reason
 from seedswarm.node.core.genesis import Genesis
 from seedswarm.sampling.aggregators import AGG_ONE, aggregate
 from seedswarm.sampling.byzantine import trim_for
-from seedswarm.sampling.committee import Committee, select_committee
+from seedswarm.sampling.committee import Committee, aggregator_order, select_committee
 
 AGG_MAX = 127 * AGG_ONE
 _MEMO_SIZE = 4096
 
 
 class RecordError(Exception):
-    """A record (or the inputs behind it) that must not be applied. ``reason`` is a short tag."""
+    """A record (or the inputs behind it) that must not be applied, and why."""
 
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
+    def __init__(self, reason: Reason, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else str(reason))
         self.reason = reason
-
-
-def admission_ok(genesis: Genesis, run_id: bytes, peer: bytes, cert: bytes) -> bool:
-    """Open swarms admit anyone (and are Sybil-exposed); permissioned ones need the swarm key's signature."""
-    if not genesis.admission_key:
-        return True
-    return verify(genesis.admission_key, b"admission", run_id, peer, cert)
-
-
-def issue_certificate(swarm_key: Identity, run_id: bytes, peer: bytes) -> bytes:
-    return swarm_key.sign(b"admission", run_id, peer)
+        self.detail = detail
 
 
 def encode_aggregate(values: Sequence[int]) -> bytes:
@@ -99,6 +91,7 @@ class ChainState:
     missed: dict[bytes, int] = field(default_factory=dict)  # consecutive missed duties
     departed: dict[bytes, int] = field(default_factory=dict)  # public key -> round it left/was expelled
     scale_exp: int = 0
+    recent_joins: tuple[int, ...] = ()  # rounds of the Joins admitted in the last join_ttl rounds
 
     @classmethod
     def initial(cls, genesis: Genesis) -> ChainState:
@@ -119,15 +112,26 @@ class ChainState:
         return [m for m, joined in self.members.items() if joined <= limit]
 
     @functools.cached_property
+    def probation(self) -> frozenset[bytes]:
+        """Members on probation (joined within ``genesis.probation`` rounds; founders never are)."""
+        g = self.genesis
+        return frozenset(m for m, joined in self.members.items() if joined > 0 and self.round - joined < g.probation)
+
+    @functools.cached_property
     def committee(self) -> Committee:
         g = self.genesis
-        return select_committee(self.beacon, self.eligible, g.trainers, g.aggregators)
+        seats = max(1, int(g.trainers * g.probation_share))
+        return select_committee(self.beacon, self.eligible, g.trainers, g.aggregators,
+                                probation=self.probation, probation_seats=seats)
 
     @functools.cached_property
     def _full_aggregator_order(self) -> dict[bytes, int]:
-        from seedswarm.sampling.committee import AGGREGATOR_DOMAIN, rank_peers
+        return {p: i for i, p in enumerate(aggregator_order(self.beacon, self.eligible, self.probation))}
 
-        return {p: i for i, p in enumerate(rank_peers(AGGREGATOR_DOMAIN, self.beacon, self.eligible))}
+    @property
+    def join_bits(self) -> int:
+        """Bits of work a Join needs in a record of this round (open swarms; see ``admission``)."""
+        return join_bits(self.genesis, len(self.recent_joins))
 
     def aggregator_rank(self, peer: bytes) -> int | None:
         """Rank of an eligible peer as aggregator of this round. The first ``a`` ranks are the
@@ -159,12 +163,15 @@ class ChainState:
     def scale(self) -> float:
         return scale_of(self.scale_exp)
 
+    @functools.cached_property
+    def _all_streams(self) -> tuple[int, ...]:
+        seed = round_seed(self.beacon)
+        return tuple(stream_seed(seed, i) for i in range(self.genesis.total_directions))
+
     def streams(self, group: int | None = None) -> list[int]:
         """Direction streams of this round: all groups, or the K of one group."""
-        seed = round_seed(self.beacon)
         k = self.genesis.directions
-        idx = range(self.genesis.total_directions) if group is None else range(group * k, (group + 1) * k)
-        return [stream_seed(seed, i) for i in idx]
+        return list(self._all_streams if group is None else self._all_streams[group * k : (group + 1) * k])
 
     def group_of(self, trainer_rank: int) -> int:
         return trainer_rank % self.genesis.groups
@@ -183,27 +190,27 @@ class ChainState:
 _E = TypeVar("_E", bound=Message)
 
 
-def _decode_entry(data: bytes, cls: type[_E], state: ChainState, what: str) -> _E:
+def _decode_entry(data: bytes, cls: type[_E], state: ChainState, what: Reason) -> _E:
     try:
         msg = decode_as(data, cls, state.run_id)
     except WireError as e:
-        raise RecordError(f"bad-{what}", str(e)) from None
+        raise RecordError(what, str(e)) from None
     if not msg.signature_ok():
-        raise RecordError(f"bad-{what}", "invalid signature")
+        raise RecordError(what, "invalid signature")
     return msg
 
 
 def check_equivocation(state: ChainState, data: bytes) -> bytes:
     """Validate equivocation evidence; return the guilty peer."""
-    ev = _decode_entry(data, Equivocation, state, "evidence")
-    a = _decode_entry(ev.a, Contribution, state, "evidence")
-    b = _decode_entry(ev.b, Contribution, state, "evidence")
+    ev = _decode_entry(data, Equivocation, state, Reason.BAD_EVIDENCE)
+    a = _decode_entry(ev.a, Contribution, state, Reason.BAD_EVIDENCE)
+    b = _decode_entry(ev.b, Contribution, state, Reason.BAD_EVIDENCE)
     if a.peer != b.peer or a.round != b.round or a.q == b.q:
-        raise RecordError("bad-evidence", "not two different contributions of one peer for one round")
+        raise RecordError(Reason.BAD_EVIDENCE, "not two different contributions of one peer for one round")
     if a.round > state.round or state.round - a.round > state.genesis.join_ttl:
-        raise RecordError("bad-evidence", "evidence outside the ttl window")
+        raise RecordError(Reason.BAD_EVIDENCE, "evidence outside the ttl window")
     if a.peer not in state.members:
-        raise RecordError("bad-evidence", "peer is not a member")
+        raise RecordError(Reason.BAD_EVIDENCE, "peer is not a member")
     return bytes(a.peer)
 
 
@@ -211,30 +218,33 @@ def membership_changes(state: ChainState, rec: Record) -> tuple[list[bytes], lis
     """Validate the record's joins, leaves and evidence; return (joined, left, expelled) peers."""
     g, r = state.genesis, state.round
     joined: list[bytes] = []
+    if len(rec.joins) > g.max_joins:
+        raise RecordError(Reason.BAD_JOIN, f"{len(rec.joins)} joins in one record (at most {g.max_joins})")
+    bits = state.join_bits
     for data in rec.joins:
-        j = _decode_entry(data, Join, state, "join")
+        j = _decode_entry(data, Join, state, Reason.BAD_JOIN)
         if not (j.round <= r <= j.round + g.join_ttl):
-            raise RecordError("bad-join", "join outside its validity window")
+            raise RecordError(Reason.BAD_JOIN, "join outside its validity window")
         if j.peer in state.members or j.peer in joined:
-            raise RecordError("bad-join", "peer already a member")
+            raise RecordError(Reason.BAD_JOIN, "peer already a member")
         if state.departed.get(j.peer, -1) >= j.round:
-            raise RecordError("bad-join", "join signed before the peer's last departure (replay)")
-        if not admission_ok(g, state.run_id, j.peer, j.cert):
-            raise RecordError("bad-join", "missing or invalid admission certificate")
+            raise RecordError(Reason.BAD_JOIN, "join signed before the peer's last departure (replay)")
+        if not admission_ok(g, state.run_id, j.peer, j.round, j.cert, bits):
+            raise RecordError(Reason.BAD_JOIN, "missing or invalid admission certificate or work")
         joined.append(bytes(j.peer))
     left: list[bytes] = []
     for data in rec.leaves:
-        lv = _decode_entry(data, Leave, state, "leave")
+        lv = _decode_entry(data, Leave, state, Reason.BAD_LEAVE)
         if not (lv.round <= r <= lv.round + g.join_ttl):
-            raise RecordError("bad-leave", "leave outside its validity window")
+            raise RecordError(Reason.BAD_LEAVE, "leave outside its validity window")
         if lv.peer not in state.members or lv.peer in left:
-            raise RecordError("bad-leave", "peer is not a member")
+            raise RecordError(Reason.BAD_LEAVE, "peer is not a member")
         left.append(bytes(lv.peer))
     expelled: list[bytes] = []
     for data in rec.evidence:
         p = check_equivocation(state, data)
         if p in expelled:
-            raise RecordError("bad-evidence", "duplicate evidence")
+            raise RecordError(Reason.BAD_EVIDENCE, "duplicate evidence")
         expelled.append(p)
     return joined, left, expelled
 
@@ -243,31 +253,31 @@ def check_record(state: ChainState, rec: Record) -> None:
     """Everything about a record that can be checked without its inputs. Raises RecordError."""
     g = state.genesis
     if rec.run != state.run_id:
-        raise RecordError("wrong-run")
+        raise RecordError(Reason.WRONG_RUN)
     if rec.round != state.round:
-        raise RecordError("wrong-round", f"record for round {rec.round}, state at {state.round}")
+        raise RecordError(Reason.WRONG_ROUND, f"record for round {rec.round}, state at {state.round}")
     if rec.prev != state.head:
-        raise RecordError("wrong-parent")
+        raise RecordError(Reason.WRONG_PARENT)
     if state.aggregator_rank(rec.aggregator) is None:
-        raise RecordError("not-aggregator", "signed by a peer that is not an eligible member")
+        raise RecordError(Reason.NOT_AGGREGATOR, "signed by a peer that is not an eligible member")
     if not rec.signature_ok():
-        raise RecordError("bad-signature")
+        raise RecordError(Reason.BAD_SIGNATURE)
     n_trainers = len(state.committee.trainers)
     if len(rec.contributors) != (n_trainers + 7) // 8:
-        raise RecordError("bad-bitmap", "contributor bitmap has the wrong length")
+        raise RecordError(Reason.BAD_BITMAP, "contributor bitmap has the wrong length")
     ranks = ranks_of(rec.contributors)
     if ranks and ranks[-1] >= n_trainers:
-        raise RecordError("bad-bitmap", "bit set beyond the committee")
+        raise RecordError(Reason.BAD_BITMAP, "bit set beyond the committee")
     if len(rec.aggregate) != 2 * g.total_directions:
-        raise RecordError("bad-aggregate", "wrong number of directions")
+        raise RecordError(Reason.BAD_AGGREGATE, "wrong number of directions")
     agg = decode_aggregate(rec.aggregate)
     if any(abs(a) > AGG_MAX for a in agg):
-        raise RecordError("bad-aggregate", "value outside the byte range")
+        raise RecordError(Reason.BAD_AGGREGATE, "value outside the byte range")
     groups_present = {state.group_of(i) for i in ranks}
     k = g.directions
     for grp in range(g.groups):
         if grp not in groups_present and any(agg[grp * k : (grp + 1) * k]):
-            raise RecordError("bad-aggregate", "non-zero aggregate for a group without contributions")
+            raise RecordError(Reason.BAD_AGGREGATE, "non-zero aggregate for a group without contributions")
     membership_changes(state, rec)
 
 
@@ -302,17 +312,17 @@ def check_contributions(state: ChainState, rec: Record, contributions: Sequence[
 def _check_contributions(state: ChainState, rec: Record, contributions: Sequence[bytes]) -> None:
     ranks = ranks_of(rec.contributors)
     if len(contributions) != len(ranks):
-        raise RecordError("bad-inputs", f"{len(contributions)} inputs for {len(ranks)} contributors")
+        raise RecordError(Reason.BAD_INPUTS, f"{len(contributions)} inputs for {len(ranks)} contributors")
     if merkle_root(list(contributions)) != rec.contrib_root:
-        raise RecordError("bad-inputs", "inputs do not match the record's Merkle root")
+        raise RecordError(Reason.BAD_INPUTS, "inputs do not match the record's Merkle root")
     ranked: list[tuple[int, bytes]] = []
     for rank, data in zip(ranks, contributions, strict=True):
         c = validate_contribution(state, data)
         if state.trainer_rank[c.peer] != rank:
-            raise RecordError("bad-inputs", "input does not belong to the trainer at its rank")
+            raise RecordError(Reason.BAD_INPUTS, "input does not belong to the trainer at its rank")
         ranked.append((rank, c.q))
     if encode_aggregate(recompute_aggregate(state, ranked)) != rec.aggregate:
-        raise RecordError("wrong-aggregate", "aggregate differs from the one recomputed from the inputs")
+        raise RecordError(Reason.WRONG_AGGREGATE, "aggregate differs from the one recomputed from the inputs")
 
 
 def validate_contribution(state: ChainState, data: bytes | Contribution) -> Contribution:
@@ -320,17 +330,17 @@ def validate_contribution(state: ChainState, data: bytes | Contribution) -> Cont
     try:
         c = data if isinstance(data, Contribution) else decode_as(data, Contribution, state.run_id)
     except WireError as e:
-        raise RecordError("bad-contribution", str(e)) from None
+        raise RecordError(Reason.BAD_CONTRIBUTION, str(e)) from None
     if c.round != state.round:
-        raise RecordError("stale-contribution" if c.round < state.round else "future-contribution")
+        raise RecordError(Reason.STALE_CONTRIBUTION if c.round < state.round else Reason.FUTURE_CONTRIBUTION)
     if c.peer not in state.trainer_rank:
-        raise RecordError("not-trainer", "contribution from a peer outside this round's trainers")
+        raise RecordError(Reason.NOT_TRAINER, "contribution from a peer outside this round's trainers")
     if len(c.q) != state.genesis.directions:
-        raise RecordError("bad-contribution", "wrong number of directions")
+        raise RecordError(Reason.BAD_CONTRIBUTION, "wrong number of directions")
     if b"\x80" in c.q:
-        raise RecordError("bad-contribution", "byte -128 is outside the codec's range")
+        raise RecordError(Reason.BAD_CONTRIBUTION, "byte -128 is outside the codec's range")
     if not c.signature_ok():
-        raise RecordError("bad-signature", "contribution signature invalid")
+        raise RecordError(Reason.BAD_SIGNATURE, "contribution signature invalid")
     return c
 
 
@@ -391,7 +401,7 @@ def checked_next_state(parent: ChainState, rec: Record) -> ChainState:
         if len(_MEMO) > _MEMO_SIZE:
             _MEMO.popitem(last=False)
     if isinstance(hit, RecordError):
-        raise RecordError(hit.reason, str(hit).partition(": ")[2])
+        raise RecordError(hit.reason, hit.detail)
     return hit
 
 
@@ -407,9 +417,14 @@ def next_state(state: ChainState, rec: Record) -> ChainState:
     # none of them (after a mass crash, live trainers wait to verify the previous record while
     # fallback aggregators publish empty ones). Only a record that holds some contribution counts
     # the others as missed duties.
-    if contributed:
-        for rank, peer in enumerate(state.committee.trainers):
-            missed[peer] = 0 if rank in contributed else missed.get(peer, 0) + 1
+    for rank, peer in enumerate(state.committee.trainers):
+        if rank in contributed:
+            missed[peer] = 0
+        elif contributed or peer in state.probation:
+            # An empty record counts only members on probation: a newcomer that has yet to
+            # contribute gets no benefit of the doubt, so silent sybils leave even when records
+            # are sparse (node/core/admission.py).
+            missed[peer] = missed.get(peer, 0) + 1
     agg_rank = state.aggregator_rank(rec.aggregator)
     assert agg_rank is not None
     for peer in state.aggregators_before(agg_rank):
@@ -422,10 +437,11 @@ def next_state(state: ChainState, rec: Record) -> ChainState:
     for p in joined:
         members[p] = r + 1
         departed.pop(p, None)
+    recent = tuple(j for j in state.recent_joins if j > r - g.join_ttl) + (r,) * len(joined)
     scale_exp = state.scale_exp
     if contributed:
         scale_exp = next_scale_exp(scale_exp, decode_aggregate(rec.aggregate), AGG_ONE)
     return ChainState(
         genesis=g, run_id=state.run_id, round=r + 1, head=record_hash(rec), members=members,
-        missed=missed, departed=departed, scale_exp=scale_exp,
+        missed=missed, departed=departed, scale_exp=scale_exp, recent_joins=recent,
     )

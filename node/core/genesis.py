@@ -58,6 +58,10 @@ class Genesis:
     round_timeout: float = 2.0  # upper bound of the adaptive aggregation deadline
     min_round_time: float = 0.05  # lower bound
     quorum: float = 0.75  # share of trainers an aggregator waits for before its deadline
+    max_joins: int = 4  # Joins one record may admit (node/core/admission.py)
+    join_pow_bits: int = 16  # open swarms: bits of work a Join needs when nobody joined lately (0: none)
+    probation: int = 32  # rounds a new member serves on probation (bounded seats, no aggregation)
+    probation_share: float = 0.25  # share of a round's trainer seats the members on probation may hold
     admission_key: bytes = b""  # non-empty: permissioned swarm, Joins need a certificate
     model_digest: bytes = b""  # digest of the initial model (checked by every node)
     version: int = PROTOCOL_VERSION
@@ -85,6 +89,14 @@ class Genesis:
             problems.append("p_fail must be in (0, 1)")
         if not 0 < self.quorum <= 1:
             problems.append("quorum must be in (0, 1]")
+        if not isinstance(self.max_joins, int) or not 1 <= self.max_joins <= 64:
+            problems.append("max_joins must be an integer in [1, 64]")
+        if not isinstance(self.join_pow_bits, int) or not 0 <= self.join_pow_bits <= 32:
+            problems.append("join_pow_bits must be an integer in [0, 32]")
+        if not isinstance(self.probation, int) or self.probation < 0:
+            problems.append("probation must be a non-negative integer")
+        if not isinstance(self.probation_share, (int, float)) or not 0 < self.probation_share <= 1:
+            problems.append("probation_share must be in (0, 1]")
         if any(len(m) != 32 for m in self.members) or len(set(self.members)) != len(self.members):
             problems.append("members must be distinct 32-byte public keys")
         if self.version != PROTOCOL_VERSION:

@@ -349,3 +349,24 @@ def fo_project(
         for a in total:
             a.div_(steps)
     return project(total, stream_list)
+
+
+def local_estimate(task: Any, genesis: Any, model: nn.Module, shard: Any, rng: Any,
+                   streams: Sequence[int], device: torch.device | None = None) -> list[float]:
+    """A trainer's projected gradients on ``streams``: the one function every driver calls.
+
+    ``genesis.estimator`` picks first order (``local_steps`` SGD steps at ``local_lr``, their
+    update projected, as Ferret) or zeroth order (SPSA at ``eps``, as MeZO); batches are drawn
+    from ``shard`` with ``rng`` and moved to ``device`` when it is not the CPU.
+    """
+
+    def draw() -> Any:
+        b = task.batch(shard, rng, genesis.batch_size)
+        return tuple(x.to(device) for x in b) if device is not None and device.type != "cpu" else b
+
+    if genesis.estimator == "fo":
+        batches = [draw() for _ in range(genesis.local_steps)]
+        return fo_project(model, lambda m, t: task.loss(m, batches[t]), streams,
+                          steps=genesis.local_steps, lr=genesis.local_lr)
+    batch = draw()
+    return zo_spsa(model, lambda m: task.loss(m, batch), streams, genesis.eps)

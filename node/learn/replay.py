@@ -58,6 +58,10 @@ class ModelStates:
         while len(self._by_head) > self._keep:
             self._by_head.popitem(last=False)
 
+    def put(self, head: bytes, params: Params) -> None:
+        """Keep ``params`` as the parameters of ``head`` (a checkpoint, or the genesis again)."""
+        self._put(head, params)
+
     def get(self, head: bytes) -> Params | None:
         p = self._by_head.get(head)
         if p is not None:

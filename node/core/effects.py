@@ -1,0 +1,161 @@
+"""What the core asks its driver to do, and why it refuses an input.
+
+The core never acts: every call returns a list of these effects, and a driver (the asyncio daemon
+or the virtual-time simulator) carries them out. Keeping them plain frozen dataclasses lets a test
+compare the effect sequences of two drivers fed the same inputs.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from seedswarm.gossip.wire import Message, Record
+
+if TYPE_CHECKING:
+    from seedswarm.node.core.chain import ChainState
+
+
+class Reason(enum.StrEnum):
+    """Why an input was refused: one name per cause, used as the metric label.
+
+    Drivers count them (``rejected_total{reason}``) and the peer policy weighs them; nothing
+    branches on free strings.
+    """
+
+    # wire and transport
+    MALFORMED = "malformed"  # bytes that do not decode as the expected message
+    WRONG_RUN = "wrong-run"  # a well-formed message of another swarm
+    PROTOCOL_VERSION = "protocol-version"  # a message of another protocol version
+    BAD_RESPONSE = "bad-response"  # an answer that is not the message the request asked for
+    BAD_GOSSIP = "bad-gossip"  # gossip the validator should have refused
+    # signatures and membership
+    BAD_SIGNATURE = "bad-signature"
+    NO_ADMISSION = "no-admission"  # a Join without the admission certificate or work it needs
+    MEMBERSHIP_FLOOD = "membership-flood"  # the pending Join/Leave set is full
+    BAD_JOIN = "bad-join"
+    BAD_LEAVE = "bad-leave"
+    BAD_EVIDENCE = "bad-evidence"
+    # contributions
+    BAD_CONTRIBUTION = "bad-contribution"
+    STALE_CONTRIBUTION = "stale-contribution"
+    FUTURE_CONTRIBUTION = "future-contribution"
+    NOT_TRAINER = "not-trainer"
+    # records
+    WRONG_ROUND = "wrong-round"
+    WRONG_PARENT = "wrong-parent"
+    NOT_AGGREGATOR = "not-aggregator"
+    AGGREGATOR_RANK = "aggregator-rank"  # a fallback rank that never aggregates
+    BAD_BITMAP = "bad-bitmap"
+    BAD_AGGREGATE = "bad-aggregate"
+    BAD_INPUTS = "bad-inputs"  # a record's inputs that do not match its commitment
+    WRONG_AGGREGATE = "wrong-aggregate"  # inputs that prove the aggregate wrong (fraud)
+    BAD_FRAUD_PROOF = "bad-fraud-proof"
+    # sync and join
+    BAD_CHAIN_RESPONSE = "bad-chain-response"
+    DEEP_FORK = "deep-fork"  # a peer's chain leaves ours further back than max_undo
+    BAD_CHECKPOINT = "bad-checkpoint"  # a manifest or chunk that does not check out
+    UNSOLICITED = "unsolicited"  # a response nobody asked for
+
+
+@dataclass(frozen=True)
+class Publish:
+    """Gossip to every node of the swarm (records, joins, leaves, fraud proofs)."""
+
+    msg: Message
+
+
+@dataclass(frozen=True)
+class Send:
+    """Send to one peer over a direct stream (contributions, requests)."""
+
+    to: bytes
+    msg: Message
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The answer to ``request``, a direct request from ``to``: the driver writes it on that stream."""
+
+    to: bytes
+    request: Message
+    msg: Message
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Compute the local projected gradients on these direction streams, then call on_estimate."""
+
+    round: int
+    head: bytes
+    streams: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Apply:
+    """Move the model: start from the parameters of ``base`` and apply ``steps`` in order.
+
+    ``base`` is the current head in the common case (one step); after a fork switch it is the
+    common ancestor, whose parameters the driver kept (at most ``max_undo`` rounds back). The
+    driver persists the records (truncating its store to ``base.round`` first) and updates the
+    model; while ``catching_up`` it may persist only and rebuild the model once, after the
+    checkpoint it is about to receive.
+    """
+
+    base: ChainState
+    steps: tuple[tuple[ChainState, Record], ...]  # (state before the record, record)
+    head: ChainState
+    catching_up: bool = False
+
+
+@dataclass(frozen=True)
+class InstallCheckpoint:
+    """A verified checkpoint (every chunk hash-checked, the whole blob hash-checked) at a round
+    of our own verified chain: the driver decodes it, checks it against its model, keeps it, and
+    replays the records after it."""
+
+    round: int
+    head: bytes
+    blob: bytes
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """Bad input from a peer: count it under ``reason``, log it once per (reason, peer)."""
+
+    peer: bytes | None
+    reason: Reason
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Ban:
+    """Stop talking to ``peer`` until ``until`` (core time): close its connections, refuse it."""
+
+    peer: bytes
+    until: float
+    strikes: int
+
+
+@dataclass(frozen=True)
+class Resync:
+    """Peers agree on a chain that left ours ``fork_round`` records in, deeper than we may undo.
+
+    The driver keeps what it has (it archives the stored records after ``fork_round``, it never
+    deletes them), restarts its core from the state after ``fork_round`` records and catches up.
+    """
+
+    fork_round: int
+    voters: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Something an operator should see once, with a counter (a fork detected, a resync)."""
+
+    what: str
+    detail: str
+
+
+Effect = Publish | Send | Reply | Estimate | Apply | InstallCheckpoint | Rejected | Ban | Resync | Notice

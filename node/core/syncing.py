@@ -1,0 +1,193 @@
+"""The node core's catch-up: when to ask for the chain, what to do with the answer, and the
+checkpoint download of a node that joins far behind.
+
+A part of :class:`~seedswarm.node.core.protocol.NodeCore` kept in its own file (the rules are in
+``sync`` and ``joinplan``; this is where the core applies them to its own state).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from seedswarm.gossip.wire import ChainResponse, CheckpointChunk, CheckpointManifest, WireError
+from seedswarm.node.core.effects import Effect, InstallCheckpoint, Notice, Reason, Resync, Send
+from seedswarm.node.core.joinplan import JoinPlan
+from seedswarm.node.core.sync import PAGE, ChainSync
+
+if TYPE_CHECKING:
+    from seedswarm.node.core.protocol import NodeCore
+
+    _Base = NodeCore
+else:
+    _Base = object
+
+
+class SyncMixin(_Base):
+    # ------------------------------------------------------------------ peers
+    def on_peer(self, now: float, peer: bytes, length: int = 0) -> list[Effect]:
+        """The driver connected to ``peer``, which says its chain holds ``length`` records (a
+        hint: only records that check out move us). A peer ahead of us triggers a sync."""
+        if peer == self.me or self.policy.is_banned(peer, now):
+            return []
+        self.sync.hint(peer, length, now)
+        if length > self.round + 1:
+            return self._sync_soon(now) + self._maybe_plan(now)
+        return []
+
+    def on_peer_gone(self, peer: bytes) -> None:
+        self.sync.forget(peer)
+
+    def _sync_peers(self) -> list[bytes]:
+        known = [p for p in self.sync.peer_heads if p != self.me]
+        return known or [p for p in self.head.members if p != self.me]
+
+    # ------------------------------------------------------------------ asking
+    def _ask_chain(self, now: float, exclude: set[bytes] | None = None) -> list[Effect]:
+        banned = {p for p in self._sync_peers() if self.policy.is_banned(p, now)}
+        peer = self.sync.pick(now, self._sync_peers(), (exclude or set()) | banned | set(self.sync.asks))
+        self._count("sync.requests")
+        if peer is None:
+            return []
+        return [Send(peer, self.sync.request(now, peer, self.tree.root().round))]
+
+    def _sync_soon(self, now: float) -> list[Effect]:
+        """A record from the future arrived: ask for the chain, at most a few times per sync_after."""
+        if self.sync.outstanding() or now - self.sync.last_request <= self.cfg.sync_after / 4:
+            return []
+        return self._ask_chain(now)
+
+    def _sync_timer(self, now: float) -> list[Effect]:
+        out: list[Effect] = []
+        for p in self.sync.expired(now):
+            self._count("sync.timeouts")
+            out += self._ask_chain(now, exclude={p})
+        stalled = now - self._last_progress > self.cfg.sync_after
+        if stalled and not self.sync.outstanding() and now - self.sync.last_request > self.cfg.sync_after:
+            self._paging = False
+            out += self._ask_chain(now)
+        if self.plan is not None and not self.plan.done:
+            out += self._plan_progress(now)
+        return out
+
+    def _sync_wakeup(self, now: float) -> float:
+        cfg = self.cfg
+        if now - self._last_progress > cfg.sync_after:
+            t = max(self.sync.last_request + cfg.sync_after, now + 1e-3)
+        else:
+            t = self._last_progress + cfg.sync_after + 1e-6
+        for a in self.sync.asks.values():
+            t = min(t, a.sent + self.sync.cfg.request_timeout + 1e-6)
+        if self.plan is not None:
+            t = min(t, self.plan.next_wakeup() + 1e-6)
+        return t
+
+    # ------------------------------------------------------------------ answers
+    def _on_chain_response(self, now: float, resp: ChainResponse, peer: bytes) -> list[Effect]:
+        ask = self.sync.take(peer, resp)
+        try:
+            recs = ChainSync.decode(resp, self.run_id)
+        except WireError as e:
+            return self.reject(now, peer, Reason.BAD_CHAIN_RESPONSE, str(e))
+        self.sync.hint(peer, resp.head, now)
+        if ask is None:
+            self._count("sync.unsolicited")  # late (we gave up on it) or unasked: use, never follow up
+        if ask is not None and ask.deep:
+            return self._on_probe(now, peer, ask.start, ask.origin, recs)
+        out: list[Effect] = []
+        before = self.head
+        if recs and self.tree.state(recs[0].prev) is None and recs[0].round <= self.round:
+            # Their record at the root of our window does not build on our root: their chain left
+            # ours before it. Look further back for the fork point.
+            if ask is None:
+                return []
+            self._count("sync.deep_fork_probes")
+            return [Send(peer, self.sync.request(now, peer, recs[0].round, max(0, recs[0].round - 16)))]
+        self._paging = True  # settled history: no fallback hold, no duties while we page
+        for rec in recs:
+            out += self._on_record(now, rec, peer)
+        advanced = self.head.round > before.round
+        more = ask is not None and advanced and len(recs) >= PAGE and resp.head > self.round
+        self._paging = more
+        if more:
+            out.append(Send(peer, self.sync.request(now, peer, self.tree.root().round)))
+        elif advanced:
+            out += self._enter_round(now)  # caught up with this peer: take this round's duties
+        elif ask is not None and resp.head > self.round + 1:
+            self._count("sync.no_progress")  # they claim more but showed nothing that helps
+        out += self._maybe_plan(now) + self._maybe_join(now)
+        return out
+
+    def _on_probe(self, now: float, peer: bytes, start: int, origin: int, recs: list) -> list[Effect]:
+        fp = ChainSync.fork_point(recs, self.history)
+        if fp is None:
+            if start == 0:
+                return self.reject(now, peer, Reason.BAD_CHAIN_RESPONSE, "chain shares no record with ours")
+            back = max(0, start - 2 * (origin - start + 1))
+            return [Send(peer, self.sync.request(now, peer, origin, back))]
+        fork_round, their = fp
+        if fork_round >= self.tree.root().round:
+            return []  # inside our window after all (the chain moved meanwhile): normal sync handles it
+        fk = self.sync.vote(peer, fork_round, their, now)
+        out: list[Effect] = [
+            *self.reject(now, peer, Reason.DEEP_FORK, f"their chain left ours at round {fork_round}"),
+            Notice("deep-fork", f"peer's chain left ours at round {fork_round}, {self.round - fork_round} "
+                                f"rounds back (we may undo {self.cfg.max_undo}); {len(fk.voters)} peer(s) say so"),
+        ]
+        verdict = self.sync.verdict(now)
+        if verdict is not None:
+            self._count("sync.resyncs")
+            self.sync.clear_forks()
+            out.append(Resync(verdict.fork_round, tuple(sorted(verdict.voters))))
+        return out
+
+    # ------------------------------------------------------------------ joining far behind
+    def _maybe_plan(self, now: float) -> list[Effect]:
+        gap = self.cfg.checkpoint_gap
+        if gap <= 0 or self.plan is not None:
+            return []
+        if self.sync.best_known(now) - max(self.cfg.model_round, self.round) <= gap:
+            return []
+        self.plan = JoinPlan(self.run_id, self._plan_cfg, now, self.cfg.model_round)
+        self._count("checkpoints.plans")
+        peers = sorted(self._sync_peers(), key=lambda p: -self.sync.peer_heads.get(p, (0, 0.0))[0])
+        return [Send(p, req) for p, req in self.plan.ask_manifests(now, peers)]
+
+    def _on_chain(self, round_: int, head: bytes) -> bool:
+        st = self.tree.state(head)
+        if st is not None:
+            return st.round == round_
+        return self.history.head_at(round_) == head
+
+    def _plan_progress(self, now: float) -> list[Effect]:
+        plan = self.plan
+        if plan is None or plan.done:
+            return []
+        out: list[Effect] = []
+        if plan.manifest is None and not plan.choose(now, self._on_chain):
+            if plan.done:
+                out.append(Notice("checkpoint", f"replaying instead: {plan.failed}"))
+            return out
+        out += [Send(p, req) for p, req in plan.requests(now)]
+        blob = plan.blob()
+        if blob is not None and plan.manifest is not None:
+            self._count("checkpoints.installed")
+            out.append(InstallCheckpoint(plan.manifest.round, plan.manifest.head, blob))
+        if plan.done and plan.failed:
+            self._count("checkpoints.failed")
+            out.append(Notice("checkpoint", f"replaying instead: {plan.failed}"))
+        if plan.done:
+            out += self._enter_round(now) + self._maybe_join(now)
+        return out
+
+    def _on_checkpoint(self, now: float, msg: CheckpointManifest | CheckpointChunk, peer: bytes) -> list[Effect]:
+        plan = self.plan
+        if plan is None or plan.done:
+            self._count("checkpoints.unsolicited")
+            return []
+        if isinstance(msg, CheckpointManifest):
+            plan.on_manifest(peer, msg)
+            return self._plan_progress(now)
+        err = plan.on_chunk(peer, msg)
+        if err is not None:
+            return self.reject(now, peer, Reason.BAD_CHECKPOINT, err) + self._plan_progress(now)
+        return self._plan_progress(now)
