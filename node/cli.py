@@ -105,11 +105,14 @@ def cmd_init(args: argparse.Namespace) -> int:
     from seedswarm.crypto.keys import Identity, KeyFileError
     from seedswarm.gossip.libp2p_host import Libp2pHost
     from seedswarm.node.core.genesis import GenesisError
+    from seedswarm.node.files import OutPathError, check_out_file
     from seedswarm.node.learn.tasks import TaskError
 
     out = Path(args.out)
-    if out.exists() and not args.force:
-        return _fail("init", f"{out} exists (use --force to overwrite)")
+    try:
+        check_out_file(out, force=args.force)
+    except OutPathError as e:
+        return _fail("init", str(e))
     members: list[bytes] = []
     try:
         for m in args.member:
@@ -136,13 +139,16 @@ def cmd_init(args: argparse.Namespace) -> int:
         genesis = make_genesis(args, members)
     except (GenesisError, TaskError, ValueError) as e:
         return _fail("init", str(e))
-    if ident is not None and args.data_dir:
-        d = Path(args.data_dir)
-        d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(d, 0o700)
-        if not (d / "identity.key").exists():
-            ident.save(d / "identity.key")
-    genesis.save(out)
+    try:
+        if ident is not None and args.data_dir:
+            d = Path(args.data_dir)
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chmod(d, 0o700)
+            if not (d / "identity.key").exists():
+                ident.save(d / "identity.key")
+        genesis.save(out)
+    except OSError as e:
+        return _fail("init", f"cannot write {e.filename or out}: {e.strerror or e}")
     print(genesis.run_id.hex())
     print(f"wrote {out}: task {genesis.task}, {len(members)} founding member(s), trainers {genesis.trainers}, "
           f"K {genesis.directions}, lr {genesis.lr}", file=sys.stderr)
@@ -234,6 +240,8 @@ def cmd_node(args: argparse.Namespace) -> int:
     try:
         daemon.prepare()
     except ConfigError as e:
+        if (lock := getattr(daemon, "data_lock", None)) is not None:
+            lock.release()  # an in-process caller may start another node on this data dir
         return _fail("node", str(e))
     return asyncio.run(_serve(daemon))
 

@@ -51,11 +51,28 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--loss", type=float, default=d.loss)
     p.add_argument("--max-wall", type=float, default=float("inf"), help="stop after this many seconds")
     p.add_argument("--out", default=None, help="output folder (default: a new folder under runs/)")
+    p.add_argument("--force", action="store_true", help="write into an --out folder that already holds files")
     p.add_argument("--quiet", action="store_true")
+
+
+def committee_note(cmd: str, trainers: int, nodes: int, joining: int = 0) -> str | None:
+    """A note when ``--trainers`` exceeds the membership, or None.
+
+    Not an error: a committee is the first ``trainers`` eligible members by rank (sampling/
+    committee.py takes all of them when fewer are eligible), which is how every swarm starts and
+    how it survives losing members; with ``2 f >= n`` the robust rules fall back to the median.
+    But the run then measures a smaller committee than the option says, so say so.
+    """
+    if trainers <= nodes:
+        return None
+    grows = f", up to {min(trainers, nodes + joining)} as nodes join" if joining else ""
+    return (f"seedswarm {cmd}: note: --trainers {trainers} is above --nodes {nodes}: every member "
+            f"trains each round (committees of {nodes}{grows})")
 
 
 def run_command(args: argparse.Namespace) -> int:
     from seedswarm.node.core.genesis import GenesisError
+    from seedswarm.node.files import OutPathError, fresh_dir, prepare_out_dir
     from seedswarm.node.learn.initial import parse_task_options
     from seedswarm.node.learn.tasks import TaskError
     from seedswarm.sim.runner import SimConfig, run
@@ -66,12 +83,19 @@ def run_command(args: argparse.Namespace) -> int:
     if not 0.0 <= args.byzantine < 1.0:
         print("seedswarm sim: --byzantine must be in [0, 1)", file=sys.stderr)
         return 2
-    out = args.out or str(Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S"))
     try:
         task_options = parse_task_options(args.task_option)
     except TaskError as e:
         print(f"seedswarm sim: {e}", file=sys.stderr)
         return 2
+    try:
+        out = str(prepare_out_dir(args.out, force=args.force) if args.out
+                  else prepare_out_dir(fresh_dir(Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S"))))
+    except OutPathError as e:
+        print(f"seedswarm sim: {e}", file=sys.stderr)
+        return 2
+    if (note := committee_note("sim", args.trainers, args.nodes, args.join_nodes)) is not None:
+        print(note, file=sys.stderr)
     cfg = SimConfig(
         nodes=args.nodes, rounds=args.rounds, seed=args.seed, task=args.task,
         task_options=task_options, protocol=args.protocol, estimator=args.estimator,
@@ -87,6 +111,9 @@ def run_command(args: argparse.Namespace) -> int:
         summary = run(cfg)
     except (GenesisError, TaskError, ValueError) as e:
         print(f"seedswarm sim: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the output folder went away or filled up during the run
+        print(f"seedswarm sim: cannot write {e.filename or out}: {e.strerror or e}", file=sys.stderr)
         return 2
     keys = ("final_accuracy", "rounds", "nodes", "bytes_per_trainer_per_round", "bytes_per_node_per_round",
             "total_bytes", "bytes_to_target", "honest_digest_agreement", "wall_seconds")

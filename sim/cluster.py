@@ -20,6 +20,7 @@ import ctypes
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -348,10 +349,21 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--checkpoint-chunk-bytes", type=int, default=d.checkpoint_chunk_bytes)
     p.add_argument("--timeout", type=float, default=0.0, help="seconds (0: automatic)")
     p.add_argument("--out", default=None, help="output folder (default: a new folder under runs/)")
+    p.add_argument("--force", action="store_true",
+                   help="reuse an --out folder that already holds files (its nodes/ data dirs are deleted)")
     p.add_argument("--quiet", action="store_true")
 
 
 def run_command(args: argparse.Namespace) -> int:
+    from seedswarm.node.files import (
+        DataDirInUse,
+        DataDirLock,
+        OutPathError,
+        fresh_dir,
+        prepare_out_dir,
+    )
+    from seedswarm.sim.cli import committee_note
+
     if args.nodes < 1 or args.rounds < 1:
         print("seedswarm cluster: --nodes and --rounds must be positive", file=sys.stderr)
         return 2
@@ -361,7 +373,32 @@ def run_command(args: argparse.Namespace) -> int:
     if args.join_nodes and not 0 <= args.join_at < args.rounds:
         print("seedswarm cluster: --join-at must be a round below --rounds", file=sys.stderr)
         return 2
-    out = args.out or str(Path("runs") / time.strftime("cluster-%Y%m%d-%H%M%S"))
+    try:
+        out_dir = (prepare_out_dir(args.out, force=args.force) if args.out
+                   else prepare_out_dir(fresh_dir(Path("runs") / time.strftime("cluster-%Y%m%d-%H%M%S"))))
+    except OutPathError as e:
+        print(f"seedswarm cluster: {e}", file=sys.stderr)
+        return 2
+    # A previous run's node data dirs hold its identities and chains: reused, its nodes would
+    # resume that chain or refuse this run's genesis. (Only --force gets here with them.) Never
+    # from under a node that is still running: its data dir lock says so.
+    try:
+        if (out_dir / "nodes").is_dir():
+            for d in sorted((out_dir / "nodes").iterdir()):
+                if d.is_dir():
+                    with DataDirLock(d):
+                        pass
+            shutil.rmtree(out_dir / "nodes")
+    except DataDirInUse as e:
+        print(f"seedswarm cluster: --force: a node of the old run is still running in {e.data_dir} "
+              f"(pid {e.pid}): stop it first", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"seedswarm cluster: cannot clear {out_dir / 'nodes'}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    out = str(out_dir)
+    if (note := committee_note("cluster", args.trainers, args.nodes, args.join_nodes)) is not None:
+        print(note, file=sys.stderr)
     cfg = ClusterConfig(
         nodes=args.nodes, rounds=args.rounds, seed=args.seed, task=args.task, task_options=args.task_option,
         estimator=args.estimator, trainers=args.trainers, directions=args.directions, groups=args.groups,

@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -149,7 +150,7 @@ def test_bad_settings_exit_2_with_one_line(tmp_path: Path, capsys: pytest.Captur
 
     ChainStore(data / "chain.log", Genesis.load(genesis).run_id)
     assert "holds the chain of run" in run("--genesis", str(other), "--data-dir", str(data), "--listen", "/ip4/127.0.0.1/tcp/0")
-    assert sorted(p.name for p in data.iterdir()) == sorted([*before, "chain.log"])
+    assert sorted(p.name for p in data.iterdir()) == sorted([*before, "chain.log", "lock"])
 
 
 def test_toml_config_and_cli_override(tmp_path: Path) -> None:
@@ -193,6 +194,7 @@ def test_node_trains_stops_on_signals_and_resumes_from_store(tmp_path: Path, nod
     d.prepare()
     assert d.head.round == final["round"] and d.head.head.hex() == final["head"]
     assert d.digest_hex() == final["model_digest"] and d.base_round > 0  # from a local checkpoint
+    d.data_lock.release()  # as a stopped node would: the next node takes this data dir
 
     n2 = Node(genesis, data)
     nodes.append(n2)
@@ -200,3 +202,103 @@ def test_node_trains_stops_on_signals_and_resumes_from_store(tmp_path: Path, nod
     assert f"local chain at round {final['round']}" in n2.logs()
     rc, took = n2.stop(signal.SIGTERM)
     assert rc == 0 and took < 6.0, (rc, took)
+
+
+@pytest.mark.slow
+def test_one_node_per_data_dir_and_a_damaged_store_loses_one_record(tmp_path: Path, nodes: list[Node]) -> None:
+    """A second daemon on a data dir in use exits 2 with one line naming the holder, and the
+    first runs on. A byte flipped in the middle of the stopped node's chain store costs that one
+    record: the node restarts on the records before it (logging the damage), and goes on."""
+    genesis, data, _ = init_swarm(tmp_path)
+    n = Node(genesis, data, "--checkpoint-every", "0")
+    nodes.append(n)
+    n.wait_round(6)
+    second = subprocess.run([*PY, "node", "--genesis", str(genesis), "--data-dir", str(data),
+                             "--listen", "/ip4/127.0.0.1/tcp/0"], capture_output=True, text=True, env=ENV, timeout=120)
+    assert second.returncode == 2, second.stderr[-2000:]
+    err = second.stderr.strip().splitlines()
+    assert err == [f"seedswarm node: data dir {data} is in use by another seedswarm node (pid {n.proc.pid}); "
+                   "stop it or use another --data-dir"], second.stderr[-2000:]
+    at = n.status()
+    assert at is not None and n.proc.poll() is None
+    n.wait_round(at["round"] + 2)  # the first one keeps running
+    rc, _ = n.stop(signal.SIGTERM)
+    assert rc == 0
+    final = status_of(data)
+    assert final is not None and final["round"] >= 8
+
+    from seedswarm.node.daemon.store import SYNC, ChainStore
+
+    log = data / "chain.log"
+    clean = log.read_bytes()
+    starts = [i for i in range(len(clean)) if clean.startswith(SYNC, i)]
+    assert len(starts) == final["round"]
+
+    def damaged(*rounds: int) -> bytes:
+        raw = bytearray(clean)
+        for r in rounds:
+            raw[starts[r] + 60] ^= 0xFF  # inside the payload of round r
+        return bytes(raw)
+
+    # Catching up fills the holes from a peer and keeps the records after them: a copy of the
+    # data dir with two holes syncs (in-process, against a stub host serving the clean chain) to
+    # the very same file, head and model.
+    copy = tmp_path / "copy"
+    shutil.copytree(data, copy)
+    (copy / "chain.log").write_bytes(damaged(2, 4))
+    (copy / "lock").unlink()
+    assert _sync_from_stub_peer(genesis, copy, clean) == (final["round"], final["head"], final["model_digest"])
+    assert (copy / "chain.log").read_bytes() == clean
+
+    log.write_bytes(damaged(3))
+    n2 = Node(genesis, data, "--checkpoint-every", "0")
+    nodes.append(n2)
+    n2.wait_round(final["round"] + 2)
+    logs = n2.logs()
+    assert "round 3 damaged" in logs and "will re-fetch from peers" in logs
+    assert "local chain at round 3" in logs
+    rc, _ = n2.stop(signal.SIGTERM)
+    assert rc == 0
+    from seedswarm.node.core.genesis import Genesis
+
+    s = ChainStore(log, Genesis.load(genesis).run_id)
+    assert s.holes() == [] and s.damaged == 0 and len(s) >= final["round"] + 2
+
+
+def _sync_from_stub_peer(genesis: Path, data: Path, chain: bytes) -> tuple[int, str, str]:
+    """Prepare a daemon on ``data`` and run its initial sync against one stub peer that serves
+    the store bytes ``chain``; returns (head round, head, model digest) afterwards."""
+    import asyncio
+
+    from seedswarm.gossip.libp2p_host import HostError
+    from seedswarm.gossip.wire import ChainRequest, ChainResponse, decode_as
+    from seedswarm.node.core.genesis import Genesis
+    from seedswarm.node.daemon.config import NodeConfig
+    from seedswarm.node.daemon.daemon import PROTO_CHAIN, Daemon
+    from seedswarm.node.daemon.store import ChainStore
+
+    g = Genesis.load(genesis)
+    (data.parent / "peer.log").write_bytes(chain)
+    peer = ChainStore(data.parent / "peer.log", g.run_id)
+
+    class StubHost:
+        def peers(self) -> list[str]:
+            return ["peer"]
+
+        async def request(self, _peer: str, proto: str, payload: bytes, timeout: float) -> bytes:
+            if proto != PROTO_CHAIN:
+                raise HostError("this stub serves the chain only")
+            req = decode_as(payload, ChainRequest, g.run_id)
+            return ChainResponse(run=g.run_id, start=req.start, head=len(peer),
+                                 records=tuple(peer.records(req.start, req.limit))).encode()
+
+    d = Daemon(NodeConfig(data_dir=str(data), checkpoint_every=0, min_peers=1, sync_wait_s=5), g)
+    d.prepare()
+    try:
+        assert d.store.damaged > 0 and d.head.round == d.store.valid_prefix() < len(peer)
+        d.host = StubHost()  # type: ignore[assignment]
+        asyncio.run(d._initial_sync())
+        assert d.store.holes() == []
+        return d.head.round, d.head.head.hex(), d.digest_hex()
+    finally:
+        d.data_lock.release()

@@ -71,7 +71,8 @@ class Genesis:
         if self.estimator not in ESTIMATORS:
             problems.append(f"estimator must be one of {ESTIMATORS}, not {self.estimator!r}")
         for name in ("trainers", "aggregators", "directions", "groups", "batch_size", "local_steps", "expel_after"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 problems.append(f"{name} must be a positive integer")
         if self.directions * self.groups > 4096:
             problems.append("directions × groups must be at most 4096")
@@ -131,26 +132,32 @@ class Genesis:
 
     @classmethod
     def from_json(cls, text: str) -> Genesis:
+        """Parse a genesis file: every field present (the run id hashes all of them, so a
+        missing one would silently take this build's default and split the swarm), each of its
+        type. Any problem is a GenesisError naming the field(s)."""
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
             raise GenesisError(f"genesis is not valid JSON: {e}") from None
         if not isinstance(d, dict):
-            raise GenesisError("genesis must be a JSON object")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
+            raise GenesisError(f"genesis must be a JSON object, got {_show(d)}")
+        unknown = set(d) - set(_FIELDS)
         if unknown:
             raise GenesisError(f"unknown genesis fields: {sorted(unknown)}")
-        try:
-            d["members"] = tuple(bytes.fromhex(m) for m in d.get("members", []))
-            d["admission_key"] = bytes.fromhex(d.get("admission_key", ""))
-            d["model_digest"] = bytes.fromhex(d.get("model_digest", ""))
-        except (TypeError, ValueError) as e:
-            raise GenesisError(f"bad hex in genesis: {e}") from None
-        try:
-            return cls(**d)
-        except TypeError as e:
-            raise GenesisError(f"bad genesis field: {e}") from None
+        missing = [name for name in _FIELDS if name not in d]
+        if missing:
+            raise GenesisError(f"genesis is missing field(s) {', '.join(missing)}: a genesis file "
+                               "must hold every field (`seedswarm init` writes them all)")
+        problems = []
+        values: dict[str, Any] = {}
+        for name, kind in _KIND.items():
+            try:
+                values[name] = _parse_field(name, kind, d[name])
+            except GenesisError as e:
+                problems.append(str(e))
+        if problems:
+            raise GenesisError("invalid genesis: " + "; ".join(problems))
+        return cls(**values)
 
     def save(self, path: str | Path) -> None:
         from seedswarm.node.files import atomic_write
@@ -160,9 +167,14 @@ class Genesis:
     @classmethod
     def load(cls, path: str | Path) -> Genesis:
         try:
-            text = Path(path).read_text()
+            raw = Path(path).read_bytes()
         except OSError as e:
             raise GenesisError(f"cannot read genesis file {path}: {e.strerror}") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise GenesisError(f"genesis file {path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
+                               f"{e.start}): is it a genesis file?") from None
         return cls.from_json(text)
 
     def replace(self, **changes: Any) -> Genesis:
@@ -193,6 +205,74 @@ def default(name: str) -> Any:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Genesis)}
+
+
+def _show(v: Any, most: int = 40) -> str:
+    """A value as it reads in the JSON file, shortened."""
+    try:
+        text = json.dumps(v)
+    except (TypeError, ValueError):
+        text = repr(v)
+    return text if len(text) <= most else text[: most - 3] + "..."
+
+
+def _parse_field(name: str, kind: str, v: Any) -> Any:
+    """The JSON value ``v`` of genesis field ``name`` as the field's Python value, or a
+    GenesisError saying what was expected (JSON booleans are not integers here, and an integer
+    field takes no 16.0: values hash into the run id exactly as they are written)."""
+
+    def bad(expected: str) -> GenesisError:
+        return GenesisError(f"{name}: expected {expected}, got {_show(v)}")
+
+    if kind == "int":
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise bad("an integer")
+        return v
+    if kind == "float":
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise bad("a number")
+        if not math.isfinite(v):
+            raise bad("a finite number")
+        return v  # an integer stays one: the run id hashes 1 and 1.0 differently
+    if kind == "str":
+        if not isinstance(v, str):
+            raise bad("a string")
+        return v
+    if kind == "dict":
+        if not isinstance(v, dict):
+            raise bad("an object (JSON {...})")
+        return v
+    if kind == "keys":
+        if not isinstance(v, list):
+            raise bad("a list of 64-hex-digit public keys")
+        out = []
+        for i, m in enumerate(v):
+            key = _hex(m)
+            if key is None or len(key) != 32:
+                raise GenesisError(f"{name}[{i}]: expected a 64-hex-digit public key, got {_show(m)}")
+            out.append(key)
+        return tuple(out)
+    if kind == "hex":
+        b = _hex(v)
+        if b is None:
+            raise bad("a hex string")
+        return b
+    raise AssertionError(f"no parser for genesis field kind {kind!r}")
+
+
+def _hex(v: Any) -> bytes | None:
+    if not isinstance(v, str):
+        return None
+    try:
+        return bytes.fromhex(v)
+    except ValueError:
+        return None
+
+
+# How each field is read from JSON, from its annotation. A new field of a new type fails here,
+# at import, until a parser exists for it (a test also pins that every field round-trips).
+_KIND = {f.name: {"str": "str", "int": "int", "float": "float", "dict[str, Any]": "dict",
+                  "tuple[bytes, ...]": "keys", "bytes": "hex"}[str(f.type)] for f in dataclasses.fields(Genesis)}
 
 
 @dataclass

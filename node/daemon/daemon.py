@@ -92,6 +92,7 @@ from seedswarm.node.core.protocol import (
 from seedswarm.node.daemon.config import ConfigError, NodeConfig
 from seedswarm.node.daemon.metrics import Metrics, MetricsServer
 from seedswarm.node.daemon.store import ChainStore, StoreError
+from seedswarm.node.files import DataDirInUse, DataDirLock
 from seedswarm.node.learn.checkpoint import (
     Checkpoint,
     CheckpointDir,
@@ -289,6 +290,15 @@ class Daemon:
             os.chmod(data, 0o700)
         except OSError as e:
             raise ConfigError(f"cannot create data dir {data}: {e.strerror}") from None
+        # One node per data dir, before the identity and the store are touched; held until
+        # _close (the kernel drops it when the process dies, SIGKILL included).
+        self.data_lock = DataDirLock(data)
+        try:
+            self.data_lock.acquire()
+        except DataDirInUse as e:
+            raise ConfigError(str(e)) from None
+        except OSError as e:
+            raise ConfigError(f"cannot lock data dir {data}: {e.strerror}") from None
         try:
             self.identity = Identity.load_or_create(data / "identity.key")
         except KeyFileError as e:
@@ -601,6 +611,8 @@ class Daemon:
             self._write_status()
         if self._rounds_log is not None:
             self._rounds_log.close()
+        if hasattr(self, "data_lock"):
+            self.data_lock.release()
 
     def _render_metrics(self) -> str:
         self._update_metrics()
@@ -668,13 +680,13 @@ class Daemon:
         except KeyError as err:
             log.error("cannot apply: %s; rebuilding from the store", err)
             params = None
-        if len(self.store) > e.base.round:
+        if self.head.round > e.base.round:
             self.metrics.inc("fork_switches_total", help="head switches that undid stored rounds")
-            log.info("fork switch: undoing %d stored round(s) back to round %d", len(self.store) - e.base.round, e.base.round)
+            log.info("fork switch: undoing %d stored round(s) back to round %d", self.head.round - e.base.round, e.base.round)
             self.store.truncate(e.base.round)
             del self.heads[e.base.round + 1 :]
-        for _, rec in e.steps:
-            self.store.append(rec.encode())
+        for i, (_, rec) in enumerate(e.steps):
+            self._store_record(e.base.round + i, rec.encode())
             self.heads.append(record_hash(rec))
         self.head = e.head
         if params is None:
@@ -886,12 +898,13 @@ class Daemon:
             return None
         records: list[bytes] = []
         size = 0
-        for rec in self.store.records(msg.start, min(msg.limit, CHAIN_PAGE)):
+        # Up to our head only: records the store kept past a hole are served once replayed.
+        for rec in self.store.records(msg.start, min(msg.limit, CHAIN_PAGE, self.head.round - msg.start)):
             size += len(rec) + 8
             if size > MAX_MESSAGE_BYTES - 4096:
                 break
             records.append(rec)
-        return ChainResponse(run=self.run_id, start=msg.start, head=len(self.store), records=tuple(records)).encode()
+        return ChainResponse(run=self.run_id, start=msg.start, head=self.head.round, records=tuple(records)).encode()
 
     async def _on_ckpt(self, peer: str, data: bytes) -> bytes | None:
         if self._is_banned(peer):
@@ -992,7 +1005,7 @@ class Daemon:
         local_round = self.head.round
         for _ in range(1000):  # bounded: pages of CHAIN_PAGE records
             best = await self._probe_heads(peers)
-            if best is None or best[1] <= len(self.store):
+            if best is None or best[1] <= self.head.round:
                 break
             if not await self._fetch_records(best[0]):
                 break
@@ -1002,7 +1015,7 @@ class Daemon:
 
     async def _probe_heads(self, peers: Sequence[str]) -> tuple[str, int] | None:
         assert self.host is not None
-        probe = ChainRequest(run=self.run_id, start=len(self.store), limit=0).encode()
+        probe = ChainRequest(run=self.run_id, start=self.head.round, limit=0).encode()
         sample = random.sample(list(peers), min(4, len(peers)))
 
         async def ask(p: str) -> tuple[str, int] | None:
@@ -1018,7 +1031,7 @@ class Daemon:
     async def _fetch_records(self, peer: str) -> bool:
         """One page from ``peer``, overlapping our last few records to detect a fork."""
         assert self.host is not None
-        start = max(0, len(self.store) - 4)
+        start = max(0, self.head.round - 4)
         try:
             resp = decode_as(await self.host.request(peer, PROTO_CHAIN, ChainRequest(run=self.run_id, start=start, limit=CHAIN_PAGE).encode(), timeout=10.0),
                              ChainResponse, self.run_id)
@@ -1030,10 +1043,10 @@ class Daemon:
         progressed = False
         for i, data in enumerate(resp.records):
             idx = start + i
-            if idx < len(self.store):
+            if idx < self.head.round:
                 if self.store[idx] == data:
                     continue
-                log.warning("our stored chain forks from the peers' at round %d: undoing %d round(s)", idx, len(self.store) - idx)
+                log.warning("our stored chain forks from the peers' at round %d: undoing %d round(s)", idx, self.head.round - idx)
                 self.store.truncate(idx)
                 self._rebuild()
             try:
@@ -1042,11 +1055,26 @@ class Daemon:
             except (WireError, RecordError) as e:
                 self._reject("bad-chain-response", peer, str(e))
                 return progressed
-            self.store.append(data)
+            self._store_record(idx, data)
             self.heads.append(nxt.head)
             self.head = nxt
             progressed = True
         return progressed
+
+    def _store_record(self, idx: int, data: bytes) -> None:
+        """Store record ``idx``, the one after our head. Past a damaged part the store may
+        already hold slot ``idx``: fill it if it is a hole, keep it if it is this record, cut the
+        stored tail from it if it differs (our old records after the hole are not the chain)."""
+        if idx < len(self.store):
+            stored = self.store[idx]
+            if stored is None:
+                self.store.fill(idx, data)
+                return
+            if stored == data:
+                return
+            log.info("stored records from round %d on are not the chain's: cutting %d", idx, len(self.store) - idx)
+            self.store.truncate(idx)
+        self.store.append(data)
 
     async def _maybe_fetch_checkpoint(self, peers: Sequence[str]) -> None:
         assert self.host is not None

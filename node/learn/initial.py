@@ -42,6 +42,12 @@ def build_genesis(members: Iterable[bytes], task: str = "digits", task_options: 
     GenesisError for bad settings.
     """
     options = dict(task_options or {})
-    model = load_task(task, options, seed=seed).build_model()
+    built = load_task(task, options, seed=seed)
+    try:
+        model = built.build_model()
+    except ValueError:
+        raise
+    except Exception as e:  # a plug-in's bug: one line for the command line, not a traceback
+        raise TaskError(f"task {task!r}: build_model() failed: {type(e).__name__}: {e}") from e
     return Genesis(task=task, task_options=options, seed=seed, members=tuple(members),
                    model_digest=model_digest(list(model.parameters())), **fields)

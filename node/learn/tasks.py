@@ -474,7 +474,8 @@ def load_task(spec: str, options: dict[str, Any] | None = None, seed: int = 0) -
     ``spec`` is a built-in name (see :data:`BUILTIN_TASKS`) or ``package.module:factory`` (the
     factory may be a dotted attribute path, e.g. ``pkg.mod:MyTask`` or ``pkg.mod:Tasks.create``),
     called as ``factory(options, seed)``; the result must satisfy :class:`Task`. Every problem
-    raises :class:`TaskError` with a message naming the spec.
+    raises :class:`TaskError` with a message naming the spec, except a ValueError the factory
+    raises itself (its message is about the options), which passes through unchanged.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise TaskError(f"task spec must be a non-empty string, not {spec!r}")
@@ -509,7 +510,15 @@ def load_task(spec: str, options: dict[str, Any] | None = None, seed: int = 0) -
                 raise TaskError(f"task module {mod_name!r} has no attribute {attr_path!r}") from None
         if not callable(factory):
             raise TaskError(f"task factory {spec!r} is not callable")
-    task = factory(opts, _check_seed(seed))
+    seed = _check_seed(seed)
+    try:
+        task = factory(opts, seed)
+    except ValueError:
+        raise  # TaskError, or the factory's own "bad option" message: callers report it as is
+    except Exception as e:
+        # A plug-in's bug or environment problem (a missing file, a KeyError) is still a bad
+        # task from the caller's view: one clear error naming the factory, not a traceback.
+        raise TaskError(f"task factory {spec!r} failed: {type(e).__name__}: {e}") from e
     missing = [
         m
         for m in ("build_model", "shard", "batch", "loss", "evaluate")
