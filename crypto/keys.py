@@ -162,3 +162,51 @@ def verify(public: bytes, domain: bytes, run_id: bytes, payload: bytes, sig: byt
     except (InvalidSignature, ValueError):
         return False
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# libp2p peer ids of chain identities (no libp2p import: the core and the in-memory transport
+# name peers exactly as the libp2p adapter does)
+
+_B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+_B58_INDEX = {c: i for i, c in enumerate(_B58)}
+# identity multihash (0x00, length 36) of the protobuf PublicKey {Type: Ed25519 (1), Data: 32 bytes}
+_PEER_ID_PREFIX = bytes([0x00, 0x24, 0x08, 0x01, 0x12, 0x20])
+
+
+def _b58encode(data: bytes) -> str:
+    n = int.from_bytes(data, "big")
+    out = ""
+    while n:
+        n, r = divmod(n, 58)
+        out = _B58[r] + out
+    return "1" * (len(data) - len(data.lstrip(b"\0"))) + out
+
+
+def _b58decode(text: str) -> bytes:
+    n = 0
+    for c in text:
+        n = n * 58 + _B58_INDEX[c]
+    body = n.to_bytes((n.bit_length() + 7) // 8, "big") if n else b""
+    return b"\0" * (len(text) - len(text.lstrip("1"))) + body
+
+
+def peer_id_of(public_key: bytes) -> str:
+    """The libp2p peer id (base58) of a raw 32-byte Ed25519 public key."""
+    if len(public_key) != 32:
+        raise ValueError("an Ed25519 public key is 32 bytes")
+    return _b58encode(_PEER_ID_PREFIX + public_key)
+
+
+def public_key_of(peer_id: str) -> bytes:
+    """The raw Ed25519 public key inside a peer id (inverse of :func:`peer_id_of`); ValueError
+    for anything else (another key type, a hashed id, not base58)."""
+    if not isinstance(peer_id, str) or len(peer_id) > 128:
+        raise ValueError("not a peer id")
+    try:
+        raw = _b58decode(peer_id)
+    except KeyError:
+        raise ValueError(f"not a peer id: {peer_id[:60]!r}") from None
+    if len(raw) != 38 or not raw.startswith(_PEER_ID_PREFIX):
+        raise ValueError(f"peer id {peer_id[:60]!r} does not embed an Ed25519 key")
+    return raw[6:]

@@ -41,6 +41,10 @@ class WrongRun(WireError):
     """A well-formed message of another swarm (run id) or another protocol version."""
 
 
+class WrongVersion(WrongRun):
+    """A message of another protocol version (counted apart from another swarm's)."""
+
+
 # ---------------------------------------------------------------------------------------------
 # field specs: ("u",) unsigned int; ("b", n) exactly n bytes; ("bin", max) up to max bytes;
 # ("list", max_items, max_item_bytes) a list of bin; ("bool",)
@@ -375,12 +379,62 @@ class CheckpointManifest(Message):
     chunks: tuple[bytes, ...] = ()
 
 
+@dataclass(frozen=True)
+class Hello(Message):
+    """Peer exchange on connect: our chain length (a sync hint), how to reach us, peers we know.
+
+    Addresses are multiaddr strings in UTF-8; each ``book`` entry is a peer id and up to four of
+    its addresses, newline-separated. :func:`hello_book` parses them strictly.
+    """
+
+    TYPE: ClassVar[int] = 16
+    SCHEMA: ClassVar[tuple[tuple[str, _Spec], ...]] = (
+        ("round", U), ("addrs", LIST(8, 256)), ("book", LIST(64, 1200)),
+    )
+    MAX_SIZE: ClassVar[int] = 96 * 1024
+    round: int = 0
+    addrs: tuple[bytes, ...] = ()
+    book: tuple[bytes, ...] = ()
+
+    @classmethod
+    def make(cls, run: bytes, round_: int, addrs: list[str], book: dict[str, list[str]]) -> Hello:
+        entries = tuple("\n".join([pid, *a[:4]]).encode() for pid, a in list(book.items())[:64])
+        return cls(run=run, round=round_, addrs=tuple(a.encode() for a in addrs[:8]), book=entries)
+
+    def addresses(self) -> list[str]:
+        return _addrs(self.addrs)
+
+    def peer_book(self) -> dict[str, list[str]]:
+        """Peer id -> addresses; raises WireError on anything but text multiaddrs."""
+        out: dict[str, list[str]] = {}
+        for entry in self.book:
+            pid, *addrs = _text(entry).split("\n")
+            if not pid or not pid.isalnum() or len(addrs) > 4:
+                raise WireError("hello: malformed peer entry")
+            out[pid] = _addrs(a.encode() for a in addrs)
+        return out
+
+
+def _text(b: bytes) -> str:
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        raise WireError("hello: address is not UTF-8") from None
+
+
+def _addrs(items: Any) -> list[str]:
+    out = [_text(a) for a in items]
+    if not all(a.startswith("/") and a.isprintable() and " " not in a for a in out):
+        raise WireError("hello: not a multiaddr")
+    return out
+
+
 MESSAGE_TYPES: dict[int, type[Message]] = {
     cls.TYPE: cls
     for cls in (
         Contribution, Join, Leave, Equivocation, Record, Heartbeat, ChainRequest, ChainResponse,
         ContributionsRequest, ContributionsResponse, CheckpointRequest, CheckpointChunk,
-        Attestation, FraudProof, CheckpointManifest,
+        Attestation, FraudProof, CheckpointManifest, Hello,
     )
 }
 _MAX_ANY = max(c.MAX_SIZE for c in MESSAGE_TYPES.values())
@@ -402,7 +456,7 @@ def _header(data: bytes) -> tuple[int, int, type[Message]]:
     if type(version) is not int or type(typ) is not int:
         raise WireError("malformed message header")
     if version != PROTOCOL_VERSION:
-        raise WrongRun(f"protocol version {version}, this node speaks {PROTOCOL_VERSION}")
+        raise WrongVersion(f"protocol version {version}, this node speaks {PROTOCOL_VERSION}")
     cls = MESSAGE_TYPES.get(typ)
     if cls is None:
         raise WireError(f"unknown message type {typ}")
@@ -455,3 +509,28 @@ def decode_as(data: bytes, cls: type[_M], run: bytes | None = None) -> _M:
     msg = decode(data, run, expect=cls)
     assert isinstance(msg, cls)
     return msg
+
+
+# ---------------------------------------------------------------------------------------------
+# where messages travel: one gossip topic and five request/response stream protocols per run
+
+TOPIC = "chain"  # gossip: Record, Join, Leave, FraudProof (a few messages per second, network-wide)
+GOSSIP_TYPES: tuple[type[Message], ...] = (Record, Join, Leave, FraudProof)
+PROTO_MSG = "msg"  # Contribution, answered with b"" as an ack
+PROTO_INPUTS = "inputs"  # ContributionsRequest -> ContributionsResponse
+PROTO_CHAIN = "chain"  # ChainRequest -> ChainResponse
+PROTO_CKPT = "ckpt"  # CheckpointRequest -> CheckpointManifest (digest all zero) | CheckpointChunk
+PROTO_HELLO = "hello"  # Hello -> Hello (run check, chain length, peer exchange)
+REQUESTS: dict[str, type[Message]] = {
+    PROTO_MSG: Contribution, PROTO_INPUTS: ContributionsRequest, PROTO_CHAIN: ChainRequest,
+    PROTO_CKPT: CheckpointRequest, PROTO_HELLO: Hello,
+}
+RESPONSES: dict[str, tuple[type[Message], ...]] = {
+    PROTO_INPUTS: (ContributionsResponse,), PROTO_CHAIN: (ChainResponse,),
+    PROTO_CKPT: (CheckpointManifest, CheckpointChunk), PROTO_HELLO: (Hello,),
+}
+
+
+def protocol_prefix(run_id: bytes) -> str:
+    """``/seedswarm/<major>/<run id>``: topics and stream ids of other runs or versions never match."""
+    return f"/seedswarm/{PROTOCOL_VERSION}/{run_id.hex()[:16]}"

@@ -201,6 +201,8 @@ def _check_ports_free(listen: tuple[str, ...]) -> str | None:
                 continue
             fam = socket.AF_INET if parts[0] == "ip4" else socket.AF_INET6
             with socket.socket(fam, socket.SOCK_STREAM) as s:
+                # as a listener binds: a restart must not trip over its old sockets in TIME-WAIT
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
                     s.bind((parts[1], port))
                 except OSError as e:
@@ -243,7 +245,14 @@ def cmd_node(args: argparse.Namespace) -> int:
         if (lock := getattr(daemon, "data_lock", None)) is not None:
             lock.release()  # an in-process caller may start another node on this data dir
         return _fail("node", str(e))
-    return asyncio.run(_serve(daemon))
+    rc = asyncio.run(_serve(daemon))
+    # Everything is flushed and fsynced by now; skip the interpreter's teardown, which frees
+    # torch's and libp2p's objects one by one and took seconds on a loaded machine: a stop
+    # (SIGINT/SIGTERM) must return promptly.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 async def _serve(daemon: Any) -> int:

@@ -12,17 +12,20 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from seedswarm.gossip.wire import CheckpointManifest, Record
 from seedswarm.node.core.chain import ChainState, record_hash
+from seedswarm.node.core.protocol import NodeCore
 from seedswarm.node.learn.checkpoint import Checkpoint, encode_params
 from seedswarm.node.learn.replay import ModelStates
 
-if TYPE_CHECKING:
-    from seedswarm.sim.engine import SimNode
+
+class _Node(Protocol):
+    core: NodeCore
+    model_ready: bool
 
 
 class ChainIndex:
@@ -112,7 +115,7 @@ class ChainIndex:
 class SimHistory:
     """One simulated node's stored chain and checkpoints, as ``node.core.sync.History``."""
 
-    def __init__(self, index: ChainIndex, node: SimNode) -> None:
+    def __init__(self, index: ChainIndex, node: _Node) -> None:
         self.index = index
         self.node = node
 

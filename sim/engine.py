@@ -25,7 +25,6 @@ import torch
 from seedswarm.crypto.keys import Identity
 from seedswarm.gossip.wire import Message
 from seedswarm.node.core.chain import ChainState
-from seedswarm.node.core.genesis import Genesis
 from seedswarm.node.core.effects import (
     Apply,
     Estimate,
@@ -37,6 +36,7 @@ from seedswarm.node.core.effects import (
     Resync,
     Send,
 )
+from seedswarm.node.core.genesis import Genesis
 from seedswarm.node.core.protocol import CoreConfig, NodeCore
 from seedswarm.node.learn.checkpoint import decode_params
 from seedswarm.node.learn.estimators import local_estimate

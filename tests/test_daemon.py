@@ -192,8 +192,8 @@ def test_node_trains_stops_on_signals_and_resumes_from_store(tmp_path: Path, nod
 
     d = Daemon(NodeConfig(data_dir=str(data), checkpoint_every=5), Genesis.load(genesis))
     d.prepare()
-    assert d.head.round == final["round"] and d.head.head.hex() == final["head"]
-    assert d.digest_hex() == final["model_digest"] and d.base_round > 0  # from a local checkpoint
+    assert d.chain.head.round == final["round"] and d.chain.head.head.hex() == final["head"]
+    assert d.digest_hex() == final["model_digest"] and d.chain.base_round > 0  # from a local checkpoint
     d.data_lock.release()  # as a stopped node would: the next node takes this data dir
 
     n2 = Node(genesis, data)
@@ -266,39 +266,64 @@ def test_one_node_per_data_dir_and_a_damaged_store_loses_one_record(tmp_path: Pa
 
 
 def _sync_from_stub_peer(genesis: Path, data: Path, chain: bytes) -> tuple[int, str, str]:
-    """Prepare a daemon on ``data`` and run its initial sync against one stub peer that serves
-    the store bytes ``chain``; returns (head round, head, model digest) afterwards."""
+    """Run a daemon on ``data`` (the real driver, in virtual time on the in-memory network)
+    against one stub peer that serves the store bytes ``chain``; returns (head round, head,
+    model digest) once it holds the peer's whole chain."""
     import asyncio
 
-    from seedswarm.gossip.libp2p_host import HostError
-    from seedswarm.gossip.wire import ChainRequest, ChainResponse, decode_as
+    from seedswarm.crypto.keys import Identity
+    from seedswarm.gossip.memory import MemoryNetwork, VirtualTimeLoop
+    from seedswarm.gossip.wire import (
+        PROTO_CHAIN,
+        PROTO_HELLO,
+        ChainRequest,
+        ChainResponse,
+        Hello,
+        decode_as,
+        protocol_prefix,
+    )
     from seedswarm.node.core.genesis import Genesis
     from seedswarm.node.daemon.config import NodeConfig
-    from seedswarm.node.daemon.daemon import PROTO_CHAIN, Daemon
+    from seedswarm.node.daemon.daemon import Daemon
     from seedswarm.node.daemon.store import ChainStore
 
     g = Genesis.load(genesis)
     (data.parent / "peer.log").write_bytes(chain)
     peer = ChainStore(data.parent / "peer.log", g.run_id)
+    net = MemoryNetwork(latency=0.005)
+    prefix = protocol_prefix(g.run_id)
+    stub = net.transport(Identity.from_seed(b"\x07" * 32).public, prefix)
 
-    class StubHost:
-        def peers(self) -> list[str]:
-            return ["peer"]
+    async def serve_chain(_peer: str, payload: bytes) -> bytes:
+        req = decode_as(payload, ChainRequest, g.run_id)
+        return ChainResponse(run=g.run_id, start=req.start, head=len(peer),
+                             records=tuple(peer.records(req.start, min(req.limit, 256)))).encode()
 
-        async def request(self, _peer: str, proto: str, payload: bytes, timeout: float) -> bytes:
-            if proto != PROTO_CHAIN:
-                raise HostError("this stub serves the chain only")
-            req = decode_as(payload, ChainRequest, g.run_id)
-            return ChainResponse(run=g.run_id, start=req.start, head=len(peer),
-                                 records=tuple(peer.records(req.start, req.limit))).encode()
+    async def hello(_peer: str, payload: bytes) -> bytes:
+        return Hello.make(g.run_id, len(peer), [], {}).encode()
 
-    d = Daemon(NodeConfig(data_dir=str(data), checkpoint_every=0, min_peers=1, sync_wait_s=5), g)
+    stub.set_request_handler(PROTO_CHAIN, serve_chain)
+    stub.set_request_handler(PROTO_HELLO, hello)
+    cfg = NodeConfig(data_dir=str(data), checkpoint_every=0, halt_at=len(peer), sync_wait_s=5,
+                     bootstrap=(stub.listen_addrs[0],))
+    d = Daemon(cfg, g, transport=lambda ident, _cfg, _run: net.transport(ident.public, prefix), inline_estimates=True)
     d.prepare()
+    assert d.chain.store.damaged > 0 and d.chain.head.round == d.chain.store.valid_prefix() < len(peer)
+
+    async def main() -> None:
+        await stub.start()
+        run = asyncio.create_task(d.run())
+        for _ in range(10_000):  # virtual seconds: no real waiting
+            await asyncio.sleep(0.05)
+            if d.core is not None and d.chain.head.round >= len(peer):
+                break
+        d.request_stop()
+        assert await run == 0
+
+    loop = VirtualTimeLoop()
     try:
-        assert d.store.damaged > 0 and d.head.round == d.store.valid_prefix() < len(peer)
-        d.host = StubHost()  # type: ignore[assignment]
-        asyncio.run(d._initial_sync())
-        assert d.store.holes() == []
-        return d.head.round, d.head.head.hex(), d.digest_hex()
+        loop.run_until_complete(main())
     finally:
-        d.data_lock.release()
+        loop.close()
+    assert d.chain.store.holes() == []
+    return d.chain.head.round, d.chain.head.head.hex(), d.digest_hex()

@@ -16,18 +16,22 @@ import pytest
 
 from seedswarm.crypto.keys import Identity
 from seedswarm.gossip.libp2p_host import HostConfig, HostError, Libp2pHost, ProtocolMismatchError
-from seedswarm.gossip.wire import ChainRequest, ChainResponse, Contribution, Record, decode_as
-from seedswarm.node.core.genesis import Genesis
-from seedswarm.node.daemon.daemon import (
+from seedswarm.gossip.wire import (
     PROTO_CHAIN,
     PROTO_CKPT,
     PROTO_HELLO,
     PROTO_INPUTS,
     PROTO_MSG,
     TOPIC,
-    encode_hello,
+    ChainRequest,
+    ChainResponse,
+    Contribution,
+    Hello,
+    Record,
+    decode_as,
     protocol_prefix,
 )
+from seedswarm.node.core.genesis import Genesis
 from tests.test_daemon import Node, init_swarm, wait_for
 
 OTHER_RUN = b"\x42" * 32
@@ -76,7 +80,7 @@ async def test_hostile_traffic_is_rejected_counted_and_survived(tmp_path: Path, 
         attackers.append(atk)
 
         async def hello(peer: str, data: bytes) -> bytes:  # speaks just enough not to be dropped
-            return encode_hello(run_id, [], {}, 0)
+            return Hello.make(run_id, 0, [], {}).encode()
 
         atk.set_request_handler(PROTO_HELLO, hello)
         await atk.start()

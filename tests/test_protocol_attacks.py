@@ -30,12 +30,12 @@ from seedswarm.gossip.wire import (
     Record,
     decode,
 )
+from seedswarm.node.core.admission import issue_certificate
 from seedswarm.node.core.chain import (
     AGG_MAX,
     ChainState,
     build_record,
     encode_aggregate,
-
     next_state,
     ranks_of,
     record_hash,

@@ -35,8 +35,8 @@ from seedswarm.gossip.wire import (
 )
 from seedswarm.node.core.admission import admission_ok, join_bits
 from seedswarm.node.core.codec import next_scale_exp, scale_of
-from seedswarm.node.core.effects import Reason
 from seedswarm.node.core.genesis import Genesis
+from seedswarm.node.core.reasons import Reason
 from seedswarm.sampling.aggregators import AGG_ONE, aggregate
 from seedswarm.sampling.byzantine import trim_for
 from seedswarm.sampling.committee import Committee, aggregator_order, select_committee

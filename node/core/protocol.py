@@ -90,6 +90,7 @@ class CoreConfig:
     rejoin_after: float = 10.0
     checkpoint_gap: int = 0  # rounds behind beyond which a joiner fetches a checkpoint (0: replay)
     model_round: int = 0  # the round the driver's model starts from without a checkpoint
+    startup_wait: float = 0.0  # seconds off duty after start unless a peer's chain arrives first
     policy: PolicyConfig = field(default_factory=PolicyConfig)
 
 
@@ -152,6 +153,8 @@ class NodeCore(SyncMixin):
         self._last_progress = 0.0
         self._last_join = -1e18
         self._paging = False  # the last chain response advanced us by a full page: more follows
+        self._waiting = cfg.startup_wait > 0  # just started: no duties before we heard the swarm
+        self._quiet_until = 0.0
         self._quorum_times: list[float] = []
         self.joined_announced = False
         self.leaving = False
@@ -186,7 +189,17 @@ class NodeCore(SyncMixin):
         return self.plan is not None and not self.plan.done
 
     def _off_duty(self) -> bool:
-        return self.leaving or self._halted() or self._paging or self.catching_up
+        return self.leaving or self._halted() or self._paging or self._waiting or self.catching_up
+
+    def in_sync(self, now: float) -> bool:
+        """Caught up with every peer we heard from, model in hand, past the startup wait."""
+        return not (self._paging or self._waiting or self.catching_up) and self.sync.behind(self.round, now) <= 1
+
+    def _end_wait(self, now: float) -> list[Effect]:
+        if not self._waiting:
+            return []
+        self._waiting = False
+        return self._enter_round(now)
 
     def deadline(self) -> float:
         """Adaptive aggregation deadline: twice the recent median time to quorum, within bounds."""
@@ -207,6 +220,7 @@ class NodeCore(SyncMixin):
     # ------------------------------------------------------------------ inputs
     def start(self, now: float) -> list[Effect]:
         self._last_progress = now
+        self._quiet_until = now + self.cfg.startup_wait
         self.tree.seen_at.setdefault(self.head.head, now)
         return self._enter_round(now) + self._maybe_join(now)
 
@@ -296,6 +310,8 @@ class NodeCore(SyncMixin):
             # unprovable judgement there would split honest nodes onto different heads.
             # We only withhold our own contribution until some source shows them.
             out += self._ask_inputs(now, rh, tries)
+        if self._waiting and now >= self._quiet_until:
+            out += self._end_wait(now)
         out += self._sync_timer(now)
         out += self._maybe_join(now)
         return out
@@ -315,6 +331,8 @@ class NodeCore(SyncMixin):
             t = min(t, release + 1e-6)
         if self.cfg.auto_join and not self.is_member() and not self.leaving:
             t = min(t, self._last_join + self.cfg.rejoin_after + 1e-6)
+        if self._waiting:
+            t = min(t, self._quiet_until + 1e-6)
         return max(t, now + 1e-3)  # always strictly later: a driver can never spin in place
 
     def on_estimate(self, now: float, round_: int, head: bytes, values: Sequence[float]) -> list[Effect]:
@@ -388,6 +406,8 @@ class NodeCore(SyncMixin):
             return self._buffer_future(peer, c)
         agg = self._agg.get(c.round)
         if agg is None or agg.published:
+            if not c.signature_ok():  # one check, here: a forgery is counted even when unused
+                return self.reject(now, peer, Reason.BAD_SIGNATURE, "contribution")
             self._count("contributions.ignored")  # not our duty, or too late: not an attack
             return []
         try:

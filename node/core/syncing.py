@@ -7,22 +7,66 @@ A part of :class:`~seedswarm.node.core.protocol.NodeCore` kept in its own file (
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from seedswarm.gossip.wire import ChainResponse, CheckpointChunk, CheckpointManifest, WireError
+from seedswarm.gossip.wire import (
+    ChainResponse,
+    CheckpointChunk,
+    CheckpointManifest,
+    Record,
+    WireError,
+)
+from seedswarm.node.core.chain import ChainState
 from seedswarm.node.core.effects import Effect, InstallCheckpoint, Notice, Reason, Resync, Send
-from seedswarm.node.core.joinplan import JoinPlan
-from seedswarm.node.core.sync import PAGE, ChainSync
-
-if TYPE_CHECKING:
-    from seedswarm.node.core.protocol import NodeCore
-
-    _Base = NodeCore
-else:
-    _Base = object
+from seedswarm.node.core.forks import ForkTree
+from seedswarm.node.core.joinplan import JoinPlan, PlanConfig
+from seedswarm.node.core.peers import PeerPolicy
+from seedswarm.node.core.sync import PAGE, ChainSync, History
 
 
-class SyncMixin(_Base):
+class _Core(Protocol):
+    """What of the node core the catch-up code uses (the core is the one class that mixes it in)."""
+
+    me: bytes
+    run_id: bytes
+    cfg: _CoreCfg
+    tree: ForkTree
+    sync: ChainSync
+    policy: PeerPolicy
+    history: History
+    plan: JoinPlan | None
+    _plan_cfg: PlanConfig
+    _paging: bool
+    _waiting: bool
+    _last_progress: float
+
+    @property
+    def head(self) -> ChainState: ...
+
+    @property
+    def round(self) -> int: ...
+
+    def _count(self, key: str, n: int = 1) -> None: ...
+
+    def reject(self, now: float, peer: bytes | None, reason: Reason, detail: str = "") -> list[Effect]: ...
+
+    def _on_record(self, now: float, rec: Record, peer: bytes | None) -> list[Effect]: ...
+
+    def _enter_round(self, now: float) -> list[Effect]: ...
+
+    def _end_wait(self, now: float) -> list[Effect]: ...
+
+    def _maybe_join(self, now: float) -> list[Effect]: ...
+
+
+class _CoreCfg(Protocol):
+    sync_after: float
+    max_undo: int
+    checkpoint_gap: int
+    model_round: int
+
+
+class SyncMixin(_Core):
     # ------------------------------------------------------------------ peers
     def on_peer(self, now: float, peer: bytes, length: int = 0) -> list[Effect]:
         """The driver connected to ``peer``, which says its chain holds ``length`` records (a
@@ -110,6 +154,8 @@ class SyncMixin(_Base):
         self._paging = more
         if more:
             out.append(Send(peer, self.sync.request(now, peer, self.tree.root().round)))
+        elif self._waiting:
+            out += self._end_wait(now)  # we heard the swarm and hold its chain: duties from now on
         elif advanced:
             out += self._enter_round(now)  # caught up with this peer: take this round's duties
         elif ask is not None and resp.head > self.round + 1:
@@ -117,7 +163,7 @@ class SyncMixin(_Base):
         out += self._maybe_plan(now) + self._maybe_join(now)
         return out
 
-    def _on_probe(self, now: float, peer: bytes, start: int, origin: int, recs: list) -> list[Effect]:
+    def _on_probe(self, now: float, peer: bytes, start: int, origin: int, recs: list[Record]) -> list[Effect]:
         fp = ChainSync.fork_point(recs, self.history)
         if fp is None:
             if start == 0:

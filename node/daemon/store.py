@@ -47,6 +47,7 @@ import zlib
 from pathlib import Path
 
 from seedswarm.node.files import atomic_write
+from seedswarm.node.learn.checkpoint import Checkpoint, CheckpointError
 
 log = logging.getLogger("seedswarm.store")
 
@@ -326,3 +327,35 @@ class ChainStore:
         self._ends = ends
         self._end = end
 
+
+class CheckpointDir:
+    """``<data dir>/checkpoints``: ``<round>-<head>.ckpt`` files written atomically, newest kept."""
+
+    def __init__(self, path: Path, run: bytes, chunk_bytes: int, keep: int) -> None:
+        self.path = path
+        self.run = run
+        self.chunk_bytes = chunk_bytes
+        self.keep = keep
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def _name(self, round_: int, head: bytes) -> Path:
+        return self.path / f"{round_:010d}-{head.hex()[:16]}.ckpt"
+
+    def save(self, ckpt: Checkpoint) -> None:
+        atomic_write(self._name(ckpt.round, ckpt.head), ckpt.blob, mode=0o600)
+        files = sorted(self.path.glob("*.ckpt"))
+        for old in files[: max(0, len(files) - self.keep)]:
+            old.unlink(missing_ok=True)
+
+    def load_all(self) -> list[Checkpoint]:
+        """Every readable checkpoint, newest first (a corrupt file is skipped with a warning)."""
+        out: list[Checkpoint] = []
+        for f in sorted(self.path.glob("*.ckpt"), reverse=True):
+            try:
+                out.append(Checkpoint.from_blob(self.run, f.read_bytes(), self.chunk_bytes))
+            except (OSError, CheckpointError) as e:
+                log.warning("skipping checkpoint %s: %s", f, e)
+        return out
+
+    def remove(self, ckpt: Checkpoint) -> None:
+        self._name(ckpt.round, ckpt.head).unlink(missing_ok=True)

@@ -1,0 +1,212 @@
+"""The node's persisted chain and model: what the daemon keeps on disk and serves to peers.
+
+``LocalChain`` turns the core's effects into files and tensors. ``Apply`` steps go to the
+crash-safe store (truncated to the common ancestor first after a fork switch, never more than the
+core's bounded undo) and to the model; checkpoints are written every ``checkpoint_every`` rounds
+and served in chunks; a downloaded checkpoint becomes the model's new base. It also answers the
+core's read-only ``History`` questions (records, heads, the checkpoint we serve), so a chain
+request is answered in one place, by the core, from what is stored here.
+
+On start the chain states are rebuilt from the genesis over the stored records (the model from
+the newest local checkpoint on that chain, plus the records after it). A damaged record in the
+middle of the store is a hole: the chain stops before it, the core re-fetches it from peers, and
+the records after it that still match are kept (``store.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import msgpack
+import torch
+
+from seedswarm.gossip.wire import CheckpointManifest, Record, WireError, decode_as
+from seedswarm.node.core.chain import ChainState, RecordError, checked_next_state, record_hash
+from seedswarm.node.core.effects import Apply, InstallCheckpoint
+from seedswarm.node.core.genesis import Genesis
+from seedswarm.node.daemon.store import ChainStore, CheckpointDir
+from seedswarm.node.learn.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    decode_params,
+    encode_params,
+)
+from seedswarm.node.learn.replay import ModelStates
+
+log = logging.getLogger("seedswarm.daemon")
+
+
+class LocalChain:
+    def __init__(self, genesis: Genesis, store: ChainStore, ckdir: CheckpointDir,
+                 genesis_params: Sequence[torch.Tensor], checkpoint_every: int, keep_states: int = 16) -> None:
+        self.genesis = genesis
+        self.run_id = genesis.run_id
+        self.store = store
+        self.ckdir = ckdir
+        self.genesis_params = list(genesis_params)
+        self.checkpoint_every = checkpoint_every
+        self.keep_states = keep_states
+        self.recent: OrderedDict[bytes, Checkpoint] = OrderedDict()  # checkpoints we serve, by blob hash
+        self.checkpoint: Checkpoint | None = None  # the newest on our chain
+        self.heads: list[bytes] = []
+        self.head = ChainState.initial(genesis)
+        self.base_round = 0
+        self.dirty = False  # records were stored without moving the model (a checkpoint is coming)
+        self.archived: list[Path] = []
+        self.rebuild()
+
+    # ------------------------------------------------------------------ rebuilding
+    def rebuild(self) -> None:
+        """Chain states from the genesis over the stored records (stopping at the first hole or
+        invalid record), then the model from the newest local checkpoint on that chain."""
+        st = ChainState.initial(self.genesis)
+        states = [st]
+        decoded: list[Record] = []
+        for i, data in enumerate(self.store.records()):
+            try:
+                rec = decode_as(data, Record, self.run_id)
+                states.append(checked_next_state(states[-1], rec))
+            except (WireError, RecordError) as e:
+                log.warning("stored record %d is invalid (%s): keeping the %d records before it", i, e, i)
+                self.store.truncate(i)
+                break
+            decoded.append(rec)
+        self.heads = [s.head for s in states]
+        base, params = 0, [p.clone() for p in self.genesis_params]
+        self.checkpoint = None
+        for ck in self.ckdir.load_all():
+            if ck.round < len(self.heads) and self.heads[ck.round] == ck.head:
+                try:
+                    _, _, params = decode_params(ck.blob, self.genesis_params)
+                except CheckpointError as e:
+                    log.warning("local checkpoint of round %d unusable: %s", ck.round, e)
+                    continue
+                base, self.checkpoint = ck.round, ck
+                self._remember(ck)
+                break
+        self.base_round = base
+        self.states = ModelStates(states[base], params, keep=self.keep_states)
+        self.states.advance(states[base], [(states[i], decoded[i]) for i in range(base, len(decoded))])
+        self.head = states[-1]
+        self.dirty = False
+
+    def params(self, head: bytes) -> list[torch.Tensor] | None:
+        """The parameters at ``head`` (rebuilt first if records were stored without the model)."""
+        if self.dirty and head == self.head.head:
+            self.rebuild()
+        return self.states.get(head)
+
+    # ------------------------------------------------------------------ effects
+    def apply(self, e: Apply) -> list[torch.Tensor] | None:
+        """Persist the steps (after undoing back to ``e.base``) and move the model; returns the
+        parameters at the new head, or None while the model waits for a checkpoint."""
+        undone = self.head.round - e.base.round
+        if undone > 0:
+            log.info("fork switch: undoing %d stored round(s) back to round %d", undone, e.base.round)
+            self.store.truncate(e.base.round)
+            del self.heads[e.base.round + 1 :]
+        for i, (_, rec) in enumerate(e.steps):
+            self._store_record(e.base.round + i, rec.encode())
+            self.heads.append(record_hash(rec))
+        self.head = e.head
+        if e.catching_up:
+            self.dirty = True
+            return None
+        if self.dirty or not self.states.has(e.base.head):
+            self.rebuild()
+            return self.states.get(self.head.head)
+        try:
+            return self.states.advance(e.base, e.steps)
+        except KeyError as err:
+            log.warning("cannot apply from round %d (%s): rebuilding from the store", e.base.round, err)
+            self.rebuild()
+            return self.states.get(self.head.head)
+
+    def _store_record(self, idx: int, data: bytes) -> None:
+        """Store record ``idx``, the one after our head. Past a damaged part the store may
+        already hold slot ``idx``: fill it if it is a hole, keep it if it is this record, cut the
+        stored tail from it if it differs (our old records after the hole are not the chain)."""
+        if idx < len(self.store):
+            stored = self.store[idx]
+            if stored is None:
+                self.store.fill(idx, data)
+                return
+            if stored == data:
+                return
+            log.info("stored records from round %d on are not the chain's: cutting %d", idx, len(self.store) - idx)
+            self.store.truncate(idx)
+        self.store.append(data)
+
+    def install(self, e: InstallCheckpoint, chunk_bytes: int) -> bool:
+        """Keep a downloaded checkpoint: the model restarts from it on the next rebuild."""
+        try:
+            decode_params(e.blob, self.genesis_params)
+            ck = Checkpoint.from_blob(self.run_id, e.blob, chunk_bytes)
+        except CheckpointError as err:
+            log.warning("downloaded checkpoint of round %d unusable (%s): replaying instead", e.round, err)
+            return False
+        self.ckdir.save(ck)
+        self.dirty = True
+        return True
+
+    def maybe_checkpoint(self, params: Sequence[torch.Tensor] | None, force: bool = False) -> None:
+        r = self.head.round
+        if params is None or r <= 0 or not (force or (self.checkpoint_every and r % self.checkpoint_every == 0)):
+            return
+        ck = Checkpoint.from_blob(self.run_id, encode_params(r, self.head.head, params), self.ckdir.chunk_bytes)
+        try:
+            self.ckdir.save(ck)
+        except OSError as err:
+            log.warning("cannot save the checkpoint of round %d: %s", r, err)
+            return
+        self.checkpoint = ck
+        self._remember(ck)
+
+    def _remember(self, ck: Checkpoint) -> None:
+        # Any recent checkpoint is served, not only the newest: a joiner that got a manifest a
+        # moment ago keeps fetching its chunks while we write the next one.
+        self.recent[ck.manifest.state] = ck
+        while len(self.recent) > max(2, self.ckdir.keep + 1):
+            self.recent.popitem(last=False)
+
+    def archive_after(self, fork_round: int) -> Path | None:
+        """Move the stored records after ``fork_round`` to a side file (nothing is deleted), cut
+        the store there and rebuild: the peers agree on another chain from that point."""
+        if fork_round >= len(self.store):
+            return None
+        path = self.store.path.with_name(f"{self.store.path.name}.fork-{fork_round}-{int(time.time())}")
+        kept = [r for r in (self.store[i] for i in range(fork_round, len(self.store))) if r is not None]
+        path.write_bytes(msgpack.packb({"run": self.run_id, "from_round": fork_round, "records": kept}))
+        self.archived.append(path)
+        log.warning("resync: archived %d record(s) after round %d to %s", len(kept), fork_round, path)
+        self.store.truncate(fork_round)
+        self.rebuild()
+        return path
+
+    # ------------------------------------------------------------------ core History
+    def length(self) -> int:
+        return self.head.round
+
+    def record(self, r: int) -> bytes | None:
+        if not 0 <= r < self.head.round or r >= len(self.store):
+            return None
+        return self.store[r]
+
+    def head_at(self, r: int) -> bytes | None:
+        return self.heads[r] if 0 <= r < len(self.heads) else None
+
+    def manifest(self) -> CheckpointManifest | None:
+        ck = self.checkpoint
+        if ck is None or ck.round >= len(self.heads) or self.heads[ck.round] != ck.head:
+            return None
+        return ck.manifest
+
+    def chunk(self, digest: bytes, index: int) -> bytes | None:
+        ck = self.recent.get(digest)
+        if ck is None or not 0 <= index < len(ck.manifest.chunks):
+            return None
+        return ck.chunk(index)
