@@ -103,7 +103,7 @@ def add_genesis_options(p: argparse.ArgumentParser) -> None:
 
 def cmd_init(args: argparse.Namespace) -> int:
     from seedswarm.crypto.keys import Identity, KeyFileError
-    from seedswarm.gossip.libp2p_host import Libp2pHost
+    from seedswarm.gossip.libp2p import Libp2pHost
     from seedswarm.node.core.genesis import GenesisError
     from seedswarm.node.learn.tasks import TaskError
 

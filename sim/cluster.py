@@ -107,7 +107,7 @@ class Cluster:
 
     def setup(self) -> None:
         from seedswarm.crypto.keys import Identity
-        from seedswarm.gossip.libp2p_host import Libp2pHost
+        from seedswarm.gossip.libp2p import Libp2pHost
         from seedswarm.node.learn.initial import build_genesis, parse_task_options
 
         cfg = self.cfg

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from seedswarm.crypto.keys import Identity
-from seedswarm.gossip.libp2p_host import HostConfig, HostError, Libp2pHost, ProtocolMismatchError
+from seedswarm.gossip.libp2p import HostConfig, HostError, Libp2pHost, ProtocolMismatchError
 from seedswarm.gossip.wire import ChainRequest, ChainResponse, Contribution, Record, decode_as
 from seedswarm.node.core.genesis import Genesis
 from seedswarm.node.daemon.daemon import (

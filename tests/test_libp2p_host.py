@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from seedswarm.crypto.keys import Identity
-from seedswarm.gossip.libp2p_host import (
+from seedswarm.gossip.libp2p import (
     FrameTooLargeError,
     GossipMessage,
     HostClosedError,
@@ -215,7 +215,7 @@ async def test_libp2p_defaults_are_overridden(make_host: MakeHost) -> None:
         assert list(upgrader.muxer_multistream.transports) == ["/yamux/1.0.0"]
         assert host.get_network().connection_config.max_connections_per_peer == 1
         assert host.mDNS is None
-        gs = a._gossipsub
+        gs = a._gossip.gossipsub
         assert gs is not None and gs.scorer is not None
         assert not gs.adaptive_gossip_enabled and not gs.spam_protection_enabled
         params = gs.scorer.params
@@ -307,7 +307,7 @@ async def test_three_hosts_gossip_and_a_rejected_message_stops(make_host: MakeHo
         assert await _next_matching(c, GossipMessage) == GossipMessage("records", b"good after", a.peer_id)
         assert await _next_matching(b, GossipMessage) == GossipMessage("records", b"good after", a.peer_id)
         await asyncio.sleep(0.3)
-        assert c._events.empty() and b._events.empty()  # "bad one" reached neither
+        assert c._bridge.pending_events() == 0 and b._bridge.pending_events() == 0  # "bad one" reached neither
         assert b.stats.gossip_rejected == {"records": 1}
         assert c.stats.gossip_rejected == {}
         assert c.stats.gossip_messages_received == {"records": 6}
@@ -481,7 +481,7 @@ async def test_other_run_fails_negotiation_with_a_clear_error(
 
         b.set_request_handler("chain", chain)
         await a.connect(b.listen_addrs[0])
-        caplog.set_level(logging.WARNING, logger="seedswarm.gossip.libp2p_host")
+        caplog.set_level(logging.WARNING, logger="seedswarm.gossip.libp2p")
         for _ in range(2):
             with pytest.raises(ProtocolMismatchError) as err:
                 await a.request(b.peer_id, "chain", b"head?")

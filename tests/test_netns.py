@@ -73,7 +73,7 @@ def test_two_hosts_in_network_namespaces(tmp_path: Path, two_hosts: tuple[str, s
     # racing a first node that trains alone at dozens of rounds a second makes a flaky test on a
     # loaded machine; joining mid-run is covered on loopback by tests/test_cluster.py.
     from seedswarm.crypto.keys import Identity
-    from seedswarm.gossip.libp2p_host import Libp2pHost
+    from seedswarm.gossip.libp2p import Libp2pHost
 
     data_b = tmp_path / "node1"
     data_b.mkdir(mode=0o700)

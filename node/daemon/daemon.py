@@ -50,7 +50,7 @@ import torch
 from seedswarm import PROTOCOL_VERSION
 from seedswarm.crypto.hashing import h
 from seedswarm.crypto.keys import Identity, KeyFileError
-from seedswarm.gossip.libp2p_host import (
+from seedswarm.gossip.libp2p import (
     GossipMessage,
     HostConfig,
     HostError,
