@@ -425,6 +425,8 @@ class Daemon:
             m.set("transport_bytes_received", s.transport_bytes_received, help="bytes read from TCP sockets")
             for topic, n in s.gossip_rejected.items():
                 m.set("gossip_rejected", n, "topic", topic, help="gossip messages rejected by the validator")
+            for why, n in s.gossip_dropped.items():
+                m.set("gossip_dropped", n, "reason", why, help="pubsub input dropped below the validator, by reason")
             m.set("frames_too_large", s.frames_too_large, help="direct-stream frames refused for size")
             m.set("protocol_mismatches", s.protocol_mismatches, help="streams for another run/version")
             m.set("validator_errors", s.validator_errors)
