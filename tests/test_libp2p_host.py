@@ -7,13 +7,20 @@ minute on two cores. Timings are printed (run with -s) and reported in docs/netw
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
+import signal
+import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+from libp2p.network.connection.raw_connection import RawConnection
 
 from seedswarm.crypto.keys import Identity
 from seedswarm.gossip.libp2p import (
@@ -28,6 +35,7 @@ from seedswarm.gossip.libp2p import (
     ProtocolMismatchError,
     RemoteError,
     RequestTimeoutError,
+    listen_address_problem,
 )
 
 PREFIX = "/seedswarm/1/0123456789abcdef"
@@ -180,6 +188,44 @@ async def test_port_in_use_and_bad_multiaddr_give_host_error(make_host: MakeHost
             await a.connect(f"/ip4/127.0.0.1/tcp/1/p2p/{dead}")
     await a.stop()
     assert _our_threads() - before == set()
+
+
+async def test_restart_on_the_same_port_right_after_stop(make_host: MakeHost) -> None:
+    """A host with inbound connections stops (its side closes them: they linger in TIME-WAIT on
+    its port) and a new host listens on the same port at once. A plain bind fails here; the
+    pre-check sets SO_REUSEADDR, so it does not (a restart used to fail for about 60 s)."""
+    async with asyncio.timeout(30):
+        a = await make_host(1)
+        port = int(a.listen_addrs[0].split("/")[4])
+        b, c = await make_host(2), await make_host(3)
+
+        async def echo(peer: str, data: bytes) -> bytes:
+            return data
+
+        a.set_request_handler("echo", echo)
+        for peer in (b, c):  # inbound connections to a, with traffic on them
+            await peer.connect(a.listen_addrs[0])
+            assert await peer.request(a.peer_id, "echo", b"x" * 1000) == b"x" * 1000
+        await a.stop()
+        addr = f"/ip4/127.0.0.1/tcp/{port}"
+        with socket.socket() as plain:
+            try:
+                plain.bind(("127.0.0.1", port))
+                print("\n(no TIME-WAIT left on the port this time)")
+            except OSError as e:
+                assert e.errno == errno.EADDRINUSE  # what a restart ran into before
+        assert listen_address_problem(addr) is None
+        t0 = time.perf_counter()
+        a2 = await make_host(1, listen=[addr])
+        print(f"\nrestart on the same port in {(time.perf_counter() - t0) * 1e3:.0f} ms")
+        assert a2.listen_addrs[0].startswith(addr + "/p2p/")
+        a2.set_request_handler("echo", echo)
+        assert await b.connect(a2.listen_addrs[0]) == a2.peer_id
+        assert await b.request(a2.peer_id, "echo", b"again") == b"again"
+        # ... while a live listener is still refused, by start() and by the CLI-level check
+        assert "in use" in (listen_address_problem(addr) or "")
+        with pytest.raises(HostError, match="in use"):
+            await make_host(4, listen=[addr])
 
 
 async def test_stop_with_a_pending_request_does_not_hang(make_host: MakeHost) -> None:
@@ -424,6 +470,11 @@ async def test_request_response_including_one_mib(make_host: MakeHost) -> None:
         assert b.stats.requests_served == 32
         assert a.stats.stream_bytes_sent["echo"] > (1 << 20)
         assert b.stats.stream_bytes_received["echo"] > (1 << 20)
+        # transport counters: per host, below Noise, with libp2p itself left unpatched
+        assert a.stats.transport_bytes_sent > a.stats.stream_bytes_sent["echo"]
+        assert b.stats.transport_bytes_received > b.stats.stream_bytes_received["echo"]
+        assert b.stats.transport_bytes_sent > (1 << 20) and a.stats.transport_bytes_received > (1 << 20)
+        assert RawConnection.read.__module__ == RawConnection.write.__module__ == RawConnection.__module__
 
         async def slow(peer: str, data: bytes) -> bytes:
             await asyncio.sleep(5)
@@ -489,5 +540,132 @@ async def test_other_run_fails_negotiation_with_a_clear_error(
                 f"peer {b.peer_id} does not speak {PREFIX}/chain: different run or protocol version"
             )
         assert b.stats.protocol_mismatches == 2
+        assert b.stats.protocol_mismatches_by_reason == {"wrong-run": 2}
         logged = [r.getMessage() for r in caplog.records if "different run" in r.getMessage()]
         assert len(logged) == 1 and a.peer_id in logged[0]  # responder logs it once
+        assert "wrong-run" in logged[0]
+
+        # another protocol version of the same run, and a name the peer does not serve
+        c = await make_host(3, protocol_prefix="/seedswarm/2/0123456789abcdef")
+        c.set_request_handler("chain", chain)
+        await a.connect(c.listen_addrs[0])
+        with pytest.raises(ProtocolMismatchError, match="different run or protocol version"):
+            await a.request(c.peer_id, "chain", b"head?")
+        assert c.stats.protocol_mismatches_by_reason == {"protocol-version": 1}
+        d = await make_host(4)  # our prefix, but no "chain" handler
+        d.set_request_handler("other", chain)
+        await a.connect(d.listen_addrs[0])
+        with pytest.raises(ProtocolMismatchError):
+            await a.request(d.peer_id, "chain", b"head?")
+        assert d.stats.protocol_mismatches_by_reason == {"no-handler": 1}
+
+
+# -- log hygiene --------------------------------------------------------------------------
+
+#: Lines py-libp2p 0.8.1 logs at ERROR/WARNING for ordinary events (copied from its source, as
+#: seen on a peer's SIGKILL or stop), and the logger each comes from.
+ORDINARY_LINES = [
+    ("libp2p.protocol_muxer.multiselect_client",
+     "MultiselectClient handshake: read failed: fail to read from multiselect communicator"),
+    ("libp2p.stream_muxer.yamux.yamux", "Incomplete read for data on stream 3: 0 bytes read"),
+    ("libp2p.stream_muxer.yamux.yamux",
+     "Error in handle_incoming for peer 12D3KooWabc: RawConnError: connection reset"),
+    ("libp2p.identity.identify.identify",
+     "Error sending identify response to 12D3KooWabc: Write operation failed: TCP connection reset by "
+     "remote peer (type: <class 'libp2p.network.stream.exceptions.StreamError'>)\nTraceback ..."),
+    ("libp2p.host.basic_host", "Failed to open stream to peer 12D3KooWabc:\n  Error: ..."),
+]
+
+
+@pytest.mark.parametrize(("logger", "line"), ORDINARY_LINES)
+async def test_ordinary_libp2p_errors_are_debug_lines(make_host: MakeHost, caplog: pytest.LogCaptureFixture,
+                                                      logger: str, line: str) -> None:
+    await make_host(1)  # the first start installs the log policy
+    caplog.set_level(logging.INFO)
+    logging.getLogger(logger).error(line)
+    logging.getLogger(logger).error("something else went wrong")  # not ordinary: stays an ERROR
+    assert [r.getMessage() for r in caplog.records if r.name == logger] == ["something else went wrong"]
+    caplog.clear()
+    caplog.set_level(logging.DEBUG, logger=logger)  # still there for whoever asks
+    logging.getLogger(logger).error(line)
+    assert [(r.levelno, r.getMessage()) for r in caplog.records if r.name == logger] == [(logging.DEBUG, line)]
+
+
+_PEER_SCRIPT = """
+import asyncio, sys
+from seedswarm.gossip.libp2p import HostConfig, Libp2pHost
+
+async def main() -> None:
+    host = Libp2pHost(HostConfig(identity_seed=bytes([42]) * 32, listen=["/ip4/127.0.0.1/tcp/0"],
+                                 protocol_prefix=sys.argv[2]))
+    await host.start()
+    await host.connect(sys.argv[1])
+    await host.subscribe("records", lambda data, peer: True)
+
+    async def echo(peer: str, data: bytes) -> bytes:
+        return data
+
+    host.set_request_handler("echo", echo)
+    target = sys.argv[1].rsplit("/", 1)[1]
+    n = 0
+    while True:  # gossip and requests in both directions until killed
+        n += 1
+        await host.publish("records", b"from the peer %d" % n * (3000 if n % 3 == 0 else 1))
+        try:
+            await host.request(target, "echo", b"y" * 200_000, timeout=5)
+        except Exception:
+            pass
+        await asyncio.sleep(0.02)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.slow
+async def test_a_killed_peer_leaves_no_error_lines(make_host: MakeHost, caplog: pytest.LogCaptureFixture) -> None:
+    """SIGKILL of a peer in mid-traffic (gossip, requests both ways) is ordinary: libp2p logged
+    ERROR lines for it (multistream, Yamux, identify); now nothing at WARNING or above."""
+    caplog.set_level(logging.WARNING)
+    a = await make_host(1)
+    got: list[bytes] = []
+
+    async def echo(peer: str, data: bytes) -> bytes:
+        return data
+
+    a.set_request_handler("echo", echo)
+    await a.subscribe("records", _accept)
+    peer = subprocess.Popen([sys.executable, "-c", _PEER_SCRIPT, a.listen_addrs[0], PREFIX],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        async with asyncio.timeout(90):  # the peer imports libp2p on a busy machine
+            while len(got) < 5:
+                ev = await a.next_event()
+                if isinstance(ev, GossipMessage):
+                    got.append(ev.data)
+            pid = Libp2pHost.peer_id_of(Identity.from_seed(bytes([42]) * 32).public)
+
+            async def traffic() -> None:
+                while True:
+                    with contextlib.suppress(HostError):
+                        await a.publish("records", b"z" * 300_000)
+                        await a.request(pid, "echo", b"x" * 300_000, timeout=5)
+                    await asyncio.sleep(0.01)
+
+            pump = asyncio.create_task(traffic())
+            await asyncio.sleep(0.5)
+            peer.send_signal(signal.SIGKILL)
+            assert await _next_matching(a, PeerDisconnected, timeout=30) == PeerDisconnected(pid)
+            await asyncio.sleep(1.0)  # the traffic runs into the dead connection meanwhile
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+    finally:
+        if peer.poll() is None:
+            peer.kill()
+        peer.wait()
+        if peer.stderr is not None:
+            peer.stderr.close()
+    noisy = [f"{r.name}: {r.getMessage()[:200]}" for r in caplog.records
+             if r.name.startswith("libp2p") and r.levelno >= logging.WARNING]
+    assert noisy == [], noisy
+    assert a.running

@@ -6,9 +6,11 @@ daemon's configuration. ``install_log_policy()`` (called by the first ``Libp2pHo
 never at import) lets them propagate, quiets the loggers that warn about harmless things many
 times a second, and demotes to DEBUG the ERROR lines libp2p writes for ordinary events:
 
-* a peer that closes or dies (SIGKILL) while we open a stream or read from it: multistream
-  ``handshake read failed``, Yamux ``Incomplete read`` / ``Error reading data`` /
-  ``Error in handle_incoming`` / ``RawConnError during connection handling``;
+* a peer that closes or dies (SIGKILL) while we open a stream, read from it or answer its
+  identify: multistream ``handshake read failed``, Yamux ``Incomplete read`` / ``Error reading
+  data`` / ``Error in handle_incoming`` / ``RawConnError during connection handling``,
+  identify ``Error sending identify response`` (with a traceback);
+* a connection that fails its security or muxer handshake (the caller gets a HostError);
 * a failed protocol negotiation (another run or version): BasicHost's multi-line ERROR. The
   adapter raises ``ProtocolMismatchError`` (requester) and logs one line (responder) itself;
 * pubsub handing a last message to a service nursery that just closed, on shutdown.
@@ -45,10 +47,23 @@ ORDINARY: Final = {
     "libp2p.stream_muxer.yamux.yamux": (
         r"Incomplete read for (SYN |ACK )?data on stream",
         r"Error reading data for stream",
-        r"Error in handle_incoming for peer .*: (RawConnError|IncompleteReadError|ConnectionClosedError"
+        r"Error in handle_incoming for peer \S+: (RawConnError|IncompleteReadError|ConnectionClosedError"
         r"|StreamEOF|StreamReset|ClosedResourceError|BrokenResourceError|IOException|OSError)",
         r"RawConnError during connection handling",
         r"Error closing secured_conn for peer",
+    ),
+    "libp2p.identity.identify.identify": (
+        r"Error sending identify response to \S+: [^\n]*(Stream(Error|Reset|Closed|EOF)|ConnectionClosedError"
+        r"|reset by|closed|broken)",
+    ),
+    "libp2p.identity.identify_push.identify_push": (
+        r"Error pushing identify to peer \S+: [^\n]*(Stream|reset|closed|broken|Connection)",
+    ),
+    # a dial or an inbound connection that fails its handshake (the peer died half-way, or is
+    # not who the address said): the caller gets a HostError, the dial policy owns retries
+    "libp2p.network.swarm": (
+        r"failed to upgrade security for peer",
+        r"fail to upgrade mux for peer",
     ),
     "libp2p.host.basic_host": (r"Failed to open stream to peer",),
     "libp2p.tools.anyio_service.TrioManager.Swarm": (r".*Nursery is closed to new arrivals",),
