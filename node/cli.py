@@ -102,8 +102,7 @@ def add_genesis_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from seedswarm.crypto.keys import Identity, KeyFileError
-    from seedswarm.gossip.libp2p_host import Libp2pHost
+    from seedswarm.crypto.keys import Identity, KeyFileError, peer_id_of
     from seedswarm.node.core.genesis import GenesisError
     from seedswarm.node.files import OutPathError, check_out_file
     from seedswarm.node.learn.tasks import TaskError
@@ -153,7 +152,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"wrote {out}: task {genesis.task}, {len(members)} founding member(s), trainers {genesis.trainers}, "
           f"K {genesis.directions}, lr {genesis.lr}", file=sys.stderr)
     if ident is not None:
-        print(f"founding node identity in {args.data_dir}/identity.key (peer id {Libp2pHost.peer_id_of(ident.public)})",
+        print(f"founding node identity in {args.data_dir}/identity.key (peer id {peer_id_of(ident.public)})",
               file=sys.stderr)
     return 0
 

@@ -107,8 +107,7 @@ class Cluster:
         return self.out / "nodes" / f"node-{i}"
 
     def setup(self) -> None:
-        from seedswarm.crypto.keys import Identity
-        from seedswarm.gossip.libp2p_host import Libp2pHost
+        from seedswarm.crypto.keys import Identity, peer_id_of
         from seedswarm.node.learn.initial import build_genesis, parse_task_options
 
         cfg = self.cfg
@@ -130,7 +129,7 @@ class Cluster:
         )
         self.genesis.save(self.out / "genesis.json")
         self.ports = free_ports(total)
-        self.addrs = [f"/ip4/127.0.0.1/tcp/{p}/p2p/{Libp2pHost.peer_id_of(idents[i].public)}"
+        self.addrs = [f"/ip4/127.0.0.1/tcp/{p}/p2p/{peer_id_of(idents[i].public)}"
                       for i, p in enumerate(self.ports)]
 
     def command(self, i: int) -> list[str]:

@@ -9,13 +9,21 @@ import os
 import re
 import socket
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from libp2p.abc import INetStream
 
 from seedswarm.crypto.keys import Identity
-from seedswarm.gossip.libp2p_host import HostConfig, HostError, Libp2pHost, ProtocolMismatchError
+from seedswarm.gossip.libp2p import (
+    HostConfig,
+    HostError,
+    Libp2pHost,
+    ProtocolMismatchError,
+    hostile,
+)
+from seedswarm.gossip.libp2p.streams import FRAME_HEADER_BYTES, STATUS_OK, frame, read_exact
 from seedswarm.gossip.wire import (
     PROTO_CHAIN,
     PROTO_CKPT,
@@ -164,3 +172,57 @@ async def wait_for_mesh(host: Libp2pHost) -> None:
             return
         await asyncio.sleep(0.1)
     raise AssertionError("no gossip mesh with the node")
+
+
+@pytest.mark.slow
+async def test_hostile_pubsub_rpcs_do_not_stop_the_daemon(tmp_path: Path) -> None:
+    """Regression: on stock py-libp2p 0.8.1 each of these stops the node's libp2p host (a
+    message whose key does not parse; one garbage RPC on /meshsub/1.1.0). The node must drop
+    them, count them by reason in its metrics, and keep applying rounds."""
+    genesis_path, data, _ = init_swarm(tmp_path)
+    run_id = Genesis.load(genesis_path).run_id
+    port = _free_port()
+    node = Node(genesis_path, data, "--metrics-port", str(port))
+    try:
+        st = await asyncio.to_thread(node.wait_round, 3)
+        addr = st["announce"][0]
+        topic = f"{protocol_prefix(run_id)}/{TOPIC}"  # the node's gossip topic: push_msg runs
+        # The node asks every new peer for its hello and disconnects one that has none, which
+        # could cut the attack short: the attacker answers it.
+        hello = {f"{protocol_prefix(run_id)}/{PROTO_HELLO}": _hello_responder(run_id)}
+        await hostile.send_bad_key(addr, topic, linger=1.0, handlers=hello)
+        await hostile.send_garbage_rpc(addr, protocol=hostile.MESHSUB_V11, linger=1.0, handlers=hello)
+
+        last: list[dict[str, float]] = [{}]
+
+        def counted() -> dict[str, float] | None:
+            m = last[0] = _metrics(port)
+            ok = (m.get('seedswarm_gossip_dropped{reason="no-key"}', 0) >= 1
+                  and m.get('seedswarm_gossip_dropped{reason="rpc-decode"}', 0) >= 1)
+            return m if ok else None
+
+        try:
+            m = await asyncio.to_thread(wait_for, counted, 30, "both drops in the metrics")
+        except AssertionError:
+            raise AssertionError({k: v for k, v in last[0].items() if "core_events" not in k}) from None
+        r0 = m["seedswarm_round"]
+        await asyncio.to_thread(wait_for, lambda: _metrics(port)["seedswarm_round"] >= r0 + 3, 60,
+                                "rounds after the attack")
+        assert node.proc.poll() is None
+        logs = node.logs()
+        assert "dropped pubsub input" in logs and "libp2p host failed" not in logs
+    finally:
+        rc, _ = await asyncio.to_thread(node.stop)
+    assert rc == 0
+
+
+def _hello_responder(run_id: bytes) -> Callable[[INetStream], Awaitable[None]]:
+    """A trio stream handler answering the node's hello request (the adapter's framing)."""
+
+    async def serve(stream: INetStream) -> None:
+        n = int.from_bytes(await read_exact(stream, FRAME_HEADER_BYTES), "big")
+        await read_exact(stream, n)
+        await stream.write(frame(bytes([STATUS_OK]) + Hello.make(run_id, 0, [], {}).encode()))
+        await stream.close()
+
+    return serve

@@ -72,15 +72,14 @@ def test_two_hosts_in_network_namespaces(tmp_path: Path, two_hosts: tuple[str, s
     # Both hosts are founding members (B's key is made first and named in the genesis): a joiner
     # racing a first node that trains alone at dozens of rounds a second makes a flaky test on a
     # loaded machine; joining mid-run is covered on loopback by tests/test_cluster.py.
-    from seedswarm.crypto.keys import Identity
-    from seedswarm.gossip.libp2p_host import Libp2pHost
+    from seedswarm.crypto.keys import Identity, peer_id_of
 
     data_b = tmp_path / "node1"
     data_b.mkdir(mode=0o700)
     ident_b = Identity.generate()
     ident_b.save(data_b / "identity.key")
     genesis, data_a, run_id = init_swarm(tmp_path, "--min-round-time", "0.5", "--member", ident_b.public.hex())
-    peer_a = Libp2pHost.peer_id_of(Identity.load(data_a / "identity.key").public)
+    peer_a = peer_id_of(Identity.load(data_a / "identity.key").public)
     py = [sys.executable, "-m", "seedswarm", "node", "--genesis", str(genesis), "--log-format", "json",
           "--listen", "/ip4/0.0.0.0/tcp/4001", "--halt-at", "60"]
     procs: list[subprocess.Popen[bytes]] = []

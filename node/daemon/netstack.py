@@ -9,7 +9,6 @@ import fcntl
 import socket
 import struct
 from collections.abc import Sequence
-from typing import Any
 
 from seedswarm.crypto.keys import Identity
 from seedswarm.gossip import transport as tp
@@ -44,70 +43,10 @@ def announce_addrs(listen_addrs: Sequence[str], configured: Sequence[str], peer_
     return out
 
 
-class _Libp2pTransport:
-    """The libp2p host as a ``Transport``: its events and errors in the transport's types."""
-
-    dials_bootstrap = True  # its bootstrap keeper redials them with backoff
-
-    def __init__(self, host: Any) -> None:
-        self.host = host
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.host, name)
-
-    @property
-    def running(self) -> bool:
-        return bool(self.host.running)
-
-    @property
-    def listen_addrs(self) -> list[str]:
-        return list(self.host.listen_addrs)
-
-    @property
-    def stats(self) -> Any:
-        return self.host.stats
-
-    async def _call(self, coro: Any) -> Any:
-        from seedswarm.gossip.libp2p_host import HostError, ProtocolMismatchError
-
-        try:
-            return await coro
-        except ProtocolMismatchError as e:
-            raise tp.ProtocolMismatch(str(e)) from e
-        except HostError as e:
-            raise tp.TransportError(str(e)) from e
-
-    async def start(self) -> None:
-        await self._call(self.host.start())
-
-    async def stop(self) -> None:
-        await self.host.stop()
-
-    async def publish(self, topic: str, data: bytes) -> None:
-        await self._call(self.host.publish(topic, data))
-
-    async def request(self, peer_id: str, protocol: str, data: bytes, timeout: float = 10.0) -> bytes:
-        return bytes(await self._call(self.host.request(peer_id, protocol, data, timeout=timeout)))
-
-    async def connect(self, multiaddr_str: str) -> str:
-        return str(await self._call(self.host.connect(multiaddr_str)))
-
-    async def disconnect(self, peer_id: str) -> None:
-        await self._call(self.host.disconnect(peer_id))
-
-    async def next_event(self) -> tp.Event:
-        from seedswarm.gossip import libp2p_host as lh
-
-        ev = await self._call(self.host.next_event())
-        if isinstance(ev, lh.GossipMessage):
-            return tp.GossipMessage(ev.topic, ev.data, ev.from_peer)
-        if isinstance(ev, lh.PeerConnected):
-            return tp.PeerConnected(ev.peer)
-        return tp.PeerDisconnected(ev.peer)
-
-
 def libp2p_transport(identity: Identity, node: NodeConfig, run_id: bytes) -> tp.Transport:
-    from seedswarm.gossip.libp2p_host import HostConfig, HostError, Libp2pHost
+    from seedswarm.gossip.libp2p import HostConfig, HostError, Libp2pHost
+
+    # Its bootstrap keeper redials the bootstrap peers with backoff (the daemon need not).
 
     cfg = HostConfig(identity_seed=identity.seed, listen=list(node.listen), bootstrap=list(node.bootstrap),
                      protocol_prefix=protocol_prefix(run_id), max_message_bytes=MAX_MESSAGE_BYTES)
@@ -115,4 +54,4 @@ def libp2p_transport(identity: Identity, node: NodeConfig, run_id: bytes) -> tp.
         host = Libp2pHost(cfg)
     except HostError as e:
         raise tp.TransportError(str(e)) from e
-    return _Libp2pTransport(host)  # type: ignore[return-value]
+    return host

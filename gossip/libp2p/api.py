@@ -1,0 +1,186 @@
+"""The public types of the libp2p adapter: configuration, errors, events and counters.
+
+Nothing here imports libp2p or trio, so the types can be named (and the counters read) without
+paying for the library import.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from seedswarm.gossip.transport import (
+    Event,
+    GossipMessage,
+    PeerConnected,
+    PeerDisconnected,
+    ProtocolMismatch,
+    RequestHandler,
+    RequestTimeout,
+    TransportClosed,
+    TransportError,
+    Validator,
+)
+
+__all__ = [
+    "Event",
+    "FrameTooLargeError",
+    "GossipMessage",
+    "HostClosedError",
+    "HostConfig",
+    "HostError",
+    "HostStats",
+    "PeerConnected",
+    "PeerDisconnected",
+    "ProtocolMismatchError",
+    "RemoteError",
+    "RequestHandler",
+    "RequestTimeoutError",
+    "Validator",
+]
+
+
+class HostError(TransportError):
+    """A network operation failed; the message says which peer and why."""
+
+
+class HostClosedError(HostError, TransportClosed):
+    """The host is not running (never started, stopped, or its thread died)."""
+
+
+class ProtocolMismatchError(HostError, ProtocolMismatch):
+    """The peer does not serve the requested protocol id (other run, other version)."""
+
+
+class FrameTooLargeError(HostError):
+    """A frame is over ``max_message_bytes`` (ours or the peer's)."""
+
+
+class RequestTimeoutError(HostError, RequestTimeout):
+    """A request did not complete within its timeout."""
+
+
+class RemoteError(HostError):
+    """The peer received the request but did not answer it (no response, error, busy)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class HostConfig:
+    """Configuration of one libp2p host (keyword-only).
+
+    Topic names and request protocol ids are ``f"{protocol_prefix}/{name}"``: peers of another
+    run (run id in the prefix) or another protocol version never share a topic and fail
+    protocol negotiation on streams.
+    """
+
+    #: 32-byte Ed25519 seed (``Identity.seed``): the libp2p identity IS the chain identity.
+    identity_seed: bytes
+    #: Multiaddrs to listen on, ``/ip4/<addr>/tcp/<port>`` or ``/ip6/...``; port 0 = any free.
+    listen: list[str]
+    #: Full peer multiaddrs (``.../p2p/<peer id>``); our own id is dropped. Dialled at start
+    #: and redialled while disconnected (backoff 1 s doubling to 30 s).
+    bootstrap: list[str] = field(default_factory=list)
+    #: ``"/seedswarm/<major>/<run id hex[:16]>"``. The adapter reads the last segment as the
+    #: run and the ones before it as the version when it classifies a refused stream.
+    protocol_prefix: str
+    max_message_bytes: int = 1 << 20
+    gossip_heartbeat_s: float = 1.0
+    queue_size: int = 1024
+    #: Bound on reading or writing one frame of a direct stream, and on a stall inside a pubsub
+    #: frame (see ``tuning.PUBSUB_FRAME_MIN_RATE``).
+    io_timeout_s: float = 10.0
+    #: Bound on an asyncio request handler; past it the requester gets RemoteError.
+    handler_timeout_s: float = 30.0
+    #: Bound on one dial (connect, bootstrap, or the implicit dial of request()).
+    dial_timeout_s: float = 5.0
+    #: Bound on start(); stop() always returns within about stop_timeout_s + 2 s.
+    start_timeout_s: float = 15.0
+    stop_timeout_s: float = 3.0
+
+
+# Events, validators and handlers are the transport interface's own (gossip.transport): the
+# daemon drives this adapter and the in-memory network through the same types.
+
+
+@dataclass(frozen=True)
+class HostStats:
+    """A snapshot of the host's counters. Per-name dicts use short topic/protocol names."""
+
+    stream_bytes_sent: dict[str, int]
+    stream_bytes_received: dict[str, int]
+    gossip_bytes_published: dict[str, int]
+    gossip_bytes_received: dict[str, int]
+    gossip_messages_received: dict[str, int]
+    gossip_rejected: dict[str, int]
+    requests_sent: int
+    requests_served: int
+    requests_failed: int
+    frames_too_large: int
+    #: Inbound streams refused because we do not serve the proposed ``/seedswarm/...`` id
+    #: (total; ``protocol_mismatches_by_reason`` splits it).
+    protocol_mismatches: int
+    handler_errors: int
+    validator_errors: int
+    events_dropped: int
+    #: Bytes written to / read from the TCP sockets of this host (Noise, Yamux, GossipSub
+    #: framing, forwarding and retransmission of other peers' gossip included): what the
+    #: operator's network actually carries.
+    transport_bytes_sent: int = 0
+    transport_bytes_received: int = 0
+    #: Pubsub input dropped below the topic validator, by reason (``guard.DROP_REASONS``): what
+    #: py-libp2p would have dropped silently, or crashed on. Counted for every peer.
+    gossip_dropped: dict[str, int] = field(default_factory=dict)
+    #: ``protocol_mismatches`` by reason: ``protocol-version`` (another ``/seedswarm/<major>``),
+    #: ``wrong-run`` (our version, another run id), ``no-handler`` (our prefix, a name we do not
+    #: serve).
+    protocol_mismatches_by_reason: dict[str, int] = field(default_factory=dict)
+
+
+class Counters:
+    """Mutable counters behind ``HostStats``: written on the trio thread, read from asyncio.
+
+    One lock, held for a dict update: cheap next to anything that is counted.
+    """
+
+    _DICTS = (
+        "stream_bytes_sent",
+        "stream_bytes_received",
+        "gossip_bytes_published",
+        "gossip_bytes_received",
+        "gossip_messages_received",
+        "gossip_rejected",
+        "gossip_dropped",
+        "protocol_mismatches_by_reason",
+    )
+    _INTS = (
+        "requests_sent",
+        "requests_served",
+        "requests_failed",
+        "frames_too_large",
+        "protocol_mismatches",
+        "handler_errors",
+        "validator_errors",
+        "events_dropped",
+        "transport_bytes_sent",
+        "transport_bytes_received",
+    )
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._dicts: dict[str, dict[str, int]] = {k: {} for k in self._DICTS}
+        self._ints: dict[str, int] = dict.fromkeys(self._INTS, 0)
+
+    def add(self, counter: str, key: str, n: int = 1) -> None:
+        with self._lock:
+            d = self._dicts[counter]
+            d[key] = d.get(key, 0) + n
+
+    def inc(self, counter: str, n: int = 1) -> None:
+        with self._lock:
+            self._ints[counter] += n
+
+    def snapshot(self) -> HostStats:
+        with self._lock:
+            dicts = {k: dict(v) for k, v in self._dicts.items()}
+            ints = dict(self._ints)
+        return HostStats(**dicts, **ints)  # type: ignore[arg-type]
