@@ -389,7 +389,12 @@ def run_baseline(cfg: Any, log: TextIO = sys.stderr, on_send: SendHook | None = 
         "final_members": cfg.nodes,
         "rejected": {},
         "crash_round": None,
+        "expelled_online": 0,  # baselines have no membership records
+        "expelled_online_at": [],
         "join_seconds": [],
+        "join_member_seconds": [],
+        "join_checkpoint_rounds": [],
+        "notices": {},
         "config": cfg_dict,
         "genesis_run_id": run_id.hex(),
         **extra,

@@ -228,8 +228,15 @@ def test_wrong_run(state, rng):
 
 
 def test_join_adds_member(state, rng):
+    from seedswarm.node.core.admission import solve_work
+
     newbie = Identity.from_seed(b"\x77" * 32)
-    j = Join(run=state.run_id, round=state.round, peer=newbie.public).signed(newbie).encode()
+    # an open swarm: the Join carries the work the chain asks for
+    with pytest.raises(RecordError, match="work"):
+        check_record(state, build_record(state, _agg(state), [], joins=[
+            Join(run=state.run_id, round=state.round, peer=newbie.public).signed(newbie).encode()])[0])
+    work = solve_work(state.run_id, newbie.public, state.round, state.join_bits)
+    j = Join(run=state.run_id, round=state.round, peer=newbie.public, cert=work).signed(newbie).encode()
     cs = [H["contribution"](state, BY_PUB[p], rng) for p in state.committee.trainers]
     rec, _ = build_record(state, _agg(state), cs, joins=[j])
     check_record(state, rec)

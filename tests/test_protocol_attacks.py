@@ -10,13 +10,10 @@ the honest traffic; the run is compared with a control run without it.
 from __future__ import annotations
 
 import dataclasses
-import heapq
-import random
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-import torch
 
 from seedswarm.crypto.hashing import h
 from seedswarm.crypto.keys import Identity
@@ -26,7 +23,6 @@ from seedswarm.gossip.wire import (
     ContributionsResponse,
     Equivocation,
     Join,
-    Message,
     Record,
     decode,
 )
@@ -41,164 +37,8 @@ from seedswarm.node.core.chain import (
     record_hash,
 )
 from seedswarm.node.core.genesis import Genesis
-from seedswarm.node.core.protocol import Apply, Estimate, NodeCore, Publish, Rejected, Send
-from seedswarm.node.learn.replay import ModelStates, model_digest
-
-IDS = [Identity.from_seed(bytes([i]) * 32) for i in range(1, 9)]
-BY_PUB = {i.public: i for i in IDS}
-OUTSIDER = Identity.from_seed(b"\xee" * 32)
-LATENCY = 0.01
-
-
-def make_genesis(**kw: Any) -> Genesis:
-    base: dict[str, Any] = dict(members=tuple(i.public for i in IDS), trainers=5, aggregators=2, directions=8,
-                                round_timeout=0.5, min_round_time=0.05, lr=0.1)
-    base.update(kw)
-    return Genesis(**base)
-
-
-def fresh_params() -> list[torch.Tensor]:
-    torch.manual_seed(0)
-    m = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
-    return [p.detach().clone() for p in m.parameters()]
-
-
-def fake_values(peer: bytes, st: ChainState) -> list[float]:
-    """A trainer's deterministic 'estimate': a shared signal plus per-peer noise, in scale units."""
-    rng = random.Random(h(b"test/est", peer, st.head))
-    signal = random.Random(h(b"test/signal", st.head))
-    return [st.scale * (signal.randint(-20, 20) + rng.randint(-6, 6)) for _ in range(st.genesis.directions)]
-
-
-Hook = Callable[["Net", bytes, Any], list[Any] | None]
-
-
-class Net:
-    """A deterministic in-memory network of NodeCores with per-node replayed models.
-
-    ``outbound[key](net, key, effect)`` may rewrite a (Byzantine) node's effects: return a list of
-    effects to use instead (``[]`` drops it), or None to keep it. ``inbound[key](net, key, (msg,
-    frm))`` may answer a message in place of the core (return effects) or let the core see it.
-    """
-
-    def __init__(self, genesis: Genesis, idents: list[Identity] = IDS) -> None:
-        self.genesis = genesis
-        self.cores = {i.public: NodeCore(genesis, i) for i in idents}
-        root = ChainState.initial(genesis)
-        self.models = {k: ModelStates(root, fresh_params(), keep=128) for k in self.cores}
-        self.chains: dict[bytes, list[bytes]] = {k: [] for k in self.cores}  # record hashes applied
-        self.now = 0.0
-        self.q: list[tuple[float, int, str, bytes | None, Any]] = []
-        self.seq = 0
-        self.rejected: list[tuple[bytes, Rejected]] = []
-        self.outbound: dict[bytes, Hook] = {}
-        self.inbound: dict[bytes, Hook] = {}
-        self.byzantine: set[bytes] = set()
-        self.sent: list[tuple[float, bytes, bytes, Message]] = []  # (time, from, to, msg) direct sends
-
-    def push(self, dt: float, kind: str, dst: bytes | None, payload: Any) -> None:
-        self.seq += 1
-        heapq.heappush(self.q, (self.now + dt, self.seq, kind, dst, payload))
-
-    def send(self, frm: bytes, to: bytes, msg: Message, dt: float = LATENCY) -> None:
-        self.push(dt, "msg", to, (decode(msg.encode()), frm))
-
-    def publish(self, frm: bytes, msg: Message, dt: float = LATENCY) -> None:
-        self.push(dt, "gossip", frm, decode(msg.encode()))
-
-    def handle(self, key: bytes, effects: list[Any]) -> None:
-        for e in effects:
-            hook = self.outbound.get(key)
-            if hook is not None:
-                repl = hook(self, key, e)
-                if repl is not None:
-                    for r in repl:
-                        self._do(key, r)
-                    continue
-            self._do(key, e)
-
-    def _do(self, key: bytes, e: Any) -> None:
-        core = self.cores[key]
-        if isinstance(e, Send):
-            self.sent.append((self.now, key, e.to, e.msg))
-            self.send(key, e.to, e.msg)
-        elif isinstance(e, Publish):
-            self.publish(key, e.msg)
-        elif isinstance(e, Estimate):
-            self.push(0.005, "est", key, (e.round, e.head, fake_values(key, core.head)))
-        elif isinstance(e, Apply):
-            self.models[key].advance(e.base, e.steps)
-            chain = self.chains[key][: e.base.round]
-            chain += [record_hash(rec) for _, rec in e.steps]
-            self.chains[key] = chain
-        elif isinstance(e, Rejected):
-            self.rejected.append((key, e))
-
-    def honest(self) -> list[bytes]:
-        return [k for k in self.cores if k not in self.byzantine]
-
-    def digest(self, key: bytes) -> bytes:
-        params = self.models[key].get(self.cores[key].head.head)
-        assert params is not None
-        return model_digest(params)
-
-    def run(self, until_round: int, max_time: float = 30.0) -> None:
-        for k, c in self.cores.items():
-            self.handle(k, c.start(self.now))
-        self.push(0.05, "tick", None, None)
-        while self.q and self.now < max_time:
-            if all(self.cores[k].head.round >= until_round for k in self.honest()):
-                break
-            t, _, kind, dst, payload = heapq.heappop(self.q)
-            self.now = t
-            if kind == "tick":
-                for k, c in self.cores.items():
-                    self.handle(k, c.on_timer(self.now))
-                self.push(0.05, "tick", None, None)
-            elif kind == "gossip":
-                for k in self.cores:
-                    if k != dst:
-                        self._deliver(k, payload, None)
-            elif kind == "msg":
-                msg, frm = payload
-                assert dst is not None
-                self._deliver(dst, msg, frm)
-            elif kind == "est":
-                assert dst is not None
-                self.handle(dst, self.cores[dst].on_estimate(self.now, *payload))
-            elif kind == "call":
-                payload(self)
-
-    def _deliver(self, key: bytes, msg: Message, frm: bytes | None) -> None:
-        hook = self.inbound.get(key)
-        if hook is not None:
-            repl = hook(self, key, (msg, frm))
-            if repl is not None:
-                self.handle(key, repl)
-                return
-        self.handle(key, self.cores[key].on_message(self.now, msg, frm))
-
-    # ---- views
-    def heads(self) -> set[bytes]:
-        return {self.cores[k].head.head for k in self.honest()}
-
-    def digests(self) -> set[bytes]:
-        return {self.digest(k) for k in self.honest()}
-
-    def state_at(self, key: bytes, round_: int) -> ChainState:
-        st = self.cores[key].head
-        while st.round > round_:
-            cand = self.cores[key]._cand[st.head]
-            st = cand.parent
-        return st
-
-    def record_at(self, key: bytes, round_: int) -> Record:
-        st = self.state_at(key, round_ + 1)
-        return self.cores[key]._cand[st.head].rec
-
-    def rejected_reasons(self) -> list[str]:
-        return [r.reason for k, r in self.rejected if k not in self.byzantine]
-
+from seedswarm.node.core.protocol import Apply, NodeCore, Publish, Rejected, Send
+from tests.corenet import BY_PUB, IDS, LATENCY, OUTSIDER, Net, make_genesis
 
 ROUNDS = 6
 ATTACK_ROUND = 2
@@ -468,7 +308,7 @@ def test_byzantine_aggregator_wrong_aggregate_fraud_proof() -> None:
     def out_hook(net: Net, key: bytes, e: Any) -> list[Any] | None:
         if isinstance(e, Publish) and isinstance(e.msg, Record) and e.msg.round == ATTACK_ROUND and not forged:
             honest_rec = e.msg
-            inputs = net.cores[key]._inputs[record_hash(honest_rec)][1]
+            inputs = net.cores[key].inputs_of(record_hash(honest_rec))
             bad_agg = encode_aggregate([AGG_MAX] * 8)  # all directions saturated: in range, but wrong
             bad = dataclasses.replace(honest_rec, aggregate=bad_agg).signed(BY_PUB[key])
             forged[record_hash(bad)] = (bad, inputs)
@@ -543,7 +383,7 @@ def _joins(n: int, run: bytes, round_: int = 0, cert: Callable[[Identity], bytes
 
 
 def test_join_flood_is_bounded() -> None:
-    g = make_genesis()
+    g = make_genesis(join_pow_bits=0)  # no work asked: the pending set's own bound is what holds
     core = NodeCore(g, IDS[0])
     rejected = 0
     for j in _joins(4096 + 8, g.run_id):
@@ -573,17 +413,22 @@ def test_permissioned_swarm_admits_only_certified_joins() -> None:
     _assert_rejected_unchanged(net, k, rec, "bad-join")
 
 
-def test_open_swarm_admits_sybils() -> None:
-    """Documented exposure: without an admission key, any key that asks becomes a member."""
-    g = make_genesis()
-    sybils = _joins(3, g.run_id)
+def test_open_swarm_admits_joins_that_carry_the_work() -> None:
+    """Without an admission key, a Join with the work the chain asks for becomes a member (what
+    the work, bounded admissions and probation limit is how fast: tests/test_admission.py)."""
+    from seedswarm.node.core.admission import solve_work
+
+    g = make_genesis(join_pow_bits=8)
+    joiners = [Identity.from_seed(h(b"test/joiner", bytes([i]))) for i in range(3)]
+    joins = [Join(run=g.run_id, round=0, peer=j.public, cert=solve_work(g.run_id, j.public, 0, 9)).signed(j)
+             for j in joiners]
 
     def setup(net: Net) -> None:
-        net.push(0.02, "call", None, lambda n: [n.publish(OUTSIDER.public, j) for j in sybils])
+        net.push(0.02, "call", None, lambda n: [n.publish(OUTSIDER.public, j) for j in joins])
 
-    net = run_net(genesis=g, setup=setup, rounds=3)
+    net = run_net(genesis=g, setup=setup, rounds=4)
     members = net.cores[net.honest()[0]].head.members
-    assert all(j.peer in members for j in sybils)
+    assert all(j.public in members for j in joiners)
 
 
 def test_permissioned_flood_does_not_block_certified_join() -> None:

@@ -40,6 +40,7 @@ from seedswarm.gossip.wire import (
     Equivocation,
     FraudProof,
     Heartbeat,
+    Hello,
     Join,
     Leave,
     Message,
@@ -107,6 +108,8 @@ def _build_samples() -> tuple[dict[type[Message], Message], list[Message]]:
             run=RUN, round=8, head=rec_hash, state=state, size=2 * MAX_CHUNK + 17,
             chunks=tuple(h(b"test/chunk", bytes([i])) for i in range(3)),
         ),
+        Hello: Hello.make(RUN, 9, ["/ip4/10.0.0.1/tcp/4001/p2p/12D3KooWAlice"],
+                          {"12D3KooWBob": ["/ip4/10.0.0.2/tcp/4001/p2p/12D3KooWBob"]}),
     }
     nested: list[Message] = [c1, c2, c3, join, leave, eq, rec]
     return samples, nested
@@ -466,7 +469,7 @@ def test_wrong_header_types_and_field_counts(cls: type[Message]) -> None:
     cases: list[list[Any]] = []
     for bad_version in [True, False, None, 1.0, "1", b"\x01", [1], {}]:
         cases.append([bad_version, *base[1:]])
-    for bad_type in [True, None, float(cls.TYPE), str(cls.TYPE), bytes([cls.TYPE]), [cls.TYPE], -1, 0, 16, 2**32]:
+    for bad_type in [True, None, float(cls.TYPE), str(cls.TYPE), bytes([cls.TYPE]), [cls.TYPE], -1, 0, 99, 2**32]:
         cases.append([base[0], bad_type, *base[2:]])
     cases.append(base[:-1])  # a field missing
     cases.append([*base, b""])  # one field too many

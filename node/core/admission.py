@@ -11,9 +11,10 @@ all functions of the chain (so every node applies the same ones):
   starts at ``genesis.join_pow_bits`` and rises by one bit for every two Joins admitted in the
   last ``join_ttl`` rounds, so a burst of Joins costs the flooder exponentially more work while
   an occasional joiner pays a fraction of a second.
-* **Probation.** For ``genesis.probation`` rounds after it joined, a member holds at most a
-  ``probation_share`` of a round's trainer seats (together with the other new members) and no
-  aggregator rank while any veteran is eligible: new keys cannot fill a committee.
+* **Probation.** Until it has contributed ``genesis.probation`` times, a new member holds at most
+  a ``probation_share`` of a round's trainer seats (together with the other new members) and
+  ranks as an aggregator only after every veteran: new keys cannot fill a committee, and a key
+  that never contributes never leaves probation (time alone does not vouch for anyone).
 * **Silent newcomers leave.** A member on probation that misses a trainer duty counts the miss
   even in a record without contributions (veterans do not: an empty record proves nothing about
   them), so sybils that never contribute are expelled however sparse the records are.

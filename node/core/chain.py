@@ -92,6 +92,7 @@ class ChainState:
     departed: dict[bytes, int] = field(default_factory=dict)  # public key -> round it left/was expelled
     scale_exp: int = 0
     recent_joins: tuple[int, ...] = ()  # rounds of the Joins admitted in the last join_ttl rounds
+    trial: dict[bytes, int] = field(default_factory=dict)  # members on probation -> contributions they owe
 
     @classmethod
     def initial(cls, genesis: Genesis) -> ChainState:
@@ -113,9 +114,8 @@ class ChainState:
 
     @functools.cached_property
     def probation(self) -> frozenset[bytes]:
-        """Members on probation (joined within ``genesis.probation`` rounds; founders never are)."""
-        g = self.genesis
-        return frozenset(m for m, joined in self.members.items() if joined > 0 and self.round - joined < g.probation)
+        """Members on probation: joined, and not yet contributed ``genesis.probation`` times."""
+        return frozenset(self.trial)
 
     @functools.cached_property
     def committee(self) -> Committee:
@@ -417,9 +417,14 @@ def next_state(state: ChainState, rec: Record) -> ChainState:
     # none of them (after a mass crash, live trainers wait to verify the previous record while
     # fallback aggregators publish empty ones). Only a record that holds some contribution counts
     # the others as missed duties.
+    trial = dict(state.trial)
     for rank, peer in enumerate(state.committee.trainers):
         if rank in contributed:
             missed[peer] = 0
+            if peer in trial:
+                trial[peer] -= 1
+                if trial[peer] <= 0:
+                    del trial[peer]
         elif contributed or peer in state.probation:
             # An empty record counts only members on probation: a newcomer that has yet to
             # contribute gets no benefit of the doubt, so silent sybils leave even when records
@@ -433,15 +438,18 @@ def next_state(state: ChainState, rec: Record) -> ChainState:
     for p in gone:
         members.pop(p, None)
         missed.pop(p, None)
+        trial.pop(p, None)
         departed[p] = r
     for p in joined:
         members[p] = r + 1
         departed.pop(p, None)
+        if g.probation > 0:
+            trial[p] = g.probation
     recent = tuple(j for j in state.recent_joins if j > r - g.join_ttl) + (r,) * len(joined)
     scale_exp = state.scale_exp
     if contributed:
         scale_exp = next_scale_exp(scale_exp, decode_aggregate(rec.aggregate), AGG_ONE)
     return ChainState(
         genesis=g, run_id=state.run_id, round=r + 1, head=record_hash(rec), members=members,
-        missed=missed, departed=departed, scale_exp=scale_exp, recent_joins=recent,
+        missed=missed, departed=departed, scale_exp=scale_exp, recent_joins=recent, trial=trial,
     )

@@ -60,7 +60,7 @@ class Genesis:
     quorum: float = 0.75  # share of trainers an aggregator waits for before its deadline
     max_joins: int = 4  # Joins one record may admit (node/core/admission.py)
     join_pow_bits: int = 16  # open swarms: bits of work a Join needs when nobody joined lately (0: none)
-    probation: int = 32  # rounds a new member serves on probation (bounded seats, no aggregation)
+    probation: int = 2  # contributions a new member makes before it leaves probation (bounded seats, no aggregation)
     probation_share: float = 0.25  # share of a round's trainer seats the members on probation may hold
     admission_key: bytes = b""  # non-empty: permissioned swarm, Joins need a certificate
     model_digest: bytes = b""  # digest of the initial model (checked by every node)

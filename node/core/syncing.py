@@ -88,7 +88,11 @@ class SyncMixin(_Core):
     # ------------------------------------------------------------------ asking
     def _ask_chain(self, now: float, exclude: set[bytes] | None = None) -> list[Effect]:
         banned = {p for p in self._sync_peers() if self.policy.is_banned(p, now)}
-        peer = self.sync.pick(now, self._sync_peers(), (exclude or set()) | banned | set(self.sync.asks))
+        skip = (exclude or set()) | banned | set(self.sync.asks)
+        # A peer that already told us about a deep fork has had its say: ask the others, whose
+        # agreement (or not) decides whether we give up our chain.
+        voted = {p for fk in self.sync.forks.values() for p in fk.voters}
+        peer = self.sync.pick(now, self._sync_peers(), skip | voted) or self.sync.pick(now, self._sync_peers(), skip)
         self._count("sync.requests")
         if peer is None:
             return []
