@@ -207,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
         (out / "table.md").write_text(md + "\n")
     if args.acceptance:
-        doc["verdict"] = verdict(results)
-        md += "\n\n" + "\n".join(doc["verdict"]["lines"])
+        v = verdict(results)
+        doc["verdict"] = v
+        md += "\n\n" + "\n".join(v["lines"])
     if args.json:
         print(md, file=sys.stderr)
         print(json.dumps(doc, indent=2))

@@ -324,7 +324,7 @@ def run_baseline(cfg: Any, log: TextIO = sys.stderr, on_send: SendHook | None = 
     tracemalloc.start()
     task = load_task(cfg.task, cfg.task_options, seed=cfg.seed)
     trainer = _Trainer(task, cfg)
-    init = _flat(trainer.model.parameters())
+    init = _flat(list(trainer.model.parameters()))
     d = int(init.numel())
     assert d == param_count(trainer.model)
     idents = identities(cfg.nodes, cfg.seed)

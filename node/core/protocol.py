@@ -63,7 +63,7 @@ from seedswarm.node.core.effects import (
 )
 from seedswarm.node.core.forks import ForkTree
 from seedswarm.node.core.genesis import Genesis
-from seedswarm.node.core.joinplan import ZERO32, JoinPlan, PlanConfig
+from seedswarm.node.core.joinplan import ZERO32, PlanConfig
 from seedswarm.node.core.peers import PeerPolicy, PolicyConfig
 from seedswarm.node.core.sync import ChainSync, History, NoHistory, SyncConfig, serve_chain
 from seedswarm.node.core.syncing import SyncMixin
@@ -139,7 +139,7 @@ class NodeCore(SyncMixin):
                                  VerifyConfig(cfg.verify_timeout, cfg.verify_sources, cfg.keep_inputs))
         self.sync = ChainSync(self.run_id, self.me, SyncConfig(cfg.sync_after, cfg.request_timeout, cfg.resync_votes))
         self.policy = PeerPolicy(cfg.policy)
-        self.plan: JoinPlan | None = None
+        self.plan = None
         self._plan_cfg = PlanConfig(gap=cfg.checkpoint_gap)
         self._held: dict[bytes, tuple[float, Record, bytes | None]] = {}  # fallback records not yet due
         self._agg: dict[int, _Aggregation] = {}
@@ -241,7 +241,10 @@ class NodeCore(SyncMixin):
         return [Publish(j)]
 
     def _maybe_join(self, now: float) -> list[Effect]:
-        if not self.cfg.auto_join or self.is_member() or self._off_duty():
+        # Only once caught up with a peer: a Join signed at a round far behind the swarm's
+        # expires before any record can take it (join_ttl).
+        if not self.cfg.auto_join or self.is_member() or self._off_duty() or not self.sync.peer_heads \
+                or self.sync.behind(self.round, now) > 1:
             return []
         if now - self._last_join < self.cfg.rejoin_after:
             return []

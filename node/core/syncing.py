@@ -24,6 +24,13 @@ from seedswarm.node.core.peers import PeerPolicy
 from seedswarm.node.core.sync import PAGE, ChainSync, History
 
 
+class _CoreCfg(Protocol):
+    sync_after: float
+    max_undo: int
+    checkpoint_gap: int
+    model_round: int
+
+
 class _Core(Protocol):
     """What of the node core the catch-up code uses (the core is the one class that mixes it in)."""
 
@@ -34,7 +41,6 @@ class _Core(Protocol):
     sync: ChainSync
     policy: PeerPolicy
     history: History
-    plan: JoinPlan | None
     _plan_cfg: PlanConfig
     _paging: bool
     _waiting: bool
@@ -59,14 +65,8 @@ class _Core(Protocol):
     def _maybe_join(self, now: float) -> list[Effect]: ...
 
 
-class _CoreCfg(Protocol):
-    sync_after: float
-    max_undo: int
-    checkpoint_gap: int
-    model_round: int
-
-
 class SyncMixin(_Core):
+    plan: JoinPlan | None = None  # the checkpoint download under way, if any
     # ------------------------------------------------------------------ peers
     def on_peer(self, now: float, peer: bytes, length: int = 0) -> list[Effect]:
         """The driver connected to ``peer``, which says its chain holds ``length`` records (a
@@ -197,10 +197,11 @@ class SyncMixin(_Core):
             return []
         if self.sync.best_known(now) - max(self.cfg.model_round, self.round) <= gap:
             return []
-        self.plan = JoinPlan(self.run_id, self._plan_cfg, now, self.cfg.model_round)
+        plan = JoinPlan(self.run_id, self._plan_cfg, now, self.cfg.model_round)
+        self.plan = plan
         self._count("checkpoints.plans")
         peers = sorted(self._sync_peers(), key=lambda p: -self.sync.peer_heads.get(p, (0, 0.0))[0])
-        return [Send(p, req) for p, req in self.plan.ask_manifests(now, peers)]
+        return [Send(p, req) for p, req in plan.ask_manifests(now, peers)]
 
     def _on_chain(self, round_: int, head: bytes) -> bool:
         st = self.tree.state(head)

@@ -298,8 +298,8 @@ class Daemon:
                     await self._stop.wait()
                     await self._shutdown(main)
             except* Exception as eg:
-                for e in eg.exceptions:
-                    log.error("node task crashed: %r", e, exc_info=e)
+                for err in eg.exceptions:
+                    log.error("node task crashed: %r", err, exc_info=err)
                 code = 1
         finally:
             await self._close()

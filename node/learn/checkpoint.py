@@ -35,7 +35,8 @@ def encode_params(round_: int, head: bytes, params: Sequence[torch.Tensor]) -> b
     for p in params:
         t = p.detach().contiguous().cpu()
         tensors.append([str(t.dtype), list(t.shape), t.view(torch.uint8).numpy().tobytes() if t.numel() else b""])
-    return msgpack.packb([MAGIC, round_, head, tensors], use_bin_type=True)  # type: ignore[no-any-return]
+    blob: bytes = msgpack.packb([MAGIC, round_, head, tensors], use_bin_type=True)
+    return blob
 
 
 def decode_params(blob: bytes, like: Sequence[torch.Tensor]) -> tuple[int, bytes, list[torch.Tensor]]:
