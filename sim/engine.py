@@ -79,6 +79,8 @@ class SimNode:
     bytes_sent: int = 0
     bytes_received: int = 0
     joined_at: float = 0.0
+    up_free: float = 0.0  # its link is busy sending until then
+    down_free: float = 0.0  # ... and receiving
     first_applied_at: float | None = None  # first record applied to its model
     synced_at: float | None = None  # joiners: caught up with the swarm, model in hand
     member_at: float | None = None  # joiners: a record made it a member
@@ -169,9 +171,6 @@ class Simulation:
                 self.handle(node, node.core.on_peer(self.now, p.key, p.core.head.round))
             self.handle(node, node.core.join(self.now) if not node.core.cfg.auto_join else [])
 
-    def link_delay(self, a: SimNode, b: SimNode, size: int) -> float:
-        return a.access_s + b.access_s + size * 8 / (self.net.bandwidth_mbps * 1e6)
-
     def _count_bytes(self, kind: str, size: int) -> None:
         self.bytes_total += size
         self.bytes_by_kind[kind] = self.bytes_by_kind.get(kind, 0) + size
@@ -206,6 +205,9 @@ class Simulation:
             self.push(t, "timer", node.index)
 
     def _send(self, src: SimNode, to: bytes, msg: Message) -> None:
+        # A direct message is serialised on the sender's link, crosses the network, and is
+        # serialised again on the receiver's: a joiner fetching checkpoint chunks from several
+        # peers at once is limited by its own link, as a real one is.
         size = len(msg.encode())
         src.bytes_sent += size
         self._count_bytes(type(msg).__name__, size)
@@ -213,7 +215,10 @@ class Simulation:
         if dst is None or not dst.online or (self.net.loss and self.rng.random() < self.net.loss):
             return
         dst.bytes_received += size
-        self.push(self.now + self.link_delay(src, dst, size), "msg", dst.index, (msg, src.key))
+        wire = size * 8 / (self.net.bandwidth_mbps * 1e6)
+        src.up_free = max(self.now, src.up_free) + wire
+        dst.down_free = max(src.up_free + src.access_s + dst.access_s, dst.down_free) + wire
+        self.push(dst.down_free, "msg", dst.index, (msg, src.key))
 
     def _publish(self, src: SimNode, msg: Message) -> None:
         # GossipSub as the daemon runs it (mesh degree D): the publisher sends to its D mesh

@@ -107,3 +107,28 @@ def test_graceful_leaves_leave_the_membership():
     assert s["bytes_by_kind"].get("Leave", 0) > 0
     assert s["final_members"] == 20 - 3
     assert s["honest_digest_agreement"] == 1.0
+
+
+def test_joiners_sync_records_and_download_a_checkpoint_over_the_links():
+    """A simulated joiner starts from the genesis, as a new host does: it syncs the records from
+    its peers, downloads the newest checkpoint in hash-checked chunks, announces its Join and
+    becomes a member, all through its own core; its join time is made of that traffic."""
+    s = _run(seed=7, rounds=40, join_nodes=2, join_at=25, checkpoint_every=10, checkpoint_chunk_bytes=2048)
+    assert s["nodes_total"] == 22 and s["honest_digest_agreement"] == 1.0
+    assert len(s["join_seconds"]) == 2 and all(t > 0 for t in s["join_seconds"])
+    assert s["join_checkpoint_rounds"] == [20, 20]
+    assert len(s["join_member_seconds"]) == 2
+    kinds = s["bytes_by_kind"]
+    assert kinds.get("ChainResponse", 0) > 0 and kinds.get("CheckpointChunk", 0) > 0 and kinds.get("Join", 0) > 0
+    assert s["final_members"] == 22
+
+
+def test_a_bigger_model_joins_more_slowly_on_a_slower_link():
+    small = _run(seed=8, rounds=30, join_nodes=2, join_at=22, checkpoint_every=10)
+    big = _run(seed=8, rounds=30, join_nodes=2, join_at=22, checkpoint_every=10, bandwidth_mbps=5.0,
+               task_options={"hidden": 1024})
+    assert small["join_checkpoint_rounds"] == big["join_checkpoint_rounds"] == [20, 20]
+    t_small = sum(small["join_seconds"]) / 2
+    t_big = sum(big["join_seconds"]) / 2
+    # about 0.27 MB of parameters at 5 Mbit/s: the chunk transfer alone is ~0.4 s per joiner
+    assert t_big > t_small + 0.3, (t_small, t_big)

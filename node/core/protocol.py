@@ -13,8 +13,6 @@ when joining far behind (``joinplan``), peer policy (``peers``), admission (``ad
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,25 +27,21 @@ from seedswarm.gossip.wire import (
     Contribution,
     ContributionsRequest,
     ContributionsResponse,
-    Equivocation,
     FraudProof,
     Join,
     Leave,
     Message,
     Record,
-    WireError,
-    decode_as,
 )
 from seedswarm.node.core.admission import admission_ok, solve_work
+from seedswarm.node.core.aggregation import Aggregation, Deadline, membership_peer, pending_entries
 from seedswarm.node.core.chain import (
     ChainState,
     RecordError,
     build_record,
     checked_next_state,
-    membership_changes,
     ranks_of,
     record_hash,
-    validate_contribution,
 )
 from seedswarm.node.core.codec import quantize
 from seedswarm.node.core.effects import (
@@ -63,7 +57,7 @@ from seedswarm.node.core.effects import (
 )
 from seedswarm.node.core.forks import ForkTree
 from seedswarm.node.core.genesis import Genesis
-from seedswarm.node.core.joinplan import ZERO32, PlanConfig
+from seedswarm.node.core.joinplan import PlanConfig
 from seedswarm.node.core.peers import PeerPolicy, PolicyConfig
 from seedswarm.node.core.sync import ChainSync, History, NoHistory, SyncConfig, serve_chain
 from seedswarm.node.core.syncing import SyncMixin
@@ -94,34 +88,6 @@ class CoreConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
 
 
-@dataclass
-class _Aggregation:
-    """An aggregator's collection for one round."""
-
-    state: ChainState
-    rank: int
-    started: float
-    got: dict[bytes, Contribution] = field(default_factory=dict)
-    evidence: dict[bytes, bytes] = field(default_factory=dict)
-    published: bool = False
-    behind: bool = False  # contributions were waiting when we entered the round: we were late
-
-    def reported(self) -> int:
-        # an equivocator is in both maps (its first copy in got): count peers, not entries
-        return len(self.got.keys() | self.evidence.keys())
-
-
-@functools.lru_cache(maxsize=4096)
-def _membership_peer(data: bytes, run_id: bytes) -> bytes | None:
-    """The peer a record's Join or Leave entry is about (a pure function of the bytes, so it is
-    shared by every core in a process)."""
-    with contextlib.suppress(WireError):
-        return bytes(decode_as(data, Join, run_id).peer)
-    with contextlib.suppress(WireError):
-        return bytes(decode_as(data, Leave, run_id).peer)
-    return None
-
-
 class NodeCore(SyncMixin):
     """One node's protocol state. Pure: every output is a returned effect."""
 
@@ -142,7 +108,7 @@ class NodeCore(SyncMixin):
         self.plan = None
         self._plan_cfg = PlanConfig(gap=cfg.checkpoint_gap)
         self._held: dict[bytes, tuple[float, Record, bytes | None]] = {}  # fallback records not yet due
-        self._agg: dict[int, _Aggregation] = {}
+        self._agg: dict[int, Aggregation] = {}
         self._pending_joins: dict[bytes, bytes] = {}
         self._pending_leaves: dict[bytes, bytes] = {}
         self._future: list[tuple[bytes | None, Message]] = []
@@ -155,7 +121,7 @@ class NodeCore(SyncMixin):
         self._paging = False  # the last chain response advanced us by a full page: more follows
         self._waiting = cfg.startup_wait > 0  # just started: no duties before we heard the swarm
         self._quiet_until = 0.0
-        self._quorum_times: list[float] = []
+        self._deadline = Deadline(genesis)
         self.joined_announced = False
         self.leaving = False
         self.counters: dict[str, int] = {}
@@ -203,11 +169,7 @@ class NodeCore(SyncMixin):
 
     def deadline(self) -> float:
         """Adaptive aggregation deadline: twice the recent median time to quorum, within bounds."""
-        g = self.genesis
-        if not self._quorum_times:
-            return g.round_timeout
-        recent = sorted(self._quorum_times[-16:])
-        return min(g.round_timeout, max(g.min_round_time, 2.0 * recent[len(recent) // 2]))
+        return self._deadline.value()
 
     def keep_inputs(self, rh: bytes, round_: int, inputs: list[bytes]) -> None:
         """Serve these inputs of a record to verifiers (what an aggregator keeps of its own)."""
@@ -328,7 +290,7 @@ class NodeCore(SyncMixin):
             t = min(t, self._round_started + (self._mine[1] + 1) * self.genesis.round_timeout + 1e-6)
         for agg in self._agg.values():
             if not agg.published:
-                t = min(t, agg.started + self._publish_delay(agg) + 1e-6)
+                t = min(t, agg.started + agg.publish_delay(self._deadline) + 1e-6)
         t = min(t, self.verifier.next_wakeup())
         for release, _, _ in self._held.values():
             t = min(t, release + 1e-6)
@@ -376,7 +338,7 @@ class NodeCore(SyncMixin):
             return out  # no duties; the node still follows, serves and verifies the chain
         my_rank = st.aggregator_rank(self.me) if self.me in st.members else None
         if my_rank is not None and my_rank < self.cfg.fallback_ranks and st.round not in self._agg:
-            self._agg[st.round] = _Aggregation(st, my_rank, now)
+            self._agg[st.round] = Aggregation(st, my_rank, now, self.me)
         rank = st.trainer_rank.get(self.me)
         if rank is not None and st.round not in self._contributed:
             out += self._maybe_estimate(now)
@@ -414,84 +376,26 @@ class NodeCore(SyncMixin):
             self._count("contributions.ignored")  # not our duty, or too late: not an attack
             return []
         try:
-            validate_contribution(agg.state, c)
+            took = agg.offer(c, now, self._deadline)
         except RecordError as e:
             return self.reject(now, peer, e.reason, e.detail)
-        prev = agg.got.get(c.peer)
-        if prev is not None:
-            if prev.q != c.q and c.peer not in agg.evidence:
-                ev = Equivocation(run=self.run_id, a=prev.encode(), b=c.encode())
-                agg.evidence[c.peer] = ev.encode()
-                self._count("equivocations")
-            return []
-        if c.peer in agg.evidence:
-            return []
-        agg.got[c.peer] = c
-        if now <= agg.started and c.peer != self.me:
-            agg.behind = True
-        if agg.reported() == self._quorum_count(agg.state) and any(p != self.me for p in agg.got) \
-                and not agg.behind:
-            # Only quorums that crossed the network teach the deadline: a node that trained
-            # alone would learn a deadline of microseconds and shut out the first joiner. Nor
-            # does a round this node entered late (its trainers' inputs were already waiting):
-            # such a "time to quorum" is near zero, and a deadline learned from it made an
-            # aggregator that got ahead (it had published the record before) publish with its
-            # own contribution only, round after round, until the others were expelled.
-            self._quorum_times.append(now - agg.started)
-        return self._maybe_publish(now, agg)
+        if took == "equivocation":
+            self._count("equivocations")
+        return self._maybe_publish(now, agg) if took == "new" else []
 
-    def _quorum_count(self, st: ChainState) -> int:
-        n = len(st.committee.trainers)
-        return max(1, -(-int(n * self.genesis.quorum * 1000) // 1000))
-
-    def _publish_delay(self, agg: _Aggregation) -> float:
-        """How long after entering the round this aggregator publishes, given what it has now.
-
-        Rank 0: once every trainer reported; once a quorum did and the adaptive deadline passed;
-        else after the round timeout (a quorum that is late is waited for, never cut short by a
-        deadline learned in easier rounds). Never before the minimum round time, so a lone
-        member cannot outrun the nodes syncing to it. Rank j >= 1 steps in at (j + 0.5)
-        timeouts: trainers re-send to rank j at j timeouts, so it has their inputs by then.
-        """
-        g = self.genesis
-        if agg.rank > 0:
-            return max(g.min_round_time, (agg.rank + 0.5) * g.round_timeout)
-        n = agg.reported()
-        if n >= len(agg.state.committee.trainers):
-            return g.min_round_time
-        if n >= self._quorum_count(agg.state):
-            return max(g.min_round_time, self.deadline())
-        return max(g.min_round_time, g.round_timeout)
-
-    def _maybe_publish(self, now: float, agg: _Aggregation) -> list[Effect]:
+    def _maybe_publish(self, now: float, agg: Aggregation) -> list[Effect]:
         if agg.published or agg.state is not self.head:
             return []
         st = agg.state
-        if now - agg.started < self._publish_delay(agg):
+        if now - agg.started < agg.publish_delay(self._deadline):
             return []
-        contribs = [c for p, c in agg.got.items() if p not in agg.evidence]
-        joins = self._valid_pending(st, self._pending_joins, Join, self.genesis.max_joins)
-        leaves = self._valid_pending(st, self._pending_leaves, Leave, 64)
-        rec, inputs = build_record(st, self.identity, contribs, joins, leaves, list(agg.evidence.values()))
+        joins = pending_entries(st, self._pending_joins, Join, self.genesis.max_joins)
+        leaves = pending_entries(st, self._pending_leaves, Leave, 64)
+        rec, inputs = build_record(st, self.identity, agg.contributions(), joins, leaves, list(agg.evidence.values()))
         agg.published = True
         self.verifier.keep(record_hash(rec), rec.round, inputs)
         self._count("records.published")
         return [Publish(rec), *self._on_record(now, rec, self.me)]
-
-    def _valid_pending(self, st: ChainState, pending: dict[bytes, bytes], cls: type, limit: int) -> list[bytes]:
-        out: list[bytes] = []
-        for peer, data in sorted(pending.items()):  # a fixed order: every aggregator picks alike
-            if len(out) >= limit:
-                break
-            probe = Record(run=st.run_id, round=st.round, joins=(*out, data) if cls is Join else (),
-                           leaves=(*out, data) if cls is Leave else ())
-            try:
-                membership_changes(st, probe)
-            except RecordError:
-                del pending[peer]  # expired, already applied, or invalid now (more work needed)
-                continue
-            out.append(data)
-        return out
 
     def _on_membership(self, now: float, msg: Join | Leave, peer: bytes | None,
                        pending: dict[bytes, bytes]) -> list[Effect]:
@@ -546,7 +450,7 @@ class NodeCore(SyncMixin):
         return self._choose_head(now)
 
     def _decode_peers(self, entries: Sequence[bytes]) -> list[bytes]:
-        return [p for data in entries if (p := _membership_peer(data, self.run_id)) is not None]
+        return [p for data in entries if (p := membership_peer(data, self.run_id)) is not None]
 
     def _choose_head(self, now: float) -> list[Effect]:
         change = self.tree.choose()
@@ -602,22 +506,3 @@ class NodeCore(SyncMixin):
             return []
         self.tree.bad.add(rh)
         return ([Publish(msg)] if valid else []) + self._choose_head(now)
-
-    # ------------------------------------------------------------------ checkpoints we serve
-    def _serve_checkpoint(self, msg: CheckpointRequest, peer: bytes) -> list[Effect]:
-        if msg.digest == ZERO32:
-            m = self.history.manifest()
-            if m is None:
-                self._count("checkpoints.none")
-                return []
-            self._count("checkpoints.manifests_served")
-            return [Reply(peer, msg, m)]
-        data = self.history.chunk(msg.digest, msg.index)
-        if data is None:
-            self._count("checkpoints.missing")
-            return []
-        m = self.history.manifest()
-        total = len(m.chunks) if m is not None and m.state == msg.digest else 0
-        self._count("checkpoints.chunks_served")
-        return [Reply(peer, msg, CheckpointChunk(run=self.run_id, digest=msg.digest, index=msg.index,
-                                                 total=total, data=data))]

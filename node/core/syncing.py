@@ -13,13 +13,22 @@ from seedswarm.gossip.wire import (
     ChainResponse,
     CheckpointChunk,
     CheckpointManifest,
+    CheckpointRequest,
     Record,
     WireError,
 )
 from seedswarm.node.core.chain import ChainState
-from seedswarm.node.core.effects import Effect, InstallCheckpoint, Notice, Reason, Resync, Send
+from seedswarm.node.core.effects import (
+    Effect,
+    InstallCheckpoint,
+    Notice,
+    Reason,
+    Reply,
+    Resync,
+    Send,
+)
 from seedswarm.node.core.forks import ForkTree
-from seedswarm.node.core.joinplan import JoinPlan, PlanConfig
+from seedswarm.node.core.joinplan import ZERO32, JoinPlan, PlanConfig
 from seedswarm.node.core.peers import PeerPolicy
 from seedswarm.node.core.sync import PAGE, ChainSync, History
 
@@ -242,3 +251,22 @@ class SyncMixin(_Core):
         if err is not None:
             return self.reject(now, peer, Reason.BAD_CHECKPOINT, err) + self._plan_progress(now)
         return self._plan_progress(now)
+
+    # ------------------------------------------------------------------ checkpoints we serve
+    def _serve_checkpoint(self, msg: CheckpointRequest, peer: bytes) -> list[Effect]:
+        if msg.digest == ZERO32:
+            m = self.history.manifest()
+            if m is None:
+                self._count("checkpoints.none")
+                return []
+            self._count("checkpoints.manifests_served")
+            return [Reply(peer, msg, m)]
+        data = self.history.chunk(msg.digest, msg.index)
+        if data is None:
+            self._count("checkpoints.missing")
+            return []
+        m = self.history.manifest()
+        total = len(m.chunks) if m is not None and m.state == msg.digest else 0
+        self._count("checkpoints.chunks_served")
+        return [Reply(peer, msg, CheckpointChunk(run=self.run_id, digest=msg.digest, index=msg.index,
+                                                 total=total, data=data))]

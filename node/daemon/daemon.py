@@ -36,32 +36,20 @@ import torch
 from seedswarm.crypto.hashing import h
 from seedswarm.crypto.keys import Identity, KeyFileError, peer_id_of
 from seedswarm.gossip.transport import (
-    GossipMessage,
-    PeerConnected,
-    PeerDisconnected,
     Transport,
     TransportError,
 )
 from seedswarm.gossip.wire import (
-    GOSSIP_TYPES,
     PROTO_CHAIN,
     PROTO_CKPT,
-    PROTO_HELLO,
     PROTO_INPUTS,
-    PROTO_MSG,
     REQUESTS,
-    RESPONSES,
     TOPIC,
     ChainRequest,
     CheckpointRequest,
     ContributionsRequest,
-    Hello,
     Message,
     WireError,
-    WrongRun,
-    WrongVersion,
-    decode,
-    decode_as,
 )
 from seedswarm.node.core.effects import (
     Apply,
@@ -83,8 +71,9 @@ from seedswarm.node.daemon import status as status_mod
 from seedswarm.node.daemon.config import ConfigError, NodeConfig
 from seedswarm.node.daemon.localchain import LocalChain
 from seedswarm.node.daemon.metrics import Metrics, MetricsServer
-from seedswarm.node.daemon.peering import Peering, effects_of_peer, key_of
+from seedswarm.node.daemon.peering import Peering, key_of
 from seedswarm.node.daemon.store import ChainStore, CheckpointDir, StoreError
+from seedswarm.node.daemon.traffic import Traffic, gossip_validator
 from seedswarm.node.files import DataDirInUse, DataDirLock
 from seedswarm.node.learn.estimators import local_estimate
 from seedswarm.node.learn.replay import bind_, model_digest
@@ -96,26 +85,6 @@ MAX_MESSAGE_BYTES = 1 << 20
 _PROTO_OF: dict[type[Message], str] = {ContributionsRequest: PROTO_INPUTS, ChainRequest: PROTO_CHAIN,
                                        CheckpointRequest: PROTO_CKPT}
 TransportFactory = Callable[[Identity, NodeConfig, bytes], Transport]  # (identity, settings, run id)
-
-
-def gossip_validator(run_id: bytes) -> Callable[[bytes, str], bool]:
-    """A pure, thread-safe verdict on a gossip message: schema, size, run id, signature.
-
-    It runs on the transport's thread before a message is forwarded (so invalid messages do not
-    spread), and a rejection costs the forwarder score: hence no check that depends on local
-    state (the round we are at); those happen in the core after delivery.
-    """
-
-    def validate(data: bytes, from_peer: str) -> bool:
-        try:
-            msg = decode(data, run_id)
-        except WireError:
-            return False
-        if not isinstance(msg, GOSSIP_TYPES):
-            return False
-        return msg.signature_ok()
-
-    return validate
 
 
 class Daemon:
@@ -149,6 +118,7 @@ class Daemon:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._metrics_server: MetricsServer | None = None
         self._rounds_log: Any = None
+        self.traffic = Traffic(self)
         self._watchdog: threading.Timer | None = None
 
     def now(self) -> float:
@@ -289,10 +259,10 @@ class Daemon:
                     self._tg = tg
                     self.core = self._new_core()
                     self.state = "running"
-                    main = [tg.create_task(self._pump(), name="pump"),
+                    main = [tg.create_task(self.traffic.pump(), name="pump"),
                             tg.create_task(self._timer_loop(), name="timers"),
                             tg.create_task(self._periodic(), name="periodic")]
-                    self._handle(self.core.start(self.now()))
+                    self.handle(self.core.start(self.now()))
                     self._dial_bootstrap()
                     status_mod.write_status_file(self)
                     await self._stop.wait()
@@ -312,7 +282,7 @@ class Daemon:
             self._make_transport = libp2p_transport
         t = self._make_transport(self.identity, self.cfg, self.run_id)
         for name in REQUESTS:
-            t.set_request_handler(name, self._server(name))
+            t.set_request_handler(name, self.traffic.server(name))
         try:
             await t.start()
         except TransportError as e:
@@ -324,7 +294,7 @@ class Daemon:
         self.announce = announce_addrs(t.listen_addrs, self.cfg.announce, self.peer_id)
         self.peering = Peering(self.run_id, self.peer_id, t, self.cfg.max_peers, self.spawn,
                                lambda: self.core.round if self.core is not None else self.chain.head.round,
-                               lambda: self.announce, self._on_peer, self._reject_peer_id,
+                               lambda: self.announce, self.traffic.on_peer, self.reject_peer_id,
                                lambda k: self.metrics.inc(f"{k}_total"))
         log.info("listening on %s", " ".join(self.announce))
 
@@ -412,21 +382,21 @@ class Daemon:
                 continue
             self._timer_at = math.inf
             core = self.core
-            self._handle(core.on_timer(self.now()))
+            self.handle(core.on_timer(self.now()))
             self._timer_at = min(self._timer_at, self.core.next_wakeup(self.now()))
 
-    def _handle(self, effects: list[Effect]) -> None:
+    def handle(self, effects: list[Effect]) -> None:
         for e in effects:
             if isinstance(e, Apply):
                 self._apply(e)
             elif isinstance(e, Publish):
-                self.spawn(self._publish(e.msg), "publish")
+                self.spawn(self.traffic.publish(e.msg), "publish")
             elif isinstance(e, Send):
-                self.spawn(self._send(e.to, e.msg), f"send-{type(e.msg).__name__}")
+                self.spawn(self.traffic.send(e.to, e.msg), f"send-{type(e.msg).__name__}")
             elif isinstance(e, Estimate):
                 self.spawn(self._estimate(e), "estimate")
             elif isinstance(e, Rejected):
-                self._count_reject(e.reason, peer_id_of(e.peer) if e.peer else None, e.detail)
+                self.count_reject(e.reason, peer_id_of(e.peer) if e.peer else None, e.detail)
             elif isinstance(e, Ban):
                 self._ban(e)
             elif isinstance(e, InstallCheckpoint):
@@ -443,17 +413,17 @@ class Daemon:
                 pass  # answered by the request handler that asked (see _server)
         self._arm()
 
-    def _count_reject(self, reason: Reason, peer: str | None, detail: str = "") -> None:
+    def count_reject(self, reason: Reason, peer: str | None, detail: str = "") -> None:
         self.metrics.inc("rejected_total", 1, "reason", str(reason), help="inputs rejected, by reason")
         who = peer or "gossip"
         self.log_once(str(reason), who, "rejected input from %s: %s %s", who, reason, detail)
 
-    def _reject_peer_id(self, peer: str, reason: Reason, detail: str = "") -> None:
+    def reject_peer_id(self, peer: str, reason: Reason, detail: str = "") -> None:
         """A refusal at the driver's level (undecodable bytes): counted and struck in the core."""
         if self.core is None:
-            self._count_reject(reason, peer, detail)
+            self.count_reject(reason, peer, detail)
             return
-        self._handle(self.core.reject(self.now(), key_of(peer), reason, detail))
+        self.handle(self.core.reject(self.now(), key_of(peer), reason, detail))
 
     def _ban(self, e: Ban) -> None:
         pid = peer_id_of(e.peer)
@@ -499,42 +469,9 @@ class Daemon:
         for v in e.voters:
             effects += self.core.on_peer(now, v, self.chain.head.round + 1)
         self._timer_at = math.inf
-        self._handle(effects)
+        self.handle(effects)
 
     # ------------------------------------------------------------------ outbound
-    async def _publish(self, msg: Message) -> None:
-        assert self.transport is not None
-        try:
-            await self.transport.publish(TOPIC, msg.encode())
-            self.metrics.inc("gossip_published_total", 1, "type", type(msg).__name__)
-        except TransportError as e:
-            self.metrics.inc("publish_failed_total")
-            self.log_once("publish", type(msg).__name__, "cannot publish %s: %s", type(msg).__name__, e)
-
-    async def _send(self, to: bytes, msg: Message) -> None:
-        assert self.transport is not None and self.peering is not None
-        pid = peer_id_of(to)
-        if not await self.peering.ensure(pid):
-            self.metrics.inc("send_failed_total", 1, "type", type(msg).__name__, help="direct sends that found no route")
-            return
-        proto = _PROTO_OF.get(type(msg), PROTO_MSG)
-        try:
-            resp = await self.transport.request(pid, proto, msg.encode(), timeout=10.0 if proto == PROTO_CKPT else 5.0)
-        except TransportError as e:
-            self.metrics.inc("send_failed_total", 1, "type", type(msg).__name__)
-            log.debug("request %s to %s failed: %s", proto, pid, e)
-            return
-        if proto == PROTO_MSG or self.core is None:
-            return
-        try:
-            answer = decode(resp, self.run_id)
-            if not isinstance(answer, RESPONSES[proto]):
-                raise WireError(f"expected {'/'.join(c.__name__ for c in RESPONSES[proto])}, got {type(answer).__name__}")
-        except WireError as e:
-            self._reject_peer_id(pid, Reason.BAD_RESPONSE, str(e))
-            return
-        self._handle(self.core.on_message(self.now(), answer, to))
-
     async def _estimate(self, e: Estimate) -> None:
         params = self.chain.params(e.head)
         if params is None:
@@ -546,7 +483,7 @@ class Daemon:
             values = await loop.run_in_executor(self._executor, self._compute_estimate, params, e.streams)
         if self.core is not None:
             self.metrics.inc("estimates_total", help="local estimates computed (committee duty)")
-            self._handle(self.core.on_estimate(self.now(), e.round, e.head, values))
+            self.handle(self.core.on_estimate(self.now(), e.round, e.head, values))
 
     def _compute_estimate(self, params: list[torch.Tensor], streams: tuple[int, ...]) -> list[float]:
         """Worker thread: one local estimate, with the function the simulator calls."""
@@ -554,64 +491,6 @@ class Daemon:
                               streams, self.device)
 
     # ------------------------------------------------------------------ inbound
-    def _on_peer(self, peer: str, length: int) -> None:
-        key = key_of(peer)
-        if self.core is not None and key is not None:
-            self._handle(self.core.on_peer(self.now(), key, length))
-
-    async def _pump(self) -> None:
-        assert self.transport is not None and self.peering is not None
-        while True:
-            ev = await self.transport.next_event()
-            core = self.core
-            if isinstance(ev, GossipMessage) and core is not None:
-                try:
-                    msg = decode(ev.data, self.run_id)
-                except WireError as e:  # the validator passed it: should not happen
-                    self._count_reject(Reason.BAD_GOSSIP, ev.from_peer, str(e))
-                    continue
-                self._handle(core.on_message(self.now(), msg, None))
-            elif isinstance(ev, PeerConnected):
-                if core is not None and core.is_banned(key_of(ev.peer), self.now()):
-                    self.spawn(self.peering.disconnect(ev.peer), "ban")
-                else:
-                    self.spawn(self.peering.greet(ev.peer), "hello")
-            elif isinstance(ev, PeerDisconnected) and core is not None and (k := key_of(ev.peer)) is not None:
-                core.on_peer_gone(k)
-
-    def _server(self, proto: str) -> Callable[[str, bytes], Coroutine[Any, Any, bytes | None]]:
-        expect = REQUESTS[proto]
-
-        async def serve(peer: str, data: bytes) -> bytes | None:
-            core, key = self.core, key_of(peer)
-            if core is None or self.peering is None:
-                return None
-            if key is None or core.is_banned(key, self.now()):
-                return None
-            try:
-                msg = decode_as(data, expect, self.run_id)
-            except WrongVersion as e:
-                self._reject_peer_id(peer, Reason.PROTOCOL_VERSION, str(e))
-                return None
-            except WrongRun as e:
-                self._reject_peer_id(peer, Reason.WRONG_RUN, str(e))
-                if proto == PROTO_HELLO:
-                    log.warning("refusing peer %s: %s", peer, e)
-                    self.spawn(self.peering.disconnect(peer), "refuse")
-                return None
-            except WireError as e:
-                self._reject_peer_id(peer, Reason.MALFORMED, str(e))
-                return None
-            if isinstance(msg, Hello):
-                return await self.peering.on_hello(peer, msg)
-            effects = core.on_message(self.now(), msg, key)
-            reply = next((e.msg for e in effects if isinstance(e, Reply) and e.request is msg), None)
-            self._handle(effects)
-            if proto == PROTO_MSG:
-                return None if effects_of_peer(effects, key) else b""
-            return None if reply is None else reply.encode()
-
-        return serve
 
 
 def _watchdog_exit(timeout: float) -> None:

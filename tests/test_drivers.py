@@ -1,0 +1,240 @@
+"""One core, two drivers: the same join scenario through the simulator and through the daemon's
+own driver (real ``Daemon`` objects, in virtual time on the in-memory network), and the joiner's
+core takes the same protocol steps in the same order in both.
+
+Also on the daemon driver: a hostile peer that serves a chain forking deeper than ``max_undo``
+never makes a node cut more than ``max_undo`` rounds of its store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from seedswarm.crypto.keys import Identity, peer_id_of
+from seedswarm.gossip.memory import MemoryNetwork, VirtualTimeLoop
+from seedswarm.gossip.wire import (
+    PROTO_CHAIN,
+    PROTO_HELLO,
+    ChainRequest,
+    ChainResponse,
+    CheckpointRequest,
+    Hello,
+    Join,
+    decode_as,
+    protocol_prefix,
+)
+from seedswarm.node.core.chain import ChainState, build_record, checked_next_state
+from seedswarm.node.core.effects import Apply, InstallCheckpoint, Publish, Send
+from seedswarm.node.core.genesis import Genesis
+from seedswarm.node.core.joinplan import ZERO32
+from seedswarm.node.core.protocol import CoreConfig
+from seedswarm.node.daemon.config import NodeConfig
+from seedswarm.node.daemon.daemon import Daemon
+from seedswarm.node.learn.initial import build_genesis
+from seedswarm.sim.engine import NetConfig, Simulation
+
+FOUNDERS = [Identity.from_seed(bytes([0x30 + i]) * 32) for i in range(3)]
+JOINER = Identity.from_seed(b"\x3f" * 32)
+JOIN_AT = 25
+EVERY = 10
+TASK = {"hidden": 16}
+
+
+def _genesis() -> Genesis:
+    return build_genesis([i.public for i in FOUNDERS], task="digits", task_options=TASK, seed=3,
+                         trainers=3, directions=16, round_timeout=1.0, min_round_time=0.1, join_pow_bits=6)
+
+
+def _label(e: Any) -> str | None:
+    if isinstance(e, Send) and isinstance(e.msg, ChainRequest):
+        return "ask-chain"
+    if isinstance(e, Send) and isinstance(e.msg, CheckpointRequest):
+        return "ask-manifest" if e.msg.digest == ZERO32 else "ask-chunk"
+    if isinstance(e, InstallCheckpoint):
+        return f"install@{e.round}"
+    if isinstance(e, Apply):
+        return "apply"
+    if isinstance(e, Publish) and isinstance(e.msg, Join):
+        return "join"
+    return None
+
+
+def _phases(effects: list[Any]) -> list[str]:
+    """Protocol steps in the order they first happened, up to the Join."""
+    out: list[str] = []
+    for e in effects:
+        lab = _label(e)
+        if lab is not None and lab not in out:
+            out.append(lab)
+        if lab == "join":
+            break
+    return out
+
+
+def _sim_join(g: Genesis) -> list[Any]:
+    from seedswarm.node.learn.tasks import load_task
+
+    task = load_task(g.task, dict(g.task_options), seed=g.seed)
+    sim = Simulation.create(g, task, [], NetConfig(latency_ms=10.0), seed=3,
+                            core_config=CoreConfig(auto_join=True, checkpoint_gap=EVERY),
+                            checkpoint_every=EVERY, checkpoint_chunk_bytes=4096)
+    sim.shard_count = 4
+    root = ChainState.initial(g)
+    for ident in FOUNDERS:
+        sim.add_node(ident, root)
+    sim.start()
+    sim.run(JOIN_AT, max_time=600.0)
+    joiner = sim.add_node(JOINER, root)
+    seen: list[Any] = []
+    handle = sim.handle
+
+    def spy(node: Any, effects: list[Any]) -> None:
+        if node is joiner:
+            seen.extend(effects)
+        handle(node, effects)
+
+    sim.handle = spy  # type: ignore[method-assign]
+    sim.start_node(joiner, join=True)
+    sim.run(JOIN_AT + 30, max_time=sim.now + 600.0)
+    assert joiner.core.is_member(), "the simulated joiner never became a member"
+    return seen
+
+
+def _run_daemons(tmp: Path, g: Genesis, script: Callable[[list[Daemon], MemoryNetwork], Any],
+                 idents: list[Identity], extra: dict[int, dict[str, Any]] | None = None) -> Any:
+    """Real Daemon objects on one in-memory network, in virtual time; ``script`` drives them."""
+    net = MemoryNetwork(latency=0.005, seed=1)
+    prefix = protocol_prefix(g.run_id)
+    daemons = []
+    for i, ident in enumerate(idents):
+        data = tmp / f"node{i}"
+        data.mkdir(parents=True, exist_ok=True)
+        ident.save(data / "identity.key")
+        kw: dict[str, Any] = dict(data_dir=str(data), checkpoint_every=EVERY, checkpoint_chunk_bytes=4096,
+                                  shard_count=4, shard_index=i % 4, status_every_s=1.0)
+        kw.update((extra or {}).get(i, {}))
+        d = Daemon(NodeConfig(**kw), g, transport=lambda ident_, _c, _r: net.transport(ident_.public, prefix),
+                   inline_estimates=True)
+        d.prepare()
+        daemons.append(d)
+    loop = VirtualTimeLoop()
+    try:
+        return loop.run_until_complete(script(daemons, net))
+    finally:
+        loop.close()
+        for d in daemons:
+            if d.data_lock.held:
+                d.data_lock.release()
+
+
+async def _until(pred: Callable[[], bool], limit: float, what: str) -> None:
+    for _ in range(int(limit / 0.05)):
+        if pred():
+            return
+        await asyncio.sleep(0.05)  # virtual time: costs nothing
+    raise AssertionError(f"not within {limit} virtual seconds: {what}")
+
+
+def _daemon_join(tmp: Path, g: Genesis) -> list[Any]:
+    seen: list[Any] = []
+
+    async def script(ds: list[Daemon], net: MemoryNetwork) -> list[Any]:
+        founders, joiner = ds[:3], ds[3]
+        tasks = [asyncio.create_task(d.run()) for d in founders]
+        await _until(lambda: all(d.transport is not None for d in founders), 10, "founders listening")
+        for a in founders:
+            for b in founders:
+                if a is not b:
+                    await a.transport.connect(b.transport.listen_addrs[0])  # type: ignore[union-attr]
+        await _until(lambda: founders[0].core is not None and founders[0].core.round >= JOIN_AT, 600, f"round {JOIN_AT}")
+        handle = joiner.handle
+
+        def spy(effects: list[Any]) -> None:
+            seen.extend(effects)
+            handle(effects)
+
+        joiner.handle = spy  # type: ignore[method-assign]
+        tasks.append(asyncio.create_task(joiner.run()))
+        await _until(lambda: joiner.core is not None and joiner.core.is_member(), 600, "the joiner is a member")
+        for d in ds:
+            d.request_stop()
+        codes = await asyncio.gather(*tasks)
+        assert codes == [0, 0, 0, 0]
+        return seen
+
+    boot = f"/memory/{peer_id_of(FOUNDERS[0].public)}/p2p/{peer_id_of(FOUNDERS[0].public)}"
+    return _run_daemons(tmp, g, script, [*FOUNDERS, JOINER], {3: {"bootstrap": (boot,)}})  # type: ignore[no-any-return]
+
+
+@pytest.mark.slow
+def test_one_join_through_both_drivers_takes_the_same_protocol_steps(tmp_path: Path) -> None:
+    g = _genesis()
+    sim_steps = _phases(_sim_join(g))
+    daemon_steps = _phases(_daemon_join(tmp_path, g))
+    assert sim_steps == ["ask-chain", "ask-manifest", "apply", "ask-chunk", f"install@{EVERY * (JOIN_AT // EVERY)}",
+                         "join"], sim_steps
+    assert daemon_steps == sim_steps
+
+
+def test_a_hostile_peer_cannot_cut_the_daemons_store_beyond_max_undo(tmp_path: Path) -> None:
+    """A founder restarts from its store (30 rounds) and its only peer serves a chain that leaves
+    it at round 1 (valid empty records signed by a member as a fallback aggregator). The daemon
+    notes the deep fork, keeps its store, and never cuts more than max_undo rounds."""
+    g = _genesis()
+    liar = FOUNDERS[1]
+
+    async def grow(ds: list[Daemon], net: MemoryNetwork) -> int:
+        d = ds[0]
+        t = asyncio.create_task(d.run())
+        await _until(lambda: d.core is not None and d.core.round >= 30, 600, "round 30 alone")
+        d.request_stop()
+        assert await t == 0
+        return d.chain.head.round
+
+    # a swarm whose two other founders are silent: founder 0 builds a chain alone (fallback ranks)
+    stored = _run_daemons(tmp_path, g, grow, [FOUNDERS[0]])
+    assert stored >= 30
+    # the liar's chain: its own valid empty records from the genesis on
+    st = ChainState.initial(g)
+    fake: list[bytes] = []
+    for _ in range(90):
+        rec, _ = build_record(st, liar, [])
+        fake.append(rec.encode())
+        st = checked_next_state(st, rec)
+
+    async def attack(ds: list[Daemon], net: MemoryNetwork) -> tuple[int, int]:
+        d = ds[0]
+        stub = net.transport(liar.public, protocol_prefix(g.run_id))
+
+        async def chain(_p: str, payload: bytes) -> bytes:
+            req = decode_as(payload, ChainRequest, g.run_id)
+            return ChainResponse(run=g.run_id, start=req.start, head=len(fake),
+                                 records=tuple(fake[req.start:][: min(req.limit, 256)])).encode()
+
+        async def hello(_p: str, payload: bytes) -> bytes:
+            return Hello.make(g.run_id, len(fake), [], {}).encode()
+
+        stub.set_request_handler(PROTO_CHAIN, chain)
+        stub.set_request_handler(PROTO_HELLO, hello)
+        await stub.start()
+        t = asyncio.create_task(d.run())
+        await _until(lambda: d.transport is not None and d.core is not None, 10, "started")
+        await d.transport.connect(stub.listen_addrs[0])  # type: ignore[union-attr]
+        await _until(lambda: d.core is not None and d.core.counters.get("rejected.deep-fork", 0) >= 1, 300,
+                     "the deep fork noticed")
+        low = d.chain.head.round
+        for _ in range(200):  # 10 virtual seconds of the liar's pages
+            await asyncio.sleep(0.05)
+            low = min(low, d.chain.head.round)
+        d.request_stop()
+        assert await t == 0
+        return low, d.core.counters.get("sync.resyncs", 0) if d.core else 0
+
+    low, resyncs = _run_daemons(tmp_path, g, attack, [FOUNDERS[0]])
+    assert resyncs == 0
+    assert low >= stored - CoreConfig().max_undo, (low, stored)
