@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from seedswarm.crypto.directions import add_directions_, stream_seed
+from seedswarm.crypto.directions import stream_seed
+from seedswarm.crypto.projection import add_directions_
 
 
 def _sync(device: torch.device) -> None:

@@ -138,7 +138,7 @@ class Simulation:
         i = len(self.nodes)
         node = SimNode(
             index=i, identity=ident, core=None,  # type: ignore[arg-type]  # set below: the history needs the node
-            shard=self.task.shard(i, max(1, self.shard_count)),
+            shard=self.task.shard(i % max(1, self.shard_count), max(1, self.shard_count)),
             rng=np.random.default_rng([int(self.rng.integers(1 << 62)), i]),
             access_s=self.net.latency_ms / 2000.0 * float(math.exp(self.rng.normal(0.0, self.net.jitter))),
             speed=float(math.exp(self.rng.normal(0.0, 0.25))), joined_at=self.now,

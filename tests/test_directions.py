@@ -21,13 +21,12 @@ import torch
 
 from seedswarm.crypto import directions as D
 from seedswarm.crypto.directions import (
-    add_directions_,
     directions,
     fill_normal,
     normal_table,
-    project,
     stream_seed,
 )
+from seedswarm.crypto.projection import add_directions_, project
 
 M64 = (1 << 64) - 1
 GOLDEN_STREAM = 0x0123456789ABCDEF

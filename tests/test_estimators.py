@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seedswarm.crypto.directions import fill_normal, project, stream_seed
+from seedswarm.crypto.directions import fill_normal, stream_seed
+from seedswarm.crypto.projection import project
 from seedswarm.node.learn import estimators
 from seedswarm.node.learn.estimators import fo_project, zo_spsa
 from seedswarm.node.learn.tasks import DigitsTask

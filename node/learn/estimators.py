@@ -27,7 +27,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from seedswarm.crypto.directions import fill_normal, project
+from seedswarm.crypto.directions import fill_normal
+from seedswarm.crypto.projection import project
 
 __all__ = ["fo_project", "zo_spsa"]
 

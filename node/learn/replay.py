@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
-from seedswarm.crypto.directions import add_directions_
 from seedswarm.crypto.hashing import h
+from seedswarm.crypto.projection import add_directions_
 from seedswarm.gossip.wire import Record
 from seedswarm.node.core.chain import ChainState, decode_aggregate
 
