@@ -786,8 +786,8 @@ class Adversary:
                 t.add(kind, 1, out)
             return 0
         if kind == "unknown-inputs-request":
-            req = ContributionsRequest(run=self.run_id, round=rnd, record=os.urandom(32))
-            out, _ = await peer.request(target, PROTO_INPUTS, req.encode())
+            creq = ContributionsRequest(run=self.run_id, round=rnd, record=os.urandom(32))
+            out, _ = await peer.request(target, PROTO_INPUTS, creq.encode())
             t.add(kind, 1, out)
             return 0
         if kind == "held-stream":

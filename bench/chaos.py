@@ -346,7 +346,7 @@ class Chaos:
         self.best_round = 0
         self.best_at = 0.0
         self.members_peak = 0
-        self.round_marks: list[tuple[float, int]] = []
+        self.round_marks: list[tuple[float, int, int]] = []  # (time, best round, most members seen)
         self.net: Netns | None = None
         self.link_reason: str | None = None
         self.pool = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="chaos-http")
@@ -509,8 +509,9 @@ class Chaos:
         rounds = [int(s["round"]) for s in running.values()]
         if rounds and max(rounds) > self.best_round:
             self.best_round, self.best_at = max(rounds), now
-        self.round_marks.append((now, self.best_round))
-        self.members_peak = max([self.members_peak, *(int(s.get("members", 0)) for s in running.values())])
+        members = max((int(s.get("members", 0)) for s in running.values()), default=0)
+        self.round_marks.append((now, self.best_round, members))
+        self.members_peak = max(self.members_peak, members)
         # behind the best head
         for i, st in self.nodes.items():
             if st.phase not in ("up", "starting"):
@@ -559,6 +560,24 @@ class Chaos:
         # a supervisor restarts it (backoff 2, 4, 8, 16, 30 s): the swarm stays at strength
         st.crash_streak += 1
         st.resume_at = now + min(30.0, 2.0 ** st.crash_streak)
+
+    def rate(self, t0: float, t1: float) -> float | None:
+        """Rounds per minute of the best head between t0 and t1 (absolute times)."""
+        pts = [(t, r) for t, r, _ in self.round_marks if t0 <= t <= t1]
+        if len(pts) < 2 or pts[-1][0] - pts[0][0] < 5:
+            return None
+        return round(60.0 * (pts[-1][1] - pts[0][1]) / (pts[-1][0] - pts[0][0]), 1)
+
+    def flood_impact(self) -> list[dict[str, Any]]:
+        """Liveness around each Join flood: ghost members sit on committees until expelled."""
+        out = []
+        for e in (x for x in self.events if x["event"] == "join-flood"):
+            t = self.t0 + e["t"]
+            after = [m for tt, _, m in self.round_marks if tt >= t]
+            out.append({"t": e["t"], "joins": e["joins"], "rounds_per_min_30s_before": self.rate(t - 30, t),
+                        "rounds_per_min_60s_after": self.rate(t, t + 60), "members_max_after": max(after, default=None),
+                        "members_at_end": after[-1] if after else None})
+        return out
 
     def poll_metrics(self) -> None:
         if self._metrics_future is not None and not self._metrics_future.done():
@@ -727,9 +746,9 @@ class Chaos:
             with contextlib.suppress(Exception):
                 self._metrics_future.result(timeout=30)
         for i in self.nodes:
-            s = self.cl.read_status(i)
-            if s is not None:
-                self.status_by_pid[(i, s["pid"])] = s
+            final_st = self.cl.read_status(i)
+            if final_st is not None:
+                self.status_by_pid[(i, final_st["pid"])] = final_st
         exit_codes = self.stop_all()
         stores = self.check_stores(snapshot)
         restarts = self.check_restarts()
@@ -888,6 +907,7 @@ class Chaos:
             self.failures.append(f"{n} daemon exit(s) the bench did not cause, nodes {nodes}: {sig}")
         fault_s = max(1.0, 60.0 * cfg.minutes)
         return {
+            "join_flood_impact": self.flood_impact(),
             "ok": not self.failures,
             "failures": self.failures,
             "notes": self.notes,
@@ -965,7 +985,10 @@ def table(s: dict[str, Any]) -> str:
         f"{'restarts':28s} {f['restarts']}",
         f"{'pauses':28s} {f['pauses']}",
         f"{'link drops':28s} {f['link_drops']}",
-        f"{'join floods':28s} {f['join_floods']}  (members peak {s['members_peak']})",
+        f"{'join floods':28s} {f['join_floods']}  (members peak {s['members_peak']})"
+        + "".join(f"\n  flood at {x['t']:.0f} s: {x['joins']} joins, rounds/min {x['rounds_per_min_30s_before']} before -> "
+                  f"{x['rounds_per_min_60s_after']} in the next minute, members up to {x['members_max_after']}, "
+                  f"{x['members_at_end']} at the end" for x in s["join_flood_impact"]),
         f"{'faults skipped (majority)':28s} {f['faults_skipped_to_keep_a_majority']}",
         f"{'rounds during faults':28s} {s['rounds_during_faults']} ({s['rounds_per_minute_during_faults']}/min)",
         f"{'splits detected / healed':28s} {s['splits']['detected']} / {s['splits']['healed']}"
