@@ -11,7 +11,7 @@ import sys
 
 from seedswarm.node import cli as node_cli
 
-BENCHES = ("replay", "protocols", "byzantine", "scale", "sweep", "sybil")
+BENCHES = ("replay", "protocols", "byzantine", "scale", "sweep", "sybil", "chaos", "fuzz")
 
 
 def _bench(argv: list[str]) -> int:
