@@ -494,7 +494,7 @@ def decode(data: bytes, run: bytes | None = None, expect: type[_M] | None = None
         raise WireError(f"malformed {cls.__name__}")
     got_run = _check("run", B32, vals[2])
     if run is not None and got_run != run:
-        raise WrongRun(f"{cls.__name__} for run {got_run.hex()[:16]}, this node is on run {run.hex()[:16]}")
+        raise WrongRun(f"{cls.__name__} for run {got_run.hex()}, this node is on run {run.hex()}")
     kwargs = {name: _check(name, spec, v) for (name, spec), v in zip(cls.SCHEMA, vals[3:], strict=True)}
     msg = cls(run=got_run, **kwargs)
     # One message, one byte string: seen-caches, Merkle roots and hashes over raw bytes must not

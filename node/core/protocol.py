@@ -416,13 +416,16 @@ class NodeCore(SyncMixin):
         rh = record_hash(rec)
         tree = self.tree
         if rh in tree.bad:
+            self._count("records.known_bad")
             return []
         parent = tree.state(rec.prev)
         if parent is None:
             if rec.round > self.round:
                 return self._buffer_future(peer, rec) + self._sync_soon(now)
-            return []  # on a fork we pruned, or older than our undo window
+            self._count("records.orphan")  # on a fork we pruned, or older than our undo window
+            return []
         if tree.has(rec.prev, rh) or rh in self._held:
+            self._count("records.duplicate")  # a replay, or an overlap of two chain pages
             return []
         try:
             child = checked_next_state(parent, rec)
