@@ -238,3 +238,45 @@ def test_a_hostile_peer_cannot_cut_the_daemons_store_beyond_max_undo(tmp_path: P
     low, resyncs = _run_daemons(tmp_path, g, attack, [FOUNDERS[0]])
     assert resyncs == 0
     assert low >= stored - CoreConfig().max_undo, (low, stored)
+
+
+def test_the_daemon_bans_a_peer_that_keeps_sending_garbage_and_stops_cleanly(tmp_path: Path) -> None:
+    """The peer policy lives in the core (strikes by reason, a ban, forgiveness over time); the
+    driver carries the ban out by dropping the connection and refusing the peer's streams."""
+    from seedswarm.gossip.transport import TransportError
+    from seedswarm.gossip.wire import PROTO_MSG
+
+    g = _genesis()
+    evil = Identity.from_seed(b"\x66" * 32)
+
+    async def script(ds: list[Daemon], net: MemoryNetwork) -> tuple[int, int, bool, float]:
+        d = ds[0]
+        t = asyncio.create_task(d.run())
+        await _until(lambda: d.core is not None and d.core.round >= 3, 120, "training")
+        atk = net.transport(evil.public, protocol_prefix(g.run_id))
+
+        async def hello(_p: str, _payload: bytes) -> bytes:
+            return Hello.make(g.run_id, 0, [], {}).encode()
+
+        atk.set_request_handler(PROTO_HELLO, hello)
+        await atk.start()
+        pid = await atk.connect(d.transport.listen_addrs[0])  # type: ignore[union-attr]
+        refused = 0
+        for _ in range(40):
+            try:
+                await atk.request(pid, PROTO_MSG, b"\xc1" + bytes(40), timeout=2.0)
+            except TransportError:
+                refused += 1
+            if pid not in atk.peers():
+                break
+        dropped = pid not in atk.peers()
+        r0 = d.core.round if d.core else 0
+        await _until(lambda: d.core is not None and d.core.round >= r0 + 3, 120, "training after the ban")
+        d.request_stop()
+        t0 = d.now()
+        assert await t == 0
+        return refused, int(d.metrics.total("bans_total")), dropped, d.now() - t0
+
+    refused, bans, dropped, stop_s = _run_daemons(tmp_path, g, script, [FOUNDERS[0]])
+    assert refused >= 5 and bans == 1 and dropped
+    assert stop_s < 5.0
