@@ -89,17 +89,12 @@ class Peering:
             self.count("peers_refused")
             await self.disconnect(peer)
             return
-        except WrongVersion as e:
-            self.reject(peer, Reason.PROTOCOL_VERSION, str(e))
-            await self.disconnect(peer)
-            return
-        except WrongRun as e:
-            log.warning("refusing peer %s: %s", peer, e)
-            self.reject(peer, Reason.WRONG_RUN, str(e))
-            await self.disconnect(peer)
-            return
-        except WireError as e:
-            self.reject(peer, Reason.MALFORMED, str(e))
+        except WireError as e:  # another version, another run, or not a hello at all
+            reason = Reason.PROTOCOL_VERSION if isinstance(e, WrongVersion) else \
+                Reason.WRONG_RUN if isinstance(e, WrongRun) else Reason.MALFORMED
+            if reason is not Reason.MALFORMED:
+                log.warning("refusing peer %s: %s", peer, e)
+            self.reject(peer, reason, str(e))
             await self.disconnect(peer)
             return
         except TransportError as e:
