@@ -152,15 +152,18 @@ class SyncMixin(_Core):
             return self._on_probe(now, peer, ask.start, ask.origin, recs)
         out: list[Effect] = []
         before = self.head
-        if recs and self.tree.state(recs[0].prev) is None and recs[0].round <= self.round:
-            # Their record at the root of our window does not build on our root: their chain left
-            # ours before it. Look further back for the fork point.
+        first = next((i for i, r in enumerate(recs) if self.tree.state(r.prev) is not None), None)
+        if recs and first is None and recs[0].round <= self.round:
+            if self.history.head_at(recs[0].round) == recs[0].prev:
+                return []  # our own chain, from before the window (our root moved on meanwhile)
+            # Their record at the root of our window does not build on our chain: their chain
+            # left ours before it. Look further back for the fork point.
             if ask is None:
                 return []
             self._count("sync.deep_fork_probes")
             return [Send(peer, self.sync.request(now, peer, recs[0].round, max(0, recs[0].round - 16)))]
         self._paging = True  # settled history: no fallback hold, no duties while we page
-        for rec in recs:
+        for rec in recs[first or 0:]:
             out += self._on_record(now, rec, peer)
         advanced = self.head.round > before.round
         more = ask is not None and advanced and len(recs) >= PAGE and resp.head > self.round
