@@ -49,6 +49,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--leave-at", type=int, default=-1)
     p.add_argument("--latency-ms", type=float, default=d.latency_ms)
     p.add_argument("--loss", type=float, default=d.loss)
+    p.add_argument("--bandwidth-mbps", type=float, default=d.bandwidth_mbps,
+                   help="every node's link, Mbit/s (direct messages are serialised on it)")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help="rounds between the checkpoints nodes serve to joiners (0: joiners replay)")
+    p.add_argument("--checkpoint-chunk-bytes", type=int, default=d.checkpoint_chunk_bytes,
+                   help="size of one checkpoint chunk")
     p.add_argument("--max-wall", type=float, default=float("inf"), help="stop after this many seconds")
     p.add_argument("--out", default=None, help="output folder (default: a new folder under runs/)")
     p.add_argument("--force", action="store_true", help="write into an --out folder that already holds files")
@@ -104,7 +110,8 @@ def run_command(args: argparse.Namespace) -> int:
         eval_every=args.eval_every, stop_at_target=args.stop_at_target, crash_fraction=args.crash_fraction,
         crash_at=args.crash_at, join_nodes=args.join_nodes, join_at=args.join_at,
         leave_nodes=args.leave_nodes, leave_at=args.leave_at,
-        latency_ms=args.latency_ms, loss=args.loss, max_wall=args.max_wall, out=out, quiet=args.quiet,
+        latency_ms=args.latency_ms, loss=args.loss, bandwidth_mbps=args.bandwidth_mbps,
+        checkpoint_every=args.checkpoint_every, checkpoint_chunk_bytes=args.checkpoint_chunk_bytes, max_wall=args.max_wall, out=out, quiet=args.quiet,
         byzantine=args.byzantine, attack=args.attack,
     )
     try:
