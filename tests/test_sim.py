@@ -132,3 +132,47 @@ def test_a_bigger_model_joins_more_slowly_on_a_slower_link():
     t_big = sum(big["join_seconds"]) / 2
     # about 0.27 MB of parameters at 5 Mbit/s: the chunk transfer alone is ~0.4 s per joiner
     assert t_big > t_small + 0.3, (t_small, t_big)
+
+
+def test_a_lying_peer_cannot_make_a_simulated_node_undo_beyond_max_undo():
+    """In the simulator, through the same core: a member serves a private chain that leaves the
+    swarm's at the genesis (valid empty records it signed as a fallback aggregator) and claims it
+    is far ahead. The node it lures notes a deep fork, and keeps every round it had."""
+    from seedswarm.node.core.chain import ChainState, build_record, checked_next_state
+    from seedswarm.sim.runner import build
+
+    sim = build(SimConfig(**{**SMALL, "rounds": 40, "seed": 9}))
+    sim.start()
+    sim.run(15)
+    liar, victim = sim.nodes[5], sim.nodes[0]
+    st, fake = ChainState.initial(sim.genesis), []
+    for _ in range(200):
+        rec, _ = build_record(st, liar.identity, [])
+        fake.append(rec.encode())
+        st = checked_next_state(st, rec)
+
+    class Lies:
+        def length(self) -> int:
+            return len(fake)
+
+        def record(self, r: int) -> bytes | None:
+            return fake[r] if 0 <= r < len(fake) else None
+
+        def head_at(self, r: int) -> bytes | None:
+            return None
+
+        def manifest(self) -> None:
+            return None
+
+        def chunk(self, digest: bytes, index: int) -> None:
+            return None
+
+    liar.core.history = Lies()  # type: ignore[assignment]
+    before = sim.index.path(victim.core.head.head)[0]
+    sim.handle(victim, victim.core.on_peer(sim.now, liar.key, len(fake)))
+    sim.run(35)
+    after = sim.index.path(victim.core.head.head)[0]
+    assert after[: len(before) - victim.core.cfg.max_undo] == before[: len(before) - victim.core.cfg.max_undo]
+    assert victim.core.counters.get("rejected.deep-fork", 0) >= 1
+    assert victim.core.counters.get("sync.resyncs", 0) == 0
+    assert victim.core.head.round >= sim.best_round - 1  # and it kept up with the swarm

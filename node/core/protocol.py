@@ -155,7 +155,10 @@ class NodeCore(SyncMixin):
         return self.plan is not None and not self.plan.done
 
     def _off_duty(self) -> bool:
-        return self.leaving or self._halted() or self._paging or self._waiting or self.catching_up
+        # Waiting for manifests is no reason to stop working (a peer may claim a chain it does
+        # not have); paging through records, or fetching a chosen checkpoint, is.
+        downloading = self.catching_up and self.plan is not None and self.plan.manifest is not None
+        return self.leaving or self._halted() or self._paging or self._waiting or downloading
 
     def in_sync(self, now: float) -> bool:
         """Caught up with every peer we heard from, model in hand, past the startup wait."""
@@ -205,8 +208,8 @@ class NodeCore(SyncMixin):
     def _maybe_join(self, now: float) -> list[Effect]:
         # Only once caught up with a peer: a Join signed at a round far behind the swarm's
         # expires before any record can take it (join_ttl).
-        if not self.cfg.auto_join or self.is_member() or self._off_duty() or not self.sync.peer_heads \
-                or self.sync.behind(self.round, now) > 1:
+        if not self.cfg.auto_join or self.is_member() or self._off_duty() or self.catching_up \
+                or not self.sync.peer_heads or self.sync.behind(self.round, now) > 1:
             return []
         if now - self._last_join < self.cfg.rejoin_after:
             return []
