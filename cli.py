@@ -1,6 +1,9 @@
 """The `seedswarm` command line: one entry point, each subcommand implemented next to its code.
 
-``sim`` lives in :mod:`seedswarm.sim.cli`; ``bench NAME`` runs ``seedswarm.bench.NAME.main``.
+``sim`` lives in :mod:`seedswarm.sim.cli`; ``init``, ``node``, ``status`` in
+:mod:`seedswarm.node.cli`; ``task check`` in :mod:`seedswarm.node.taskcheck`; ``cluster`` in
+:mod:`seedswarm.sim.cluster`; ``bench NAME`` runs ``seedswarm.bench.NAME.main``. Every parser
+uses :mod:`seedswarm.clihelp`, so every option shows what it does and its default.
 """
 
 from __future__ import annotations
@@ -9,23 +12,46 @@ import argparse
 import importlib
 import sys
 
+from seedswarm import PROTOCOL_VERSION, __version__
 from seedswarm.node import cli as node_cli
 
-BENCHES = ("replay", "protocols", "byzantine", "scale", "sweep", "sybil", "chaos", "fuzz")
+BENCHES: dict[str, str] = {
+    "replay": "how fast a node regenerates and applies a round's directions",
+    "protocols": "seedswarm against MoDeST and D-PSGD: bytes and rounds to a target accuracy",
+    "byzantine": "final accuracy under attack, per aggregator and share of attackers",
+    "scale": "how far the simulator scales on one machine (rounds per second, memory)",
+    "sweep": "fault-free simulations over seeds and swarm sizes: no running node may be expelled",
+    "sybil": "a flood of join requests from fresh keys against a small open swarm",
+    "chaos": "real node processes under crashes, partitions and hostile peers",
+    "fuzz": "malformed and hostile messages against a real node process",
+}
+
+
+def version_text() -> str:
+    return f"seedswarm {__version__} (protocol version {PROTOCOL_VERSION})"
+
+
+def bench_help() -> str:
+    width = max(len(n) for n in BENCHES)
+    lines = ["usage: seedswarm bench NAME [options]", "",
+             "Benchmarks and checks that produce the project's figures. Each has its own --help.", "",
+             "benchmarks:"]
+    lines += [f"  {n:<{width}}  {d}" for n, d in BENCHES.items()]
+    lines += ["", "example:", "  seedswarm bench scale --sizes 100,1000 --rounds 40"]
+    return "\n".join(lines)
 
 
 def _bench(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in BENCHES:
-        known = ", ".join(BENCHES)
-        if argv and argv[0] not in ("-h", "--help"):
-            print(f"seedswarm bench: unknown benchmark {argv[0]!r} (choose: {known})", file=sys.stderr)
-            return 2
-        print(f"usage: seedswarm bench {{{known}}} [options]   ('seedswarm bench NAME --help' for each)")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(bench_help())
         return 0
+    if argv[0] not in BENCHES:
+        print(f"seedswarm bench: unknown benchmark {argv[0]!r} (choose: {', '.join(BENCHES)})", file=sys.stderr)
+        return 2
     try:
         module = importlib.import_module(f"seedswarm.bench.{argv[0]}")
-    except ModuleNotFoundError:
-        print(f"seedswarm bench: {argv[0]!r} is not available in this build", file=sys.stderr)
+    except ImportError as e:
+        print(f"seedswarm bench: {argv[0]!r} is not available in this build ({e})", file=sys.stderr)
         return 2
     return int(module.main(argv[1:]))
 
@@ -34,17 +60,29 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:
         return _bench(argv[1:])
+    from seedswarm.clihelp import HelpFormatter
+    from seedswarm.node import taskcheck
     from seedswarm.sim import cli as sim_cli
     from seedswarm.sim import cluster
 
-    parser = argparse.ArgumentParser(prog="seedswarm", description="Decentralized training by seeds and one-byte gradients.")
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    parser = argparse.ArgumentParser(
+        prog="seedswarm", formatter_class=HelpFormatter,
+        description="Decentralized training by seeds and one-byte gradients: simulate a swarm, run real "
+                    "nodes, and measure. Each command has its own --help, with examples.",
+        epilog="examples:\n  seedswarm sim                      # the main demo: 100 simulated nodes\n"
+               "  seedswarm sim --help\n  seedswarm task check ./my_task.py:make\n"
+               "  seedswarm bench --help             # the benchmarks")
+    parser.add_argument("--version", action="version", version=version_text(),
+                        help="print the package version and the protocol version, and exit")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     sim_cli.add_parser(sub)
-    sub.add_parser("bench", help=f"benchmarks: seedswarm bench {{{','.join(BENCHES)}}} --help")
     commands = {"sim": sim_cli.run_command}
     commands.update(node_cli.add_parsers(sub))
     cluster.add_parser(sub)
     commands["cluster"] = cluster.run_command
+    taskcheck.add_parser(sub)
+    commands["task"] = taskcheck.run_command
+    sub.add_parser("bench", help="benchmarks: seedswarm bench --help lists them")
     args = parser.parse_args(argv)
     return int(commands[args.cmd](args))
 

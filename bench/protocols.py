@@ -27,7 +27,6 @@ CLI: ``seedswarm bench protocols [--quick] [--json] [--out FILE] [--max-wall S] 
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import sys
@@ -35,7 +34,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from seedswarm.clihelp import parser
 from seedswarm.node.learn.tasks import digits_param_count, load_task
+from seedswarm.progress import Progress
 from seedswarm.sim.runner import SimConfig, run
 
 PROTOCOLS = ("seedswarm", "modest", "dpsgd")
@@ -224,22 +225,30 @@ def table(rows: list[dict[str, Any]], rats: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point for ``seedswarm bench protocols`` (``argv`` excludes "bench protocols")."""
-    ap = argparse.ArgumentParser(prog="seedswarm bench protocols",
-                                 description="seedswarm vs MoDeST vs D-PSGD: bytes and rounds to a target accuracy.")
+    ap = parser("seedswarm bench protocols",
+                "seedswarm against MoDeST and D-PSGD in the same simulator, on the same nodes, data and seed: "
+                "rounds and bytes to a target accuracy, per task and model size.",
+                ["seedswarm bench protocols --quick", "seedswarm bench protocols --out protocols.json",
+                 "seedswarm bench protocols --from-json protocols.json"])
     ap.add_argument("--quick", action="store_true",
                     help="small grid (20 nodes, sizes 2.4k and 300k, 30 s per cell): a few minutes")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
-    ap.add_argument("--out", default=None, help="also write the JSON result to this file")
-    ap.add_argument("--nodes", type=int, default=None, help="nodes per cell (default 50; quick 20)")
-    ap.add_argument("--max-wall", type=float, default=None, help="wall seconds per cell (default 300; quick 30)")
+    ap.add_argument("--out", default=None, metavar="FILE",
+                    help="also write the JSON result to this file (default: none; an existing file needs --force)")
+    ap.add_argument("--force", action="store_true", help="overwrite an existing --out file")
+    ap.add_argument("--nodes", type=int, default=None, help="nodes per cell (default: 50; 20 with --quick)")
+    ap.add_argument("--max-wall", type=float, default=None,
+                    help="wall seconds per cell at most (default: 300; 30 with --quick)")
     ap.add_argument("--rounds", type=int, default=None, help="round cap for every protocol (default: "
                     f"seedswarm {Caps.seedswarm_rounds}, baselines {Caps.baseline_rounds})")
-    ap.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS))
-    ap.add_argument("--sizes", nargs="+", choices=list(SIZES), default=None)
-    ap.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS), help="protocols to run")
+    ap.add_argument("--sizes", nargs="+", choices=list(SIZES), default=None,
+                    help="model sizes in parameters (default: all; 2.4k and 300k with --quick)")
+    ap.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS),
+                    help="digits: train from scratch; finetune: start from a model pretrained on digits 0-4")
+    ap.add_argument("--seed", type=int, default=0, help="simulation seed")
     ap.add_argument("--from-json", default=None, metavar="FILE",
-                    help="print the tables of a saved result (from --out) and run nothing")
+                    help="print the tables of a saved result (from --out) and run nothing (default: none)")
     args = ap.parse_args(argv)
     if args.from_json:
         with open(args.from_json, encoding="utf-8") as f:
@@ -258,23 +267,35 @@ def main(argv: list[str] | None = None) -> int:
         print("seedswarm bench protocols: --nodes must be >= 2, --rounds and --max-wall positive",
               file=sys.stderr)
         return 2
+    if args.out:
+        from seedswarm.node.files import OutPathError, check_out_file
+
+        try:
+            check_out_file(args.out, force=args.force)
+        except OutPathError as e:
+            print(f"seedswarm bench protocols: {e}", file=sys.stderr)
+            return 2
     cells = grid(args.protocols, sizes, args.tasks, nodes, args.seed, caps)
     t0 = time.monotonic()
-    # Pretraining is cached in-process; do it before the cells so that no cell's wall time has it.
-    for t in args.tasks:
-        for s in sizes:
-            if t == "finetune":
-                print(f"pretraining the {s} model on classes 0-4 ...", file=sys.stderr)
-                load_task("digits", task_options(t, s), seed=args.seed).build_model()
-    rows = []
-    for i, cell in enumerate(cells, 1):
-        print(f"[{i}/{len(cells)}] {cell.task} {cell.size} {cell.protocol} ...", file=sys.stderr, flush=True)
-        row = run_cell(cell)
-        rows.append(row)
-        rtt = row["rounds_to_target"] if row["reached"] else f"not reached ({row['stopped_by']})"
-        print(f"    acc {row['final_accuracy']:.3f} after {row['rounds']} rounds, to target: {rtt}, "
-              f"bytes_to_target {_bytes(row['bytes_to_target'])}, {row['wall_seconds']:.0f} s "
-              f"(total {time.monotonic() - t0:.0f} s)", file=sys.stderr, flush=True)
+    header = (f"bench protocols: {len(cells)} cells ({', '.join(args.protocols)} x sizes {', '.join(sizes)} x "
+              f"tasks {', '.join(args.tasks)}), {nodes} nodes, at most {caps.max_wall:g} s per cell")
+    rows: list[dict[str, Any]] = []
+    with Progress(len(cells), unit="cell", header=header) as progress:
+        # Pretraining is cached in-process; do it before the cells so that no cell's wall time has it.
+        for t in args.tasks:
+            for s in sizes:
+                if t == "finetune":
+                    progress.note(f"pretraining the {s} model on classes 0-4 ...")
+                    load_task("digits", task_options(t, s), seed=args.seed).build_model()
+        for cell in cells:
+            progress.update(len(rows), running=f"{cell.task} {cell.size} {cell.protocol}")
+            row = run_cell(cell)
+            rows.append(row)
+            rtt = row["rounds_to_target"] if row["reached"] else f"not reached ({row['stopped_by']})"
+            progress.note(f"{cell.task} {cell.size} {cell.protocol}: acc {row['final_accuracy']:.3f} after "
+                          f"{row['rounds']} rounds, to target: {rtt}, bytes_to_target "
+                          f"{_bytes(row['bytes_to_target'])}, {row['wall_seconds']:.0f} s")
+        progress.update(len(rows), running=None)
     rats = ratios(rows)
     command = "seedswarm bench protocols " + " ".join(sys.argv[3:] if argv is None else argv)
     result = {"benchmark": "protocols", "command": command.strip(), "nodes": nodes, "seed": args.seed,

@@ -21,6 +21,8 @@ import subprocess
 import sys
 from typing import Any
 
+from seedswarm.clihelp import parser
+from seedswarm.progress import Progress
 from seedswarm.sim.runner import SimConfig, run
 
 
@@ -72,10 +74,14 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="seedswarm bench scale", description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", default="100,1000,10000", help="comma-separated node counts; the first is the baseline")
-    p.add_argument("--rounds", type=int, default=40)
-    p.add_argument("--seed", type=int, default=0)
+    p = parser("seedswarm bench scale",
+               "How far the simulator scales on one machine: rounds per second and peak memory per swarm size, "
+               "each size in its own process, with churn (joins, a crash of a tenth of the nodes, leaves).",
+               ["seedswarm bench scale --sizes 100,1000,10000 --rounds 40 --json"])
+    p.add_argument("--sizes", default="100,1000,10000", metavar="N,N,...",
+                   help="comma-separated node counts; the first is the baseline of the ratios")
+    p.add_argument("--rounds", type=int, default=40, help="rounds per size (at least 4)")
+    p.add_argument("--seed", type=int, default=0, help="simulation seed")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -90,13 +96,16 @@ def main(argv: list[str] | None = None) -> int:
     if not sizes or min(sizes) < 2 or args.rounds < 4:
         print("seedswarm bench scale: sizes must be at least 2 and --rounds at least 4", file=sys.stderr)
         return 2
-    rows = []
-    for n in sizes:
-        print(f"bench scale: {n} nodes, {args.rounds} rounds ...", file=sys.stderr, flush=True)
-        rows.append(_child(n, args.rounds, args.seed))
-        r = rows[-1]
-        print(f"  {r['rounds_per_second']:.2f} rounds/s, peak {r['peak_rss_mb']:.0f} MB, "
-              f"agreement {r['honest_digest_agreement']:.2f}", file=sys.stderr, flush=True)
+    rows: list[dict[str, Any]] = []
+    header = f"bench scale: sizes {', '.join(map(str, sizes))}, {args.rounds} rounds each, seed {args.seed}"
+    with Progress(len(sizes), unit="size", header=header) as progress:
+        for n in sizes:
+            progress.update(len(rows), running=f"{n} nodes")
+            rows.append(_child(n, args.rounds, args.seed))
+            r = rows[-1]
+            progress.note(f"{n} nodes: {r['rounds_per_second']:.2f} rounds/s, peak {r['peak_rss_mb']:.0f} MB, "
+                          f"agreement {r['honest_digest_agreement']:.2f}")
+        progress.update(len(rows), running=None)
     result = {"benchmark": "scale", "rounds": args.rounds, "seed": args.seed, "rows": rows}
     print(json.dumps(result, indent=2) if args.json else table(rows))
     return 0

@@ -13,13 +13,15 @@ ended without full agreement.
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
 import os
 import sys
 import time
 from typing import Any
+
+from seedswarm.clihelp import parser
+from seedswarm.progress import Progress
 
 
 def _one(job: tuple[int, int, int]) -> dict[str, Any]:
@@ -36,23 +38,25 @@ def _one(job: tuple[int, int, int]) -> dict[str, Any]:
     }
 
 
-def sweep(sizes: list[int], seeds: list[int], rounds: int, workers: int, log: Any = sys.stderr) -> dict[str, Any]:
+def sweep(sizes: list[int], seeds: list[int], rounds: int, workers: int, log: Any = None,
+          quiet: bool = False) -> dict[str, Any]:
     jobs = [(n, s, rounds) for n in sizes for s in seeds]
-    print(f"sweep: {len(jobs)} simulations (nodes {sizes}, seeds {seeds[0]}..{seeds[-1]}, {rounds} rounds), "
-          f"{workers} worker(s)", file=log, flush=True)
+    header = (f"sweep: {len(jobs)} simulations (nodes {sizes}, seeds {seeds[0]}..{seeds[-1]}, {rounds} rounds), "
+              f"{workers} worker(s)")
     t0 = time.monotonic()
     runs: list[dict[str, Any]] = []
     ctx = multiprocessing.get_context("spawn")  # torch and fork do not mix
-    with ctx.Pool(workers) as pool:
+    with Progress(len(jobs), unit="run", header=header, stream=log, quiet=quiet) as progress, \
+            ctx.Pool(workers) as pool:
+        progress.update(0, failed=0)  # the rate counts from here
         for r in pool.imap_unordered(_one, jobs):
             runs.append(r)
-            done = len(runs)
-            el = time.monotonic() - t0
-            eta = el / done * (len(jobs) - done)
-            flag = "" if r["expelled_online"] == 0 and r["honest_digest_agreement"] == 1.0 else "  <-- FAIL"
-            print(f"[{done:3d}/{len(jobs)}] nodes={r['nodes']:3d} seed={r['seed']:3d} members={r['final_members']:3d} "
-                  f"expelled_online={r['expelled_online']} agreement={r['honest_digest_agreement']:.3f} "
-                  f"({r['wall_seconds']:.0f} s; elapsed {el:.0f} s, eta {eta:.0f} s){flag}", file=log, flush=True)
+            ok = r["expelled_online"] == 0 and r["honest_digest_agreement"] == 1.0
+            progress.note(f"nodes={r['nodes']:3d} seed={r['seed']:3d} members={r['final_members']:3d} "
+                          f"expelled_online={r['expelled_online']} agreement={r['honest_digest_agreement']:.3f} "
+                          f"({r['wall_seconds']:.0f} s){'' if ok else '  <-- FAIL'}")
+            failed = sum(not (x["expelled_online"] == 0 and x["honest_digest_agreement"] == 1.0) for x in runs)
+            progress.update(len(runs), failed=failed)
     runs.sort(key=lambda r: (r["nodes"], r["seed"]))
     by_size = {}
     for n in sizes:
@@ -71,14 +75,19 @@ def sweep(sizes: list[int], seeds: list[int], rounds: int, workers: int, log: An
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="seedswarm bench sweep", description=__doc__.split("\n\n")[0])
-    p.add_argument("--nodes", default="4,8,16", help="comma-separated swarm sizes (default: 4,8,16)")
-    p.add_argument("--seeds", type=int, default=20, help="seeds 0..N-1 per size (default: 20)")
-    p.add_argument("--first-seed", type=int, default=0, help="first seed (default: 0)")
-    p.add_argument("--rounds", type=int, default=2000, help="rounds per simulation (default: 2000)")
+    p = parser("seedswarm bench sweep",
+               "Fault-free simulations over seeds and swarm sizes: no running member may ever be expelled, "
+               "and every honest node must end on the same model.",
+               ["seedswarm bench sweep --nodes 4,8,16 --seeds 20 --rounds 2000 --json"],
+               more="Exit code 1 if any run expelled a running member or ended without full agreement.")
+    p.add_argument("--nodes", default="4,8,16", metavar="N,N,...", help="comma-separated swarm sizes")
+    p.add_argument("--seeds", type=int, default=20, help="simulations per size, seeds FIRST..FIRST+N-1")
+    p.add_argument("--first-seed", type=int, default=0, metavar="FIRST", help="first seed")
+    p.add_argument("--rounds", type=int, default=2000, help="rounds per simulation")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
-                   help="simulations run at once (default: 2, at most the CPU count)")
+                   help="simulations run at once (at most the CPU count)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON on stdout")
+    p.add_argument("--quiet", action="store_true", help="no header, progress or per-run lines on stderr")
     a = p.parse_args(argv)
     try:
         sizes = [int(x) for x in a.nodes.split(",") if x]
@@ -88,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     if not sizes or min(sizes) < 1 or a.seeds < 1 or a.rounds < 1 or a.workers < 1:
         print("seedswarm bench sweep: --nodes, --seeds, --rounds and --workers must be positive", file=sys.stderr)
         return 2
-    res = sweep(sizes, list(range(a.first_seed, a.first_seed + a.seeds)), a.rounds, a.workers)
+    res = sweep(sizes, list(range(a.first_seed, a.first_seed + a.seeds)), a.rounds, a.workers, quiet=a.quiet)
     if a.json:
         print(json.dumps(res, indent=2))
     else:

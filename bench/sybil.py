@@ -14,14 +14,15 @@ rate (rounds per virtual second) before, during and after, against the same run 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from typing import Any
 
+from seedswarm.clihelp import parser
 from seedswarm.crypto.hashing import h
 from seedswarm.crypto.keys import Identity
+from seedswarm.progress import Progress
 
 
 def _run(nodes: int, joins: int, at: int, rounds: int, seed: int) -> dict[str, Any]:
@@ -74,21 +75,29 @@ def _run(nodes: int, joins: int, at: int, rounds: int, seed: int) -> dict[str, A
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="seedswarm bench sybil", description=__doc__.split("\n\n")[0])
-    p.add_argument("--nodes", type=int, default=3, help="honest founding members (default: 3)")
-    p.add_argument("--joins", type=int, default=200, help="Joins from fresh keys in the flood (default: 200)")
-    p.add_argument("--at", type=int, default=30, help="round of the flood (default: 30)")
-    p.add_argument("--rounds", type=int, default=400, help="rounds to simulate (default: 400)")
-    p.add_argument("--seed", type=int, default=0, help="simulation seed (default: 0)")
+    p = parser("seedswarm bench sybil",
+               "A flood of join requests from fresh keys against a small open swarm: how many are admitted, "
+               "how fast the swarm expels them, and its speed before, during and after (against a run without "
+               "the flood).",
+               ["seedswarm bench sybil --nodes 3 --joins 200 --json"])
+    p.add_argument("--nodes", type=int, default=3, help="honest founding members")
+    p.add_argument("--joins", type=int, default=200, help="join requests from fresh keys in the flood")
+    p.add_argument("--at", type=int, default=30, help="round of the flood")
+    p.add_argument("--rounds", type=int, default=400, help="rounds to simulate")
+    p.add_argument("--seed", type=int, default=0, help="simulation seed")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     a = p.parse_args(argv)
     if a.nodes < 1 or a.joins < 0 or not 20 <= a.at < a.rounds - 30:
         print("seedswarm bench sybil: need --nodes >= 1, --joins >= 0 and 20 <= --at < --rounds - 30", file=sys.stderr)
         return 2
-    print(f"sybil: {a.joins} Joins against an open swarm of {a.nodes} at round {a.at}, {a.rounds} rounds "
-          "(and a clean run for the baseline)", file=sys.stderr, flush=True)
-    flood = _run(a.nodes, a.joins, a.at, a.rounds, a.seed)
-    clean = _run(a.nodes, 0, a.at, a.rounds, a.seed)
+    header = (f"sybil: {a.joins} Joins against an open swarm of {a.nodes} at round {a.at}, {a.rounds} rounds "
+              "(and a clean run for the baseline)")
+    with Progress(2, unit="run", header=header) as progress:
+        progress.update(0, running="flood")
+        flood = _run(a.nodes, a.joins, a.at, a.rounds, a.seed)
+        progress.update(1, running="clean")
+        clean = _run(a.nodes, 0, a.at, a.rounds, a.seed)
+        progress.update(2, running=None)
     res = {"flood": flood, "clean": clean,
            "rate_after_vs_clean": round(flood["rate_after"] / clean["rate_after"], 3)
            if flood["rate_after"] and clean["rate_after"] else None}

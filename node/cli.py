@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -76,29 +77,46 @@ def make_genesis(args: argparse.Namespace, members: list[bytes]) -> Any:
 
 
 def add_genesis_options(p: argparse.ArgumentParser) -> None:
+    from seedswarm.clihelp import (
+        AGGREGATOR_HELP,
+        DIRECTIONS_HELP,
+        ESTIMATOR_HELP,
+        GROUPS_HELP,
+        TASK_HELP,
+        TASK_OPTION_HELP,
+    )
     from seedswarm.node.core.genesis import default
 
-    p.add_argument("--task", default=default("task"), help="'digits' or package.module:factory")
-    p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--seed", type=int, default=default("seed"), help="model init and data seed")
-    p.add_argument("--estimator", default=default("estimator"), choices=["fo", "zo"])
-    p.add_argument("--trainers", type=int, default=default("trainers"), help="committee size s")
-    p.add_argument("--aggregators", type=int, default=default("aggregators"))
-    p.add_argument("--directions", type=int, default=default("directions"), help="K: bytes per trainer per round")
-    p.add_argument("--groups", type=int, default=default("groups"))
-    p.add_argument("--aggregator", default=default("aggregator_rule"), choices=RULES)
-    p.add_argument("--lr", type=float, default=default("lr"), help="learning rate on the aggregated step")
-    p.add_argument("--lr-half-life", type=int, default=default("lr_half_life"), help="rounds; lr / (1 + r / half_life); 0 = constant")
-    p.add_argument("--local-lr", type=float, default=default("local_lr"))
-    p.add_argument("--local-steps", type=int, default=default("local_steps"))
-    p.add_argument("--batch-size", type=int, default=default("batch_size"))
-    p.add_argument("--eps", type=float, default=default("eps"))
-    p.add_argument("--scale-exp", type=int, default=default("scale_exp"), help="initial quantisation scale 2**scale_exp (scale rule)")
-    p.add_argument("--round-timeout", type=float, default=default("round_timeout"))
-    p.add_argument("--min-round-time", type=float, default=default("min_round_time"))
-    p.add_argument("--quorum", type=float, default=default("quorum"))
-    p.add_argument("--join-delay", type=int, default=default("join_delay"))
-    p.add_argument("--expel-after", type=int, default=default("expel_after"))
+    g = p.add_argument_group("swarm settings (written into the genesis; every node follows them)")
+    g.add_argument("--task", default=default("task"), help=TASK_HELP)
+    g.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE", help=TASK_OPTION_HELP)
+    g.add_argument("--seed", type=int, default=default("seed"), help="seed of the initial model and the data shards")
+    g.add_argument("--estimator", default=default("estimator"), choices=["fo", "zo"], help=ESTIMATOR_HELP)
+    g.add_argument("--trainers", type=int, default=default("trainers"), help="trainers per round (the committee)")
+    g.add_argument("--aggregators", type=int, default=default("aggregators"),
+                   help="aggregators per round, ranked: rank 0 publishes the round's record, the others back it up")
+    g.add_argument("--directions", type=int, default=default("directions"), help=DIRECTIONS_HELP)
+    g.add_argument("--groups", type=int, default=default("groups"), help=GROUPS_HELP)
+    g.add_argument("--aggregator", default=default("aggregator_rule"), choices=RULES, help=AGGREGATOR_HELP)
+    g.add_argument("--lr", type=float, default=default("lr"), help="learning rate of the step every node applies each round")
+    g.add_argument("--lr-half-life", type=int, default=default("lr_half_life"),
+                   help="the learning rate decays as lr / (1 + round / N); 0 keeps it constant")
+    g.add_argument("--local-lr", type=float, default=default("local_lr"), help="fo only: a trainer's local SGD learning rate")
+    g.add_argument("--local-steps", type=int, default=default("local_steps"),
+                   help="fo only: local SGD steps whose update is projected on the directions")
+    g.add_argument("--batch-size", type=int, default=default("batch_size"), help="examples in a trainer's batch")
+    g.add_argument("--eps", type=float, default=default("eps"), help="zo only: size of the SPSA perturbation")
+    g.add_argument("--scale-exp", type=int, default=default("scale_exp"),
+                   help="one-byte values start at scale 2**N (the scale then follows a public rule)")
+    g.add_argument("--round-timeout", type=float, default=default("round_timeout"),
+                   help="seconds an aggregator waits for contributions at most")
+    g.add_argument("--min-round-time", type=float, default=default("min_round_time"), help="seconds a round lasts at least")
+    g.add_argument("--quorum", type=float, default=default("quorum"),
+                   help="share of the trainers an aggregator waits for before its deadline")
+    g.add_argument("--join-delay", type=int, default=default("join_delay"),
+                   help="rounds between a node's admission and its first committee seat")
+    g.add_argument("--expel-after", type=int, default=default("expel_after"),
+                   help="a member that misses this many duties in a row is expelled")
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -161,30 +179,69 @@ def cmd_init(args: argparse.Namespace) -> int:
 # node
 
 
+# (option, argparse keywords): each is also a TOML key (``-`` read as ``_``) of node/daemon/config.py
+NODE_OPTIONS: list[tuple[str, dict[str, Any]]] = [
+    ("--genesis", {"metavar": "FILE", "help": "the swarm's genesis file (written by `seedswarm init`)"}),
+    ("--data-dir", {"metavar": "DIR", "help": "identity key, chain store, checkpoints, status.json"}),
+    ("--listen", {"action": "append", "metavar": "MULTIADDR", "help": "address to listen on (repeatable)"}),
+    ("--announce", {"action": "append", "metavar": "MULTIADDR",
+                    "help": "address peers should dial, e.g. behind NAT (repeatable; none: the listen addresses, "
+                            "0.0.0.0 expanded)"}),
+    ("--bootstrap", {"action": "append", "metavar": "MULTIADDR",
+                     "help": "a peer's full address /ip4/A/tcp/P/p2p/ID to join through (repeatable)"}),
+    ("--device", {"choices": ["auto", "cpu", "cuda"], "help": "where the model runs (auto: cuda when available)"}),
+    ("--metrics-port", {"type": int, "metavar": "PORT", "help": "serve /metrics (Prometheus) and /status on this port (0: off)"}),
+    ("--metrics-host", {"metavar": "HOST", "help": "address the metrics endpoint binds"}),
+    ("--log-format", {"choices": ["auto", "json", "text"],
+                      "help": "log lines as JSON or text (auto: text on a terminal, JSON otherwise)"}),
+    ("--log-level", {"metavar": "LEVEL", "help": "DEBUG, INFO, WARNING or ERROR"}),
+    ("--checkpoint-every", {"type": int, "help": "write a model checkpoint every N rounds for joining nodes (0: never)"}),
+    ("--checkpoint-chunk-bytes", {"type": int, "help": "size of one checkpoint download chunk"}),
+    ("--shard-index", {"type": int, "help": "which data shard this node trains on (-1: derived from its key)"}),
+    ("--shard-count", {"type": int, "help": "how many shards the training data is cut into"}),
+    ("--halt-at", {"type": int, "help": "stop taking duties at this round and keep serving peers (0: never)"}),
+    ("--eval-every", {"type": int, "help": "evaluate the model every N rounds, shown by `status` (0: when halting)"}),
+    ("--sync-wait-s", {"type": float, "help": "seconds to wait for peers and the chain before starting alone"}),
+    ("--min-peers", {"type": int, "help": "wait (up to --sync-wait-s) for this many peers before taking duties"}),
+]
+# settings only a --config file sets
+TOML_ONLY = {
+    "checkpoints_kept": "checkpoints kept on disk; older ones are deleted",
+    "max_peers": "dial more known peers only while connected to fewer than this",
+    "status_every_s": "seconds between refreshes of status.json",
+    "shutdown_timeout_s": "after SIGINT/SIGTERM, seconds before a watchdog ends the node",
+}
+
+
+def _node_default(name: str) -> str:
+    from seedswarm.clihelp import show_default
+    from seedswarm.node.daemon.config import NodeConfig
+
+    return show_default(getattr(NodeConfig(), name)) or "none"
+
+
+def config_keys_text() -> str:
+    """Every key of a ``--config`` TOML file with its default and meaning (the ``node`` epilog)."""
+    from seedswarm.node.daemon.config import NodeConfig
+
+    helps = {o[2:].replace("-", "_"): kw["help"] for o, kw in NODE_OPTIONS} | TOML_ONLY
+    names = [f.name for f in dataclasses.fields(NodeConfig) if f.name != "extra"]
+    width = max(len(n) for n in names)
+    lines = ["--config FILE.toml keys (the options above with _ for -; an unknown key is an error; the command "
+             "line wins over the file):"]
+    for n in names:
+        lines.append(f"  {n:<{width}}  {helps.get(n, '')} [default: {_node_default(n)}]"
+                     + (" (file only)" if n in TOML_ONLY else ""))
+    return "\n".join(lines)
+
+
 def add_node_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="TOML file with the same settings (keys like data_dir)")
-    p.add_argument("--genesis", default=None, help="genesis file (default genesis.json)")
-    p.add_argument("--data-dir", default=None, help="identity key, chain store, checkpoints, status.json")
-    p.add_argument("--listen", action="append", default=[], metavar="MULTIADDR",
-                   help="e.g. /ip4/0.0.0.0/tcp/4001 (repeatable; default /ip4/0.0.0.0/tcp/4001)")
-    p.add_argument("--announce", action="append", default=[], metavar="MULTIADDR",
-                   help="address peers should dial (default: listen addresses, 0.0.0.0 expanded)")
-    p.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
-                   help="a peer's full address /ip4/A/tcp/P/p2p/ID (repeatable)")
-    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
-    p.add_argument("--metrics-port", type=int, default=None, help="serve /metrics (Prometheus) and /status")
-    p.add_argument("--metrics-host", default=None, help="default 127.0.0.1")
-    p.add_argument("--log-format", default=None, choices=["auto", "json", "text"])
-    p.add_argument("--log-level", default=None)
-    p.add_argument("--checkpoint-every", type=int, default=None)
-    p.add_argument("--checkpoint-chunk-bytes", type=int, default=None)
-    p.add_argument("--shard-index", type=int, default=None)
-    p.add_argument("--shard-count", type=int, default=None)
-    p.add_argument("--halt-at", type=int, default=None, help="stop taking duties at this round (0 = never)")
-    p.add_argument("--eval-every", type=int, default=None)
-    p.add_argument("--sync-wait-s", type=float, default=None)
-    p.add_argument("--min-peers", type=int, default=None,
-                   help="wait (up to --sync-wait-s) for this many peers before taking duties")
+    p.add_argument("--config", default=None, metavar="FILE.toml",
+                   help="TOML file with any of the settings below (keys listed at the end; default: none)")
+    for opt, kw in NODE_OPTIONS:
+        name = opt[2:].replace("-", "_")
+        kw = dict(kw, help=f"{kw['help']} (default: {_node_default(name)})")
+        p.add_argument(opt, default=[] if kw.get("action") == "append" else None, **kw)
 
 
 def _check_ports_free(listen: tuple[str, ...]) -> str | None:
@@ -343,18 +400,42 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
-    p = sub.add_parser("init", help="write the genesis file of a new swarm and print its run id")
-    p.add_argument("--out", default="genesis.json")
-    p.add_argument("--data-dir", default=None, help="the founding node's data dir: its identity becomes a member")
-    p.add_argument("--member", action="append", default=[], metavar="PUBKEY_HEX", help="another founding member")
-    p.add_argument("--force", action="store_true")
+    from seedswarm.clihelp import subcommand
+
+    p = subcommand(
+        sub, "init", help="write the genesis file of a new swarm and print its run id",
+        description="Write the genesis file of a new swarm: every setting all its nodes must agree on, and "
+                    "the founding members. Prints the run id (the genesis's hash). The file is public: copy "
+                    "it to every host.",
+        examples=["seedswarm init --out genesis.json --data-dir ~/ss-data          # this host founds the swarm",
+                  "seedswarm init --out genesis.json --member KEY1 --member KEY2 --trainers 8"])
+    p.add_argument("--out", default="genesis.json", metavar="FILE",
+                   help="genesis file to write (an existing one needs --force)")
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="the founding node's data dir: its identity (created if missing) becomes a member "
+                        "(default: none)")
+    p.add_argument("--member", action="append", default=[], metavar="PUBKEY_HEX",
+                   help="another founding member's public key, 64 hex digits (repeatable)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     add_genesis_options(p)
 
-    p = sub.add_parser("node", help="run a node (daemon) of a swarm")
+    p = subcommand(
+        sub, "node", help="run a node (daemon) of a swarm",
+        description="Run one node of a swarm: join it through --bootstrap peers (or found it), train when "
+                    "on a committee, serve the round records and model checkpoints to peers. Ctrl+C (SIGTERM) leaves cleanly. "
+                    "Settings: command line > --config file > defaults.",
+        examples=["seedswarm node --genesis genesis.json --data-dir ~/ss-data --listen /ip4/0.0.0.0/tcp/4001",
+                  "seedswarm node --config node.toml --bootstrap /ip4/10.0.0.1/tcp/4001/p2p/12D3KooW..."],
+        more=config_keys_text() + "\n\nMore: docs/operations.md.")
     add_node_options(p)
 
-    p = sub.add_parser("status", help="show a running node's round, head, model digest, peers, duty, bytes")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--url", default=None, help="http://HOST:METRICS_PORT of the node")
-    p.add_argument("--json", action="store_true")
+    p = subcommand(
+        sub, "status", help="show a running node's round, head, model digest, peers, duty, bytes",
+        description="Show a node's round, head, model digest, membership, duty, peers and bytes, from its "
+                    "data dir's status.json or its HTTP endpoint. Exit code 0 if the node is running, 1 if not.",
+        examples=["seedswarm status --data-dir ~/ss-data", "seedswarm status --url http://127.0.0.1:9101 --json"])
+    p.add_argument("--data-dir", default=None, metavar="DIR", help="the node's data dir (default: seedswarm-data)")
+    p.add_argument("--url", default=None, metavar="URL",
+                   help="ask the node over HTTP instead: http://HOST:PORT of its --metrics-port (default: none)")
+    p.add_argument("--json", action="store_true", help="print the whole status as JSON")
     return {"init": cmd_init, "node": cmd_node, "status": cmd_status}

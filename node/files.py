@@ -158,14 +158,44 @@ def prepare_out_dir(path: str | os.PathLike[str], *, force: bool = False, option
     if out.exists() and not out.is_dir():
         raise OutPathError(f"{option} {out} is a file, not a folder: choose another {option}")
     try:
-        if out.is_dir() and not force and any(out.iterdir()):
+        existed = out.is_dir()
+        if existed and not force and any(out.iterdir()):
             raise OutPathError(f"{option} {out} already holds files (a previous run?): "
                                f"use --force to overwrite it, or choose another {option}")
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            # A folder that did not exist is claimed by this mkdir: a second run started at the
+            # same moment with the same --out gets FileExistsError instead of sharing it.
+            out.mkdir(parents=True, exist_ok=existed or force)
+        except FileExistsError:
+            raise OutPathError(f"{option} {out} was just created by another run: choose another {option}") from None
         _probe_writable(out)
     except OSError as e:
         raise OutPathError(f"cannot write to {option} {out}: {_why(e)}") from None
     return out
+
+
+def new_run_dir(path: str | os.PathLike[str], option: str = "--out") -> Path:
+    """Create and return a new empty folder ``path``, or ``path-2``, ``path-3``, ... (the first
+    that can be created), proven writable. The ``mkdir`` itself claims the name, so two runs
+    started in the same second never share a default output folder. Raises :class:`OutPathError`."""
+    base = Path(path)
+    try:
+        base.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutPathError(f"cannot create {base.parent} for the output folder (choose one with {option}): "
+                           f"{_why(e)}") from None
+    n = 1
+    while True:
+        out = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            out.mkdir()
+            _probe_writable(out)
+        except FileExistsError:
+            n += 1
+            continue
+        except OSError as e:
+            raise OutPathError(f"cannot create the output folder {out} (choose one with {option}): {_why(e)}") from None
+        return out
 
 
 def fresh_dir(path: str | os.PathLike[str]) -> Path:

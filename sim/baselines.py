@@ -62,6 +62,7 @@ import torch
 from seedswarm.crypto.hashing import h, u64
 from seedswarm.node.learn.replay import bind_, model_digest
 from seedswarm.node.learn.tasks import Shard, Task, load_task, param_count
+from seedswarm.progress import Progress
 from seedswarm.sampling.committee import select_committee
 from seedswarm.sim.engine import NetConfig
 from seedswarm.sim.runlog import RunLog
@@ -309,12 +310,13 @@ def _check(cfg: Any) -> None:
         raise BaselineError(f"local_lr must be positive, not {cfg.local_lr}")
 
 
-def run_baseline(cfg: Any, log: TextIO = sys.stderr, on_send: SendHook | None = None) -> dict[str, Any]:
+def run_baseline(cfg: Any, log: TextIO = sys.stderr, on_send: SendHook | None = None,
+                 progress: Progress | None = None) -> dict[str, Any]:
     """Run ``cfg.protocol`` (``modest`` or ``dpsgd``); returns the summary ``runner.run`` returns.
 
     Writes ``summary.json``, ``metrics.jsonl`` and the plots to ``cfg.out`` when set. ``on_send``
     sees every delivered message (kind, source, destination, encoded bytes): tests use it to check
-    that what is counted is what was sent.
+    that what is counted is what was sent. ``progress`` shows the rounds (``runner.run`` makes it).
     """
     from seedswarm.sim.engine import identities
 
@@ -338,18 +340,14 @@ def run_baseline(cfg: Any, log: TextIO = sys.stderr, on_send: SendHook | None = 
     net = BaselineNet(cfg.nodes, NetConfig(latency_ms=cfg.latency_ms), np.random.default_rng([cfg.seed, 0x7E7]),
                       on_send)
     out_dir = Path(cfg.out) if cfg.out else None
-    runlog = RunLog(out_dir, cfg.target, cfg.eval_every, cfg.rounds)
-    st: dict[str, Any] = {"now": 0.0, "rounds": 0, "last_print": 0.0}
+    runlog = RunLog(out_dir, cfg.target, cfg.eval_every, cfg.rounds, progress=progress)
+    st: dict[str, Any] = {"now": 0.0, "rounds": 0}
 
     def record(r: int, model_flat: Callable[[], torch.Tensor]) -> None:
         line: dict[str, Any] = {"round": r, "time": round(st["now"], 4),
                                 "wall": round(time.monotonic() - wall0, 3), "bytes_total": net.total,
                                 "online": cfg.nodes, "members": cfg.nodes}
         runlog.round(line, lambda: trainer.evaluate(model_flat()))
-        if not cfg.quiet and (time.monotonic() - st["last_print"] > 2.0 or r >= cfg.rounds):
-            st["last_print"] = time.monotonic()
-            print(f"{cfg.protocol} round {r:5d}  t={st['now']:8.1f}s  acc={runlog.acc_text()}  "
-                  f"bytes={net.total / 1e6:9.2f} MB  wall={line['wall']:.0f}s", file=log)
 
     def done() -> bool:
         return (time.monotonic() - wall0 > cfg.max_wall

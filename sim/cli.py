@@ -13,52 +13,79 @@ from seedswarm.sampling.aggregators import RULES
 
 
 def add_parser(sub: Any) -> None:
+    from seedswarm.clihelp import (
+        AGGREGATOR_HELP,
+        DIRECTIONS_HELP,
+        ESTIMATOR_HELP,
+        GROUPS_HELP,
+        TASK_HELP,
+        TASK_OPTION_HELP,
+        subcommand,
+    )
     from seedswarm.sim.attacks import ATTACKS
     from seedswarm.sim.runner import SimConfig
 
     d = SimConfig()
-    p = sub.add_parser("sim", help="simulate a swarm on this machine (the main demo)",
-                       description="Train a model with N simulated nodes in virtual time, on the real protocol code.")
-    p.add_argument("--nodes", type=int, default=d.nodes)
-    p.add_argument("--rounds", type=int, default=d.rounds)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--task", default=d.task, help="'digits' or package.module:factory")
-    p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="task option, e.g. hidden=4000 or pretrain=true (repeatable)")
-    p.add_argument("--protocol", default=d.protocol, choices=["seedswarm", "modest", "dpsgd"])
-    p.add_argument("--estimator", default=d.estimator, choices=["fo", "zo"])
-    p.add_argument("--trainers", type=int, default=d.trainers)
-    p.add_argument("--directions", type=int, default=d.directions, help="K: bytes per trainer per round")
-    p.add_argument("--groups", type=int, default=d.groups)
-    p.add_argument("--aggregator", default=d.aggregator, choices=RULES)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--local-lr", type=float, default=d.local_lr)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--target", type=float, default=d.target)
-    p.add_argument("--eval-every", type=int, default=d.eval_every)
-    p.add_argument("--stop-at-target", action="store_true")
+    p = subcommand(
+        sub, "sim", help="simulate a swarm on this machine (the main demo)",
+        description="Train a model with N simulated nodes in virtual time, on the real protocol code, and "
+                    "write summary.json, metrics.jsonl and accuracy plots. A header states the configuration; "
+                    "a progress bar (plain lines when stderr is not a terminal) shows rounds, rate, time left, "
+                    "accuracy, loss and bytes.",
+        examples=["seedswarm sim                                  # 100 nodes, 800 rounds of digits",
+                  "seedswarm sim --nodes 20 --rounds 200 --out runs/small",
+                  "seedswarm sim --byzantine 0.2 --attack alie   # 20% attackers",
+                  "seedswarm sim --crash-fraction 0.8 --crash-at 100",
+                  "seedswarm sim --task ./wine_task.py:make --task-option hidden=16 --target 0.95"])
+    p.add_argument("--nodes", type=int, default=d.nodes, help="simulated nodes, all founding members")
+    p.add_argument("--rounds", type=int, default=d.rounds, help="rounds to run")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="seed of everything random (keys, model, data shards, network): same seed, same run")
+    p.add_argument("--task", default=d.task, help=TASK_HELP)
+    p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE", help=TASK_OPTION_HELP)
+    p.add_argument("--protocol", default=d.protocol, choices=["seedswarm", "modest", "dpsgd"],
+                   help="seedswarm, or a baseline in the same harness: modest (sampled trainers send full "
+                        "models) or dpsgd (every node averages full models with its neighbours)")
+    p.add_argument("--estimator", default=d.estimator, choices=["fo", "zo"], help=ESTIMATOR_HELP)
+    p.add_argument("--trainers", type=int, default=d.trainers, help="trainers per round (the committee)")
+    p.add_argument("--directions", type=int, default=d.directions,
+                   help=DIRECTIONS_HELP)
+    p.add_argument("--groups", type=int, default=d.groups,
+                   help=GROUPS_HELP)
+    p.add_argument("--aggregator", default=d.aggregator, choices=RULES, help=AGGREGATOR_HELP)
+    p.add_argument("--lr", type=float, default=d.lr, help="learning rate of the step every node applies each round")
+    p.add_argument("--local-lr", type=float, default=d.local_lr, help="fo only: a trainer's local SGD learning rate")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples in a trainer's batch")
+    p.add_argument("--target", type=float, default=d.target,
+                   help="test accuracy whose first crossing is reported (rounds and bytes to target)")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate on the test split every N rounds")
+    p.add_argument("--stop-at-target", action="store_true", help="stop once the accuracy reaches --target")
     p.add_argument("--byzantine", type=float, default=d.byzantine, metavar="FRACTION",
                    help="share of nodes that are Byzantine (they run --attack)")
     p.add_argument("--attack", default=d.attack, metavar="NAME",
-                   help=f"Byzantine behaviour: {', '.join(ATTACKS)} (NAME:PARAM sets z or eps)")
-    p.add_argument("--crash-fraction", type=float, default=0.0)
-    p.add_argument("--crash-at", type=int, default=-1)
-    p.add_argument("--join-nodes", type=int, default=0)
-    p.add_argument("--join-at", type=int, default=-1)
-    p.add_argument("--leave-nodes", type=int, default=0, help="nodes that gossip a Leave and stop")
-    p.add_argument("--leave-at", type=int, default=-1)
-    p.add_argument("--latency-ms", type=float, default=d.latency_ms)
-    p.add_argument("--loss", type=float, default=d.loss)
+                   help=f"Byzantine behaviour: {', '.join(ATTACKS)}; NAME:PARAM sets its strength, e.g. ipm:8 "
+                        "(docs/byzantine.md)")
+    p.add_argument("--crash-fraction", type=float, default=0.0,
+                   help="share of the online nodes that crash at once at --crash-at")
+    p.add_argument("--crash-at", type=int, default=-1, help="round of the crash (-1: none)")
+    p.add_argument("--join-nodes", type=int, default=0,
+                   help="new nodes that join at --join-at (they sync, fetch a checkpoint, ask to join)")
+    p.add_argument("--join-at", type=int, default=-1, help="round the joining nodes start (-1: none)")
+    p.add_argument("--leave-nodes", type=int, default=0, help="nodes that announce they leave, then stop")
+    p.add_argument("--leave-at", type=int, default=-1, help="round they leave (-1: none)")
+    p.add_argument("--latency-ms", type=float, default=d.latency_ms, help="median one-way network latency, ms")
+    p.add_argument("--loss", type=float, default=d.loss, help="probability that a direct message is lost")
     p.add_argument("--bandwidth-mbps", type=float, default=d.bandwidth_mbps,
                    help="every node's link, Mbit/s (direct messages are serialised on it)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                    help="rounds between the checkpoints nodes serve to joiners (0: joiners replay)")
     p.add_argument("--checkpoint-chunk-bytes", type=int, default=d.checkpoint_chunk_bytes,
-                   help="size of one checkpoint chunk")
-    p.add_argument("--max-wall", type=float, default=float("inf"), help="stop after this many seconds")
-    p.add_argument("--out", default=None, help="output folder (default: a new folder under runs/)")
+                   help="size of one checkpoint chunk, bytes")
+    p.add_argument("--max-wall", type=float, default=float("inf"), help="stop after this many wall-clock seconds")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="output folder, refused if it holds files unless --force (default: a new runs/sim-<time>)")
     p.add_argument("--force", action="store_true", help="write into an --out folder that already holds files")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no header, progress bar or notes on stderr")
 
 
 def committee_note(cmd: str, trainers: int, nodes: int, joining: int = 0) -> str | None:
@@ -78,7 +105,7 @@ def committee_note(cmd: str, trainers: int, nodes: int, joining: int = 0) -> str
 
 def run_command(args: argparse.Namespace) -> int:
     from seedswarm.node.core.genesis import GenesisError
-    from seedswarm.node.files import OutPathError, fresh_dir, prepare_out_dir
+    from seedswarm.node.files import OutPathError, new_run_dir, prepare_out_dir
     from seedswarm.node.learn.initial import parse_task_options
     from seedswarm.node.learn.tasks import TaskError
     from seedswarm.sim.runner import SimConfig, run
@@ -96,7 +123,7 @@ def run_command(args: argparse.Namespace) -> int:
         return 2
     try:
         out = str(prepare_out_dir(args.out, force=args.force) if args.out
-                  else prepare_out_dir(fresh_dir(Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S"))))
+                  else new_run_dir(Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")))
     except OutPathError as e:
         print(f"seedswarm sim: {e}", file=sys.stderr)
         return 2

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from seedswarm.node.core.genesis import GenesisOptions, default
+from seedswarm.progress import Progress
 from seedswarm.sampling.aggregators import RULES
 
 
@@ -88,9 +89,9 @@ def _percentile(xs: list[float], q: float) -> float | None:
 
 
 class Cluster:
-    def __init__(self, cfg: ClusterConfig, log: TextIO = sys.stderr) -> None:
+    def __init__(self, cfg: ClusterConfig, log: TextIO | None = None) -> None:
         self.cfg = cfg
-        self.log = log
+        self.log = sys.stderr if log is None else log
         self.out = Path(cfg.out)
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.spawned_at: dict[int, float] = {}
@@ -98,9 +99,12 @@ class Cluster:
         self.joined: list[int] = []
         self.stop_requested = False
         self._logs: list[Any] = []
+        self.progress: Progress | None = None
 
     def say(self, msg: str) -> None:
-        if not self.cfg.quiet:
+        if self.progress is not None:
+            self.progress.note(msg)
+        elif not self.cfg.quiet:
             print(msg, file=self.log, flush=True)
 
     def node_dir(self, i: int) -> Path:
@@ -165,16 +169,31 @@ class Cluster:
     def running(self) -> list[int]:
         return [i for i, p in self.procs.items() if p.poll() is None and i not in self.killed]
 
-    def run(self) -> dict[str, Any]:
+    def header(self) -> str:
         cfg = self.cfg
+        extra = "".join([f", {cfg.join_nodes} join at round {cfg.join_at}" if cfg.join_nodes else "",
+                         f", {cfg.kill_nodes} killed at round {cfg.kill_at}" if cfg.kill_nodes else ""])
+        return (f"seedswarm cluster: {cfg.nodes} node processes on 127.0.0.1{extra}, {cfg.rounds} rounds, task "
+                f"{cfg.task}, estimator {cfg.estimator}, {cfg.trainers} trainers, K={cfg.directions} directions, "
+                f"aggregator {cfg.aggregator}, lr {cfg.lr}, run {self.genesis.run_id.hex()[:16]} -> {self.out}")
+
+    def run(self) -> dict[str, Any]:
         t0 = time.time()
         self.setup()
-        self.say(f"cluster: {cfg.nodes} nodes (+{cfg.join_nodes} joining at round {cfg.join_at}, "
-                 f"{cfg.kill_nodes} killed at round {cfg.kill_at}), {cfg.rounds} rounds, run {self.genesis.run_id.hex()[:16]}, out {self.out}")
+        with Progress(self.cfg.rounds, header=self.header(), stream=self.log, quiet=self.cfg.quiet) as progress:
+            self.progress = progress
+            try:
+                return self._run(t0)
+            finally:
+                self.progress = None
+
+    def _run(self, t0: float) -> dict[str, Any]:
+        cfg = self.cfg
+        assert self.progress is not None
+        self.say(f"starting {cfg.nodes} node processes (each loads torch and the task first: seconds)")
         for i in range(cfg.nodes):
             self.spawn(i)
         timeout = cfg.timeout or (60.0 + 3.0 * cfg.rounds * max(1.0, cfg.round_timeout) + 20.0 * (cfg.join_nodes > 0))
-        last_print = 0.0
         finished = False
         interrupted = False
         try:
@@ -215,10 +234,12 @@ class Cluster:
                         break
                 if not alive:
                     break
-                if time.time() - last_print > 2.0:
-                    last_print = time.time()
-                    members = max((st[i].get("members", 0) for i in alive if i in st), default=0)
-                    self.say(f"round {best:4d}  running {len(alive)}  members {members}  wall {time.time() - t0:5.1f}s")
+                if best:
+                    up = [st[i] for i in alive if i in st]
+                    accs = [d["accuracy"] for d in up if isinstance(d.get("accuracy"), float)]
+                    self.progress.update(best, acc=max(accs) if accs else None, running=len(alive),
+                                         members=max((d.get("members", 0) for d in up), default=0),
+                                         bytes=sum(d.get("bytes_sent", 0) for d in up))
                 time.sleep(0.25)
         except KeyboardInterrupt:
             interrupted = True
@@ -323,34 +344,57 @@ class Cluster:
 
 
 def add_parser(sub: Any) -> None:
+    from seedswarm.clihelp import (
+        AGGREGATOR_HELP,
+        DIRECTIONS_HELP,
+        ESTIMATOR_HELP,
+        GROUPS_HELP,
+        TASK_HELP,
+        TASK_OPTION_HELP,
+        subcommand,
+    )
+
     d = ClusterConfig()
-    p = sub.add_parser("cluster", help="run N real daemon processes on loopback (local multi-node mode)",
-                       description="Start N `seedswarm node` processes on 127.0.0.1, train, and write summary.json.")
-    p.add_argument("--nodes", type=int, default=d.nodes)
-    p.add_argument("--rounds", type=int, default=d.rounds)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--task", default=d.task)
-    p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--estimator", default=d.estimator, choices=["fo", "zo"])
-    p.add_argument("--trainers", type=int, default=d.trainers)
-    p.add_argument("--directions", type=int, default=d.directions)
-    p.add_argument("--groups", type=int, default=d.groups)
-    p.add_argument("--aggregator", default=d.aggregator, choices=RULES)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--local-lr", type=float, default=d.local_lr)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--round-timeout", type=float, default=d.round_timeout)
-    p.add_argument("--join-nodes", type=int, default=0)
-    p.add_argument("--join-at", type=int, default=-1)
-    p.add_argument("--kill-nodes", type=int, default=0, help="SIGKILL this many founding nodes (not 0 or 1) ...")
-    p.add_argument("--kill-at", type=int, default=-1, help="... when the swarm reaches this round")
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    p.add_argument("--checkpoint-chunk-bytes", type=int, default=d.checkpoint_chunk_bytes)
-    p.add_argument("--timeout", type=float, default=0.0, help="seconds (0: automatic)")
-    p.add_argument("--out", default=None, help="output folder (default: a new folder under runs/)")
+    p = subcommand(
+        sub, "cluster", help="run N real daemon processes on loopback (local multi-node mode)",
+        description="Start N `seedswarm node` processes on 127.0.0.1 (real libp2p over TCP), train until every "
+                    "node reaches --rounds on one head, stop them, and write summary.json and metrics.jsonl. "
+                    "Node logs: OUT/nodes/node-I/node.log.",
+        examples=["seedswarm cluster --nodes 8 --rounds 60 --out runs/c8",
+                  "seedswarm cluster --nodes 6 --rounds 80 --join-nodes 2 --join-at 20 --kill-nodes 2 --kill-at 40"])
+    p.add_argument("--nodes", type=int, default=d.nodes, help="node processes started at once (founding members)")
+    p.add_argument("--rounds", type=int, default=d.rounds, help="every node stops taking duties at this round")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the model and the data shards")
+    p.add_argument("--task", default=d.task, help=TASK_HELP)
+    p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE", help=TASK_OPTION_HELP)
+    p.add_argument("--estimator", default=d.estimator, choices=["fo", "zo"], help=ESTIMATOR_HELP)
+    p.add_argument("--trainers", type=int, default=d.trainers, help="trainers per round (the committee)")
+    p.add_argument("--directions", type=int, default=d.directions,
+                   help=DIRECTIONS_HELP)
+    p.add_argument("--groups", type=int, default=d.groups,
+                   help=GROUPS_HELP)
+    p.add_argument("--aggregator", default=d.aggregator, choices=RULES, help=AGGREGATOR_HELP)
+    p.add_argument("--lr", type=float, default=d.lr, help="learning rate of the step every node applies each round")
+    p.add_argument("--local-lr", type=float, default=d.local_lr, help="fo only: a trainer's local SGD learning rate")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples in a trainer's batch")
+    p.add_argument("--round-timeout", type=float, default=d.round_timeout,
+                   help="seconds an aggregator waits for contributions at most")
+    p.add_argument("--join-nodes", type=int, default=0, help="node processes started later, at --join-at")
+    p.add_argument("--join-at", type=int, default=-1, help="round at which the joining nodes start (-1: none)")
+    p.add_argument("--kill-nodes", type=int, default=0,
+                   help="SIGKILL this many founding nodes (never node 0 or 1, the bootstrap peers) ...")
+    p.add_argument("--kill-at", type=int, default=-1, help="... when the swarm reaches this round (-1: none)")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help="rounds between the model checkpoints that joining nodes download")
+    p.add_argument("--checkpoint-chunk-bytes", type=int, default=d.checkpoint_chunk_bytes,
+                   help="size of one checkpoint download chunk")
+    p.add_argument("--timeout", type=float, default=0.0,
+                   help="give up after this many seconds (0: automatic, from the rounds and the round timeout)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="output folder, refused if it holds files unless --force (default: a new runs/cluster-<time>)")
     p.add_argument("--force", action="store_true",
                    help="reuse an --out folder that already holds files (its nodes/ data dirs are deleted)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no header, progress bar or notes on stderr")
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -358,7 +402,7 @@ def run_command(args: argparse.Namespace) -> int:
         DataDirInUse,
         DataDirLock,
         OutPathError,
-        fresh_dir,
+        new_run_dir,
         prepare_out_dir,
     )
     from seedswarm.sim.cli import committee_note
@@ -374,7 +418,7 @@ def run_command(args: argparse.Namespace) -> int:
         return 2
     try:
         out_dir = (prepare_out_dir(args.out, force=args.force) if args.out
-                   else prepare_out_dir(fresh_dir(Path("runs") / time.strftime("cluster-%Y%m%d-%H%M%S"))))
+                   else new_run_dir(Path("runs") / time.strftime("cluster-%Y%m%d-%H%M%S")))
     except OutPathError as e:
         print(f"seedswarm cluster: {e}", file=sys.stderr)
         return 2

@@ -2,7 +2,11 @@
 
 It owns ``metrics.jsonl`` (one line per round), the latest evaluation, and the first round and
 byte count at which accuracy reached the target (``bytes_to_target``), so every protocol of the
-comparison measures these the same way.
+comparison measures these the same way. It also feeds the run's progress bar (``progress.py``):
+rounds done, accuracy, loss and bytes.
+
+The metric is the ``accuracy`` a task's ``evaluate`` returns (``loss`` is logged next to it):
+the target is reached at the first evaluation with ``accuracy >= target``.
 """
 
 from __future__ import annotations
@@ -12,9 +16,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from seedswarm.progress import Progress
+
 
 class RunLog:
-    def __init__(self, out_dir: Path | None, target: float, eval_every: int, last_round: int) -> None:
+    def __init__(self, out_dir: Path | None, target: float, eval_every: int, last_round: int,
+                 progress: Progress | None = None) -> None:
+        self.progress = progress
         self.target = target
         self.eval_every = eval_every
         self.last_round = last_round
@@ -40,6 +48,8 @@ class RunLog:
                     self.bytes_to_target, self.round_to_target = line["bytes_total"], r
         if self._file is not None:
             self._file.write(json.dumps(line) + "\n")
+        if self.progress is not None:
+            self.progress.update(r, acc=self.acc, loss=self.loss, bytes=line["bytes_total"], online=line.get("online"))
 
     def set_eval(self, ev: dict[str, float]) -> None:
         self.acc, self.loss = ev["accuracy"], ev["loss"]

@@ -19,6 +19,7 @@ from seedswarm.node.core.protocol import CoreConfig
 from seedswarm.node.learn.initial import build_genesis
 from seedswarm.node.learn.replay import bind_
 from seedswarm.node.learn.tasks import load_task
+from seedswarm.progress import Progress
 from seedswarm.sim.engine import NetConfig, Simulation, identities
 from seedswarm.sim.runlog import RunLog
 
@@ -78,19 +79,52 @@ def build(cfg: SimConfig) -> Simulation:
     return sim
 
 
-def run(cfg: SimConfig, log: TextIO = sys.stderr) -> dict[str, Any]:
-    torch.set_num_threads(1)  # tiny models: thread fan-out costs more than it saves
-    if cfg.protocol != "seedswarm":
-        from seedswarm.sim.baselines import run_baseline
+def describe(cfg: SimConfig) -> str:
+    """The header line of a run: its configuration in one sentence."""
+    opts = ", ".join(f"{k}={v}" for k, v in cfg.task_options.items())
+    parts = [f"{cfg.nodes} nodes", f"{cfg.rounds} rounds", f"task {cfg.task}" + (f" ({opts})" if opts else ""),
+             f"seed {cfg.seed}"]
+    if cfg.protocol == "seedswarm":
+        parts += [f"estimator {cfg.estimator}", f"{cfg.trainers} trainers",
+                  f"K={cfg.directions} directions" + (f" x {cfg.groups} groups" if cfg.groups > 1 else ""),
+                  f"aggregator {cfg.aggregator}", f"lr {cfg.lr}"]
+    else:
+        parts += [f"{cfg.local_steps} local step(s) at lr {cfg.local_lr}"]
+    parts.append(f"batch {cfg.batch_size}")
+    if cfg.byzantine:
+        parts.append(f"{cfg.byzantine:.0%} Byzantine ({cfg.attack})")
+    if cfg.crash_fraction > 0 and cfg.crash_at >= 0:
+        parts.append(f"{cfg.crash_fraction:.0%} crash at round {cfg.crash_at}")
+    if cfg.join_nodes and cfg.join_at >= 0:
+        parts.append(f"{cfg.join_nodes} join at round {cfg.join_at}")
+    if cfg.leave_nodes and cfg.leave_at >= 0:
+        parts.append(f"{cfg.leave_nodes} leave at round {cfg.leave_at}")
+    parts.append(f"latency {cfg.latency_ms:g} ms" + (f", loss {cfg.loss:g}" if cfg.loss else ""))
+    out = f" -> {cfg.out}" if cfg.out else ""
+    return f"seedswarm sim ({cfg.protocol}): " + ", ".join(parts) + out
 
-        return run_baseline(cfg, log)
+
+def run(cfg: SimConfig, log: TextIO | None = None) -> dict[str, Any]:
+    """Run the simulation ``cfg`` with a progress bar on ``log`` (default: stderr at call time;
+    plain lines when it is not a terminal; nothing with ``cfg.quiet``); returns the summary (also
+    written to ``cfg.out``)."""
+    log = sys.stderr if log is None else log
+    torch.set_num_threads(1)  # tiny models: thread fan-out costs more than it saves
+    with Progress(cfg.rounds, header=describe(cfg), stream=log, quiet=cfg.quiet) as progress:
+        if cfg.protocol != "seedswarm":
+            from seedswarm.sim.baselines import run_baseline
+
+            return run_baseline(cfg, log, progress=progress)
+        return _run(cfg, progress)
+
+
+def _run(cfg: SimConfig, progress: Progress) -> dict[str, Any]:
     wall0 = time.monotonic()
     sim = build(cfg)
     setup_seconds = time.monotonic() - wall0
     assert sim.model is not None
     out_dir = Path(cfg.out) if cfg.out else None
-    runlog = RunLog(out_dir, cfg.target, cfg.eval_every, cfg.rounds)
-    last_print = [0.0]
+    runlog = RunLog(out_dir, cfg.target, cfg.eval_every, cfg.rounds, progress=progress)
     crash_round: list[int] = []
     expelled_online: list[tuple[int, int]] = []  # (round, node index): removed while online and not leaving
 
@@ -116,13 +150,14 @@ def run(cfg: SimConfig, log: TextIO = sys.stderr) -> dict[str, Any]:
             for i in s.rng.choice(len(alive), k, replace=False):
                 s.crash(alive[int(i)])
             crash_round.append(r)
-            print(f"round {r}: crashed {k} of {len(alive)} nodes at once", file=log)
+            progress.note(f"round {r}: crashed {k} of {len(alive)} nodes at once")
         if r == cfg.leave_at and cfg.leave_nodes > 0:
             alive = [n for n in s.nodes if n.online]
             for i in s.rng.choice(len(alive), min(cfg.leave_nodes, len(alive)), replace=False):
                 node = alive[int(i)]
                 s.handle(node, node.core.leave(s.now))
                 s.push(s.now + 1.0, "call", 0, lambda s2, n=node: s2.crash(n))
+            progress.note(f"round {r}: {min(cfg.leave_nodes, len(alive))} node(s) leave")
         if r == cfg.join_at and cfg.join_nodes > 0:
             # Joiners start from the genesis, as a new host does: they learn a few peers, sync the
             # records, download the newest checkpoint in chunks and gossip a Join, all through
@@ -130,10 +165,7 @@ def run(cfg: SimConfig, log: TextIO = sys.stderr) -> dict[str, Any]:
             for ident in identities(cfg.join_nodes, cfg.seed, offset=len(s.nodes)):
                 node = s.add_node(ident, ChainState.initial(s.genesis))
                 s.start_node(node, join=True)
-        if not cfg.quiet and (time.monotonic() - last_print[0] > 2.0 or r >= cfg.rounds):
-            last_print[0] = time.monotonic()
-            print(f"round {r:5d}  t={s.now:8.1f}s  acc={runlog.acc_text()}  bytes={s.bytes_total / 1e6:8.2f} MB  "
-                  f"online={line['online']}  wall={line['wall']:.0f}s", file=log)
+            progress.note(f"round {r}: {cfg.join_nodes} node(s) start joining")
 
     byz_metrics = None
     if any(n.byzantine for n in sim.nodes):
@@ -159,6 +191,7 @@ def run(cfg: SimConfig, log: TextIO = sys.stderr) -> dict[str, Any]:
     final_head = max(heads, key=lambda st: st.round) if heads else None
     if final_head is not None and (params := sim.states.get(final_head.head)) is not None:
         runlog.set_eval(sim.task.evaluate(bind_(sim.model, params)))
+    progress.update(sim.best_round, acc=runlog.acc, loss=runlog.loss, bytes=sim.bytes_total)
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     rounds_done = sim.best_round
     n_nodes = len(sim.nodes)

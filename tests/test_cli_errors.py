@@ -278,3 +278,32 @@ def test_genesis_round_trips_every_field(genesis_json: dict[str, Any]) -> None:
     assert json.loads(g.to_json()) == genesis_json and g.run_id == Genesis.from_json(g.to_json()).run_id
     genesis_json["quorum"] = 1
     assert Genesis.from_json(json.dumps(genesis_json)).quorum == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# runs never clobber runs
+
+
+def test_default_run_folders_never_collide(tmp_path: Path) -> None:
+    from seedswarm.node.files import OutPathError, new_run_dir
+
+    base = tmp_path / "runs" / "sim-20260101-000000"
+    made = [new_run_dir(base) for _ in range(3)]
+    assert [p.name for p in made] == [base.name, f"{base.name}-2", f"{base.name}-3"]
+    assert all(p.is_dir() and not any(p.iterdir()) for p in made)
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(OutPathError, match="cannot create"):
+        new_run_dir(tmp_path / "a-file" / "sim")
+
+
+def test_benches_refuse_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    old = tmp_path / "byz"
+    old.mkdir()
+    (old / "results.json").write_text("{}")
+    line = fails(capsys, ["bench", "byzantine", "--quick", "--out", str(old)])
+    assert line.startswith(f"seedswarm bench byzantine: --out {old} already holds files") and "--force" in line
+    saved = tmp_path / "protocols.json"
+    saved.write_text("{}")
+    line = fails(capsys, ["bench", "protocols", "--quick", "--out", str(saved)])
+    assert line == f"seedswarm bench protocols: {saved} exists (use --force to overwrite)"
+    assert saved.read_text() == "{}" and (old / "results.json").read_text() == "{}"

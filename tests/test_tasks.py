@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -296,3 +297,119 @@ def test_docs_worked_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         assert all(len(task.shard(i, 1000)) == 8 for i in range(0, 1000, 97))
     finally:
         sys.modules.pop("wine_task", None)
+
+
+# -- task files and `seedswarm task check` -------------------------------------------------------
+
+# A tiny plug-in task, written to a file; BAD selects a defect for `task check` to find.
+TASK_FILE = '''
+import numpy as np
+import torch
+from seedswarm.node.learn.tasks import BaseTask
+
+BAD = "{bad}"
+
+
+class Tiny(BaseTask):
+    name = "tiny"
+
+    def __init__(self, options, seed):
+        self.width = options.get("width", 4)
+        assert isinstance(self.width, int), "width arrives JSON-typed"
+        g = torch.Generator().manual_seed(seed)
+        y = torch.randint(0, 2, (120,), generator=g)
+        x = torch.randn(120, 3, generator=g) + y[:, None].float()
+        super().__init__(x[:80], y[:80], x[80:], y[80:], seed=seed, min_shard=8)
+
+    def build_model(self):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            return torch.nn.Sequential(torch.nn.Linear(3, self.width), torch.nn.Tanh(), torch.nn.Linear(self.width, 2))
+
+    def shard(self, index, count):
+        s = super().shard(index, count)
+        if BAD == "shards":  # fresh global randomness on every call: not a function of (index, count)
+            return type(s)(index, count, np.random.default_rng().permutation(s.indices))
+        return s
+
+    def evaluate(self, model):
+        ev = super().evaluate(model)
+        if BAD == "metric":
+            ev["acc"] = ev.pop("accuracy")
+        return ev
+
+
+def make(options, seed):
+    return Tiny(options, seed)
+'''
+
+
+def task_file(tmp_path: Path, bad: str = "") -> str:
+    path = tmp_path / f"tiny_{bad or 'good'}.py"
+    path.write_text(TASK_FILE.replace("{bad}", bad))
+    return f"{path}:make"
+
+
+def test_task_file_spec(tmp_path: Path) -> None:
+    spec = task_file(tmp_path)
+    t = load_task(spec, {"width": 6}, seed=3)
+    assert t.name == "tiny" and param_count(t.build_model()) == 3 * 6 + 6 + 6 * 2 + 2
+    assert type(load_task(spec, {}, seed=3)) is type(t)  # the file is loaded once per process
+    with pytest.raises(TaskError, match=r"task file '.*nothere.py' not found"):
+        load_task(str(tmp_path / "nothere.py") + ":make")
+    with pytest.raises(TaskError, match="has no attribute 'nope'"):
+        load_task(spec.replace(":make", ":nope"))
+    (tmp_path / "syntax.py").write_text("def broken(:\n")
+    with pytest.raises(TaskError, match="failed to import: SyntaxError"):
+        load_task(f"{tmp_path / 'syntax.py'}:make")
+    with pytest.raises(TaskError, match="name its factory"):
+        load_task("my_task.py")
+
+
+def test_task_file_runs_a_tiny_sim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from seedswarm.cli import main
+
+    task_file(tmp_path)
+    monkeypatch.chdir(tmp_path)  # a relative path, as a user types it
+    rc = main(["sim", "--task", "./tiny_good.py:make", "--task-option", "width=5", "--nodes", "4", "--rounds", "3",
+               "--trainers", "2", "--directions", "4", "--eval-every", "1", "--quiet", "--out", "run"])
+    assert rc == 0, capsys.readouterr().err
+    import json
+
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["task"] == "./tiny_good.py:make" and summary["final_accuracy"] is not None
+    assert summary["config"]["task_options"] == {"width": 5}
+
+
+def _check(capsys: pytest.CaptureFixture[str], spec: str, *extra: str) -> tuple[int, str]:
+    from seedswarm.cli import main
+
+    rc = main(["task", "check", spec, "--directions", "4", "--batch-size", "8", *extra])
+    return rc, capsys.readouterr().out
+
+
+def test_task_check_passes_a_good_task(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out = _check(capsys, task_file(tmp_path), "--task-option", "width=3")
+    assert rc == 0, out
+    for name in ("load", "model", "shards", "batches", "loss", "evaluate", "estimate fo", "estimate zo"):
+        assert re.search(rf"^  ok    {name} ", out, re.M), (name, out)
+    assert "ready to train" in out
+
+
+@pytest.mark.parametrize(("bad", "check", "says"), [
+    ("shards", "shards", "gave different data on two calls"),
+    ("metric", "evaluate", "without 'accuracy'"),
+])
+def test_task_check_finds_a_bad_task(bad: str, check: str, says: str, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out = _check(capsys, task_file(tmp_path, bad))
+    assert rc == 1, out
+    line = next(ln for ln in out.splitlines() if ln.startswith(f"  FAIL  {check} "))
+    assert says in line
+    assert "problem(s) found" in out
+
+
+def test_task_check_of_a_missing_task(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out = _check(capsys, f"{tmp_path / 'nope.py'}:make")
+    assert rc == 1 and "FAIL  load" in out and "not found" in out

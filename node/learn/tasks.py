@@ -7,8 +7,8 @@ subclass :class:`BaseTask`, which supplies sharding (IID or Dirichlet label skew
 sampling, cross-entropy loss and accuracy/loss evaluation over in-memory tensors, so that a new
 task is a data loader plus ``build_model``. See ``docs/tasks.md`` for a worked example.
 
-Tasks are named by a spec: a built-in name (``digits``) or ``package.module:factory`` where
-``factory(options: dict, seed: int) -> Task`` (:func:`load_task`).
+Tasks are named by a spec: a built-in name (``digits``), ``package.module:factory`` or
+``path/to/file.py:factory``, where ``factory(options: dict, seed: int) -> Task`` (:func:`load_task`).
 
 Determinism: everything a task returns is a pure function of ``(options, seed)`` and the
 arguments, so that every node of a run builds the same initial model (the genesis commits to it)
@@ -20,7 +20,6 @@ has no side effect on the caller's random state.
 from __future__ import annotations
 
 import functools
-import importlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,6 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from seedswarm.node.learn.taskspec import TaskError, import_task_module, is_file_spec
 
 __all__ = [
     "BUILTIN_TASKS",
@@ -42,10 +43,6 @@ __all__ = [
     "load_task",
     "param_count",
 ]
-
-
-class TaskError(ValueError):
-    """A task spec, its options or its factory is wrong (the message says how to fix it)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -471,9 +468,11 @@ BUILTIN_TASKS: dict[str, Any] = {"digits": DigitsTask}
 def load_task(spec: str, options: dict[str, Any] | None = None, seed: int = 0) -> Task:
     """Build the task named by ``spec`` with ``options`` and ``seed``.
 
-    ``spec`` is a built-in name (see :data:`BUILTIN_TASKS`) or ``package.module:factory`` (the
-    factory may be a dotted attribute path, e.g. ``pkg.mod:MyTask`` or ``pkg.mod:Tasks.create``),
-    called as ``factory(options, seed)``; the result must satisfy :class:`Task`. Every problem
+    ``spec`` is a built-in name (see :data:`BUILTIN_TASKS`), ``package.module:factory`` or
+    ``path/to/file.py:factory`` (:mod:`.taskspec`; the factory may be a dotted attribute path,
+    e.g. ``pkg.mod:MyTask`` or ``pkg.mod:Tasks.create``), called as ``factory(options, seed)``
+    with the options as given (the command line's ``--task-option`` values JSON-typed) and the
+    run's seed; the result must satisfy :class:`Task`. Every problem
     raises :class:`TaskError` with a message naming the spec, except a ValueError the factory
     raises itself (its message is about the options), which passes through unchanged.
     """
@@ -486,28 +485,23 @@ def load_task(spec: str, options: dict[str, Any] | None = None, seed: int = 0) -
     if ":" not in spec:
         factory = BUILTIN_TASKS.get(spec)
         if factory is None:
+            hint = f": name its factory, e.g. '{spec}:make'" if is_file_spec(spec) else ""
             raise TaskError(
-                f"unknown task {spec!r}: use a built-in ({', '.join(sorted(BUILTIN_TASKS))}) "
-                "or 'package.module:factory'"
+                f"unknown task {spec!r}{hint}: use a built-in ({', '.join(sorted(BUILTIN_TASKS))}), "
+                "'package.module:factory' or 'path/to/file.py:factory'"
             )
     else:
         mod_name, _, attr_path = spec.partition(":")
         if not mod_name or not attr_path or ":" in attr_path:
-            raise TaskError(f"bad task spec {spec!r}: expected 'package.module:factory'")
-        try:
-            module = importlib.import_module(mod_name)
-        except ModuleNotFoundError as e:
-            if e.name is not None and (mod_name == e.name or mod_name.startswith(e.name + ".")):
-                raise TaskError(f"task module {mod_name!r} not found (is it on sys.path?)") from e
-            raise TaskError(f"task module {mod_name!r} failed to import: {e}") from e
-        except Exception as e:
-            raise TaskError(f"task module {mod_name!r} failed to import: {e!r}") from e
+            raise TaskError(f"bad task spec {spec!r}: expected 'package.module:factory' or 'file.py:factory'")
+        module = import_task_module(mod_name)
         factory = module
         for part in attr_path.split("."):
             try:
                 factory = getattr(factory, part)
             except AttributeError:
-                raise TaskError(f"task module {mod_name!r} has no attribute {attr_path!r}") from None
+                what = "file" if is_file_spec(mod_name) else "module"
+                raise TaskError(f"task {what} {mod_name!r} has no attribute {attr_path!r}") from None
         if not callable(factory):
             raise TaskError(f"task factory {spec!r} is not callable")
     seed = _check_seed(seed)
