@@ -366,7 +366,14 @@ async def send_pubsub(target: Target, attack: hostile.Attack, run_id: bytes, *, 
     except trio.TooSlowError:
         return "timeout"
     except Exception as e:  # noqa: BLE001 - a hostile client reports, never raises
-        return f"error-{type(e).__name__}"
+        return f"error-{_leaf_names(e)}"
+
+
+def _leaf_names(e: BaseException) -> str:
+    """An exception's type name; for a group (a trio nursery's), its leaves' names."""
+    if isinstance(e, BaseExceptionGroup):
+        return "+".join(sorted({_leaf_names(x) for x in e.exceptions}))
+    return type(e).__name__
 
 
 def raw_pubsub(case: str, topic: str, seed: bytes) -> tuple[hostile.Attack, float]:
