@@ -2,37 +2,39 @@
 
 Everything here talks to real daemons over real libp2p connections, from the outside: the
 daemon's public wire surface (its direct-stream protocols and its gossip topic) is the only
-thing it touches. It is the one place besides the adapter that imports py-libp2p, on purpose:
-the adapter exists to make hostile input impossible to send, and this module must send it.
+thing it touches.
 
 * :class:`RawPeer` is one hostile identity: a bare py-libp2p host (Noise, Yamux) running in
   the caller's ``trio.run``. It answers the daemon's ``hello`` (a peer that does not is
-  disconnected at once), sends raw direct-stream frames (well formed or not), holds streams
-  open, and writes GossipSub RPCs by hand on its own ``/meshsub/1.1.0`` stream.
-* :func:`send_raw_pubsub` is the one function that writes hand-made pubsub frames. It is the
-  swap point for ``seedswarm.gossip.libp2p.hostile`` once that module is in main.
+  disconnected at once), sends raw direct-stream frames (well formed or not) and holds streams
+  open.
+* Every hand-made pubsub byte goes out through :mod:`seedswarm.gossip.libp2p.hostile` (its
+  ``send`` from a fresh throwaway host, ``build`` for the raw cases, ``signed_message`` for
+  correctly signed pubsub messages); :func:`send_pubsub` only adds the hello answer and an
+  outcome, :func:`publish` and :func:`envelope_mutant` only build the messages.
 * :class:`Mutator` turns valid wire messages into hostile ones (bit flips, truncations,
   extensions, msgpack type confusion, field swaps, length lies, header lies, splices).
 * :class:`Adversary` is the chaos bench's adversary: a seeded stream of hostile actions of
   every kind in :data:`KINDS` against the nodes the bench says are online.
 
-Daemon defences this module has to live with (and which it therefore measures): a peer whose
-inputs are rejected 30 times is banned (so identities rotate well before that), and a GossipSub
-forwarder is graylisted after about ten messages its validator rejects (so validator-rejected
-gossip goes out in small batches from throwaway identities).
+Daemon defences this module has to live with (and which it therefore measures): the peer
+policy (``node/core/peers.py``) bans a peer whose weighted strikes reach ``ban_at`` (30; a
+malformed input weighs 3, a bad signature 5), so identities rotate at half of that; GossipSub
+graylists a forwarder after about ten invalid messages (validator rejections and the pubsub
+guard's penalised drops), so pubsub attacks come from throwaway identities; and an open swarm
+asks a Join for proof of work (``node/core/admission.py``), so the Join flood pays for it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import random
 import threading
 import time
-from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,54 +42,47 @@ import msgpack
 import multiaddr
 import trio
 from libp2p import new_host
-from libp2p.crypto.ed25519 import Ed25519PublicKey
-from libp2p.crypto.x25519 import create_new_key_pair as _new_x25519_key_pair
+from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.identity_utils import create_identity_from_seed
 from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.pubsub.pb import rpc_pb2
-from libp2p.pubsub.validators import PUBSUB_SIGNING_PREFIX
-from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
-from libp2p.security.noise.transport import Transport as NoiseTransport
-from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.utils import encode_varint_prefixed
-from libp2p.utils.varint import encode_uvarint
 
 from seedswarm import PROTOCOL_VERSION
-from seedswarm.crypto.keys import Identity
+from seedswarm.crypto.keys import Identity, peer_id_of
+from seedswarm.gossip.libp2p import hostile
+from seedswarm.gossip.libp2p.tuning import PUBSUB_RPC_OVERHEAD, muxer_options, security_options
 from seedswarm.gossip.wire import (
     MAX_U,
-    ChainRequest,
-    CheckpointRequest,
-    Contribution,
-    ContributionsRequest,
-    FraudProof,
-    Join,
-    Leave,
-    Message,
-    Record,
-)
-from seedswarm.node.daemon.daemon import (
-    MAX_MESSAGE_BYTES,
     PROTO_CHAIN,
     PROTO_CKPT,
     PROTO_HELLO,
     PROTO_INPUTS,
     PROTO_MSG,
     TOPIC,
-    encode_hello,
+    ChainRequest,
+    CheckpointRequest,
+    Contribution,
+    ContributionsRequest,
+    FraudProof,
+    Hello,
+    Join,
+    Message,
+    Record,
     protocol_prefix,
 )
+from seedswarm.node.core.admission import solve_work
+from seedswarm.node.core.peers import WEIGHTS, PolicyConfig
+from seedswarm.node.core.reasons import Reason
+from seedswarm.node.daemon.netstack import MAX_MESSAGE_BYTES
 
 log = logging.getLogger("seedswarm.bench.adversary")
 
 #: Every direct-stream protocol a daemon serves (``{protocol_prefix}/{name}``).
 PROTOCOLS: tuple[str, ...] = (PROTO_MSG, PROTO_INPUTS, PROTO_CHAIN, PROTO_CKPT, PROTO_HELLO)
-#: The GossipSub protocol the raw pubsub frames are written on.
-MESHSUB = "/meshsub/1.1.0"
 OTHER_RUN = b"\x42" * 32
 ZERO32 = b"\x00" * 32
 FRAME_HEADER_BYTES = 4  # the daemon's direct-stream framing: 4-byte big-endian length
@@ -95,25 +90,27 @@ STATUS_NAMES = {0: "answered", 1: "no-response", 2: "too-large", 3: "error", 4: 
 #: 0xC1 is the one byte msgpack never uses: garbage that starts with it is malformed every time
 #: (plain random bytes sometimes parse as a header with a wrong version: wrong-run instead).
 GARBAGE = b"\xc1"
-#: The daemon bans a peer after this many rejected inputs; identities rotate well before.
-STRIKES_TO_BAN = 30
-ROTATE_AFTER_STRIKES = 20
-#: GossipSub graylists a forwarder after about ten validator rejections (score -10).
+#: The peer policy bans a peer whose weighted strikes reach this; identities rotate at half.
+STRIKES_TO_BAN = PolicyConfig().ban_at
+ROTATE_AT_STRIKES = STRIKES_TO_BAN / 2
+#: GossipSub graylists a forwarder after about ten invalid messages (score -10).
 GRAYLIST_AFTER = 10
-#: Raw pubsub cases that stop the libp2p host of a stock py-libp2p 0.8.1 node (LIBP2P-NOTES.md,
-#: "Hostile input inside py-libp2p itself"): the guard of the adapter package fixes them.
-FATAL_ON_STOCK_LIBP2P = ("garbage-rpc", "bad-key")
+#: Raw pubsub cases (``hostile.KINDS`` but the valid message), each one attack of ``hostile.build``.
+RAW_PUBSUB_CASES: tuple[str, ...] = tuple(k for k in hostile.KINDS if k != "valid")
+#: Seconds a raw case keeps its connection after writing: a stalled frame must outlast the
+#: victim's frame deadline (``io_timeout_s``, 10 s) to be dropped as such.
+RAW_LINGER: dict[str, float] = {"stalled-rpc": 12.0}
+
+
+def strikes(reason: Reason, n: int = 1) -> float:
+    """What ``n`` inputs refused for ``reason`` cost a peer under the daemon's peer policy."""
+    return n * WEIGHTS.get(reason, 1.0)
 
 
 def _quiet_libp2p() -> None:
     for name in ("libp2p", "libp2p.pubsub", "libp2p.kad_dht", "libp2p.transport.tcp.tcp",
                  "libp2p.network.swarm", "libp2p.host.basic_host", "libp2p.tools.anyio_service"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
-
-
-def peer_id_of(public_key: bytes) -> str:
-    """The libp2p peer id of a raw Ed25519 public key (a chain identity)."""
-    return str(ID.from_pubkey(Ed25519PublicKey.from_bytes(public_key)).to_base58())
 
 
 def topic_of(run_id: bytes) -> str:
@@ -188,6 +185,30 @@ async def _dispose(stream: Any, graceful: bool = True) -> None:
         await (stream.close() if graceful else stream.reset())
 
 
+async def answer_hello(stream: Any, run_id: bytes) -> None:
+    """Answer the daemon's hello request (sent to every new peer) with a hello of ``run_id``."""
+    try:
+        with trio.fail_after(5):
+            n = int.from_bytes(await _read_exact(stream, FRAME_HEADER_BYTES), "big")
+            if n <= 4096:
+                await _read_exact(stream, n)
+            await stream.write(frame(b"\x00" + Hello.make(run_id, 0, [], {}).encode()))
+    except Exception:
+        pass
+    finally:
+        await _dispose(stream)
+
+
+def hello_handlers(run_id: bytes) -> dict[str, Callable[[INetStream], Awaitable[None]]]:
+    """``handlers`` for ``hostile.send``: a node disconnects a peer that has no hello, which
+    would cut an attack short while it is being read."""
+
+    async def serve(stream: INetStream) -> None:
+        await answer_hello(stream, run_id)
+
+    return {f"{protocol_prefix(run_id)}/{PROTO_HELLO}": serve}
+
+
 class RawPeer:
     """One hostile identity: a bare py-libp2p host run inside the caller's trio run.
 
@@ -206,9 +227,7 @@ class RawPeer:
         self.max_response = max_response
         kp = self.key_pair
         self.host: Any = new_host(
-            key_pair=kp,
-            sec_opt={TProtocol(NOISE_PROTOCOL_ID): NoiseTransport(kp, noise_privkey=_new_x25519_key_pair().private_key)},
-            muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+            key_pair=kp, sec_opt=security_options(kp), muxer_opt=muxer_options(),
             connection_config=ConnectionConfig(max_connections_per_peer=1, dial_timeout=5.0),
             enable_mDNS=False, enable_upnp=False,
         )
@@ -220,17 +239,7 @@ class RawPeer:
         return self.identity.public
 
     async def _serve_hello(self, stream: Any) -> None:
-        """Answer the daemon's hello just well enough not to be disconnected."""
-        try:
-            with trio.fail_after(5):
-                n = int.from_bytes(await _read_exact(stream, FRAME_HEADER_BYTES), "big")
-                if n <= 4096:
-                    await _read_exact(stream, n)
-                await stream.write(frame(b"\x00" + encode_hello(self.hello_run, [], {}, 0)))
-        except Exception:
-            pass
-        finally:
-            await _dispose(stream)
+        await answer_hello(stream, self.hello_run)
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[RawPeer]:
@@ -247,11 +256,10 @@ class RawPeer:
             await self.host.connect(info)
 
     async def open(self, target: Target, protocol: str, timeout: float = 6.0) -> Any:
-        """A new stream to ``target`` on ``protocol`` (a daemon protocol name or a full id)."""
-        pid = protocol if protocol.startswith("/meshsub") else f"{self.prefix}/{protocol}"
+        """A new stream to ``target`` on the daemon protocol ``protocol``."""
         with trio.fail_after(timeout):
             await self.connect(target, timeout)
-            return await self.host.new_stream(ID.from_base58(target.peer_id), [TProtocol(pid)])
+            return await self.host.new_stream(ID.from_base58(target.peer_id), [TProtocol(f"{self.prefix}/{protocol}")])
 
     async def request(self, target: Target, protocol: str, payload: bytes = b"", *, raw: bytes | None = None,
                       timeout: float = 12.0, half_close: bool = True) -> tuple[str, bytes]:
@@ -300,140 +308,77 @@ class RawPeer:
         except Exception as e:  # noqa: BLE001 - a hostile client reports, never raises
             return f"error-{type(e).__name__}", b""
 
-    # -- gossip, by hand -------------------------------------------------------------------
 
-    def pubsub_message(self, data: bytes, *, signature: bytes | None = None, from_id: bytes | None = None,
-                       topic: str | None = None) -> Any:
-        """A GossipSub message carrying ``data``, correctly signed unless ``signature`` is given."""
-        kp = self.key_pair
-        msg = rpc_pb2.Message(data=data, topicIDs=[topic or self.topic], seqno=os.urandom(8),
-                              from_id=from_id if from_id is not None else self.id.to_bytes())
-        msg.signature = signature if signature is not None else kp.private_key.sign(
-            PUBSUB_SIGNING_PREFIX.encode() + msg.SerializeToString())
-        msg.key = kp.public_key.serialize()
-        return msg
-
-    def publish_frame(self, datas: Sequence[bytes], **kw: Any) -> bytes:
-        """One varint-framed RPC publishing every item of ``datas`` (each its own message)."""
-        rpc = rpc_pb2.RPC(publish=[self.pubsub_message(d, **kw) for d in datas])
-        return bytes(encode_varint_prefixed(rpc.SerializeToString()))
-
-    def rpc_frame(self, msgs: Sequence[Any]) -> bytes:
-        """One varint-framed RPC publishing ready-made pubsub messages."""
-        return bytes(encode_varint_prefixed(rpc_pb2.RPC(publish=list(msgs)).SerializeToString()))
-
-    def envelope_mutant(self, data: bytes, rng: random.Random) -> tuple[str, Any]:
-        """A valid signed pubsub message carrying ``data``, then one envelope field broken.
-
-        Never a garbage ``key`` next to a ``from_id`` that embeds no key: that one stops a
-        stock py-libp2p host (raw case ``bad-key``), which the fuzzer sends last.
-        """
-        op = rng.choice(("sig-flip", "sig-random", "sig-truncated", "data-after-signing", "seqno-after-signing",
-                         "other-author", "no-signature", "topic-unsubscribed"))
-        # a real signature only where the mutation starts from one (signing is the client's cost)
-        real = op in ("sig-flip", "data-after-signing", "seqno-after-signing", "topic-unsubscribed")
-        m = self.pubsub_message(data, signature=None if real else b"\x00" * 64)
-        if op == "sig-flip":
-            b = bytearray(m.signature)
-            b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
-            m.signature = bytes(b)
-        elif op == "sig-random":
-            m.signature = os.urandom(64)
-        elif op == "sig-truncated":
-            m.signature = m.signature[: rng.randrange(64)]
-        elif op == "data-after-signing":
-            m.data = data + b"\x00" if not data else data[:-1] + bytes([data[-1] ^ 1])
-        elif op == "seqno-after-signing":
-            m.seqno = os.urandom(8)
-        elif op == "other-author":
-            m.from_id = ID.from_pubkey(create_identity_from_seed(os.urandom(32)).public_key).to_bytes()
-        elif op == "no-signature":
-            m.ClearField("signature")
-        else:
-            del m.topicIDs[:]
-            m.topicIDs.append(os.urandom(6).hex())
-        return op, m
-
-    def subscribe_frame(self) -> bytes:
-        rpc = rpc_pb2.RPC(subscriptions=[rpc_pb2.RPC.SubOpts(subscribe=True, topicid=self.topic)])
-        return bytes(encode_varint_prefixed(rpc.SerializeToString()))
+# ---------------------------------------------------------------------------------------------
+# pubsub: built here, sent by seedswarm.gossip.libp2p.hostile
 
 
-async def send_raw_pubsub(peer: RawPeer, target: Target, frames: Sequence[bytes], *, half_close: bool = False,
-                          linger: float = 0.3, timeout: float = 10.0) -> str:
-    """Open a GossipSub stream from ``peer`` to ``target`` and write ``frames`` as they are.
+def rpc(msgs: Sequence[Any]) -> bytes:
+    """One varint-framed RPC publishing ready-made pubsub messages (``hostile.signed_message``
+    or :func:`envelope_mutant`)."""
+    return bytes(encode_varint_prefixed(rpc_pb2.RPC(publish=list(msgs)).SerializeToString()))
 
-    The one place that writes hand-made pubsub bytes: swap it for
-    ``seedswarm.gossip.libp2p.hostile`` once that module is in main. Returns an outcome.
-    """
+
+def publish(seed: bytes, topic: str, datas: Sequence[bytes]) -> hostile.Attack:
+    """One RPC publishing every item of ``datas`` on ``topic``, correctly signed by ``seed``."""
+    kp = create_identity_from_seed(seed)
+    return hostile.Attack((rpc([hostile.signed_message(kp, topic, d) for d in datas]),))
+
+
+def envelope_mutant(kp: Any, topic: str, data: bytes, rng: random.Random) -> tuple[str, Any]:
+    """A signed pubsub message carrying ``data``, then one envelope field broken (the pubsub
+    guard drops it before the topic validator, and charges the forwarder for it)."""
+    op = rng.choice(("sig-flip", "sig-random", "sig-truncated", "data-after-signing", "seqno-after-signing",
+                     "other-author", "no-signature", "topic-unsubscribed"))
+    m = hostile.signed_message(kp, topic, data)
+    if op == "sig-flip":
+        b = bytearray(m.signature)
+        b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
+        m.signature = bytes(b)
+    elif op == "sig-random":
+        m.signature = os.urandom(64)
+    elif op == "sig-truncated":
+        m.signature = m.signature[: rng.randrange(64)]
+    elif op == "data-after-signing":
+        m.data = data + b"\x00" if not data else data[:-1] + bytes([data[-1] ^ 1])
+    elif op == "seqno-after-signing":
+        m.seqno = os.urandom(8)
+    elif op == "other-author":
+        m.from_id = ID.from_pubkey(create_identity_from_seed(os.urandom(32)).public_key).to_bytes()
+    elif op == "no-signature":
+        m.ClearField("signature")
+    else:
+        del m.topicIDs[:]
+        m.topicIDs.append(os.urandom(6).hex())
+    return op, m
+
+
+async def send_pubsub(target: Target, attack: hostile.Attack, run_id: bytes, *, seed: bytes | None = None,
+                      linger: float = 0.3, timeout: float = 10.0, release: threading.Event | None = None) -> str:
+    """``hostile.send`` from a fresh host (identity ``seed``) that answers the node's hello;
+    returns an outcome (written, timeout, error-...) instead of raising. The connection stays
+    ``linger`` seconds after the last write, or until ``release`` is set."""
     try:
-        with trio.fail_after(timeout):
-            stream = await peer.open(target, MESHSUB, timeout)
-            try:
-                for f in frames:
-                    await stream.write(f)
-                if half_close:
-                    await stream.close_write()
-                await trio.sleep(linger)
-            finally:
-                await _dispose(stream, graceful=False)
+        with trio.fail_after(timeout + linger + 5.0):
+            await hostile.send(target.addr, attack, seed=seed, linger=linger, timeout=timeout,
+                               handlers=hello_handlers(run_id), release=release)
         return "written"
     except trio.TooSlowError:
         return "timeout"
-    except Exception as e:  # noqa: BLE001
-        return f"error-{type(e).__name__}"
+    except Exception as e:  # noqa: BLE001 - a hostile client reports, never raises
+        return f"error-{_leaf_names(e)}"
 
 
-def raw_pubsub_frames(case: str, peer: RawPeer, data: bytes, rpc_limit: int = MAX_MESSAGE_BYTES + 64 * 1024) -> tuple[list[bytes], bool]:
-    """Hand-made GossipSub frames for one hostile ``case`` (after /tmp/p2pguard/hostile.py).
-
-    Returns (frames, half_close). ``data`` is the payload the pubsub messages carry.
-    """
-    def rpc(*msgs: Any, **kw: Any) -> bytes:
-        return bytes(encode_varint_prefixed(rpc_pb2.RPC(publish=list(msgs), **kw).SerializeToString()))
-
-    topic = peer.topic
-    if case == "garbage-rpc":  # a varint frame whose body is not an RPC protobuf
-        return [bytes(encode_varint_prefixed(b"\xff" * 16 + os.urandom(16)))], False
-    if case == "bad-key":  # from_id embeds no key (sha256 multihash) and `key` is garbage
-        sha_pid = b"\x12\x20" + hashlib.sha256(os.urandom(8)).digest()
-        m = rpc_pb2.Message(data=data, topicIDs=[topic], seqno=os.urandom(8), from_id=sha_pid,
-                            signature=b"\x01" * 64, key=b"\xde\xad\xbe\xef not a PublicKey")
-        return [rpc(m)], False
-    if case == "bad-signature":  # right key, wrong signature bytes
-        return [rpc(peer.pubsub_message(data, signature=bytes(64)))], False
-    if case == "key-mismatch":  # signed by us, claims another author
-        other = ID.from_pubkey(create_identity_from_seed(os.urandom(32)).public_key).to_bytes()
-        return [rpc(peer.pubsub_message(data, from_id=other))], False
-    if case == "no-signature":
-        m = peer.pubsub_message(data)
-        m.ClearField("signature")
-        return [rpc(m)], False
-    if case == "truncated-rpc":  # header says 100 bytes, 50 arrive, then FIN
-        return [bytes(encode_uvarint(100)) + b"\x00" * 50], True
-    if case == "oversized-rpc":  # header over the victim's RPC limit (body never sent in full)
-        return [bytes(encode_uvarint(rpc_limit + 1)) + b"\x00" * 1024], False
-    if case == "bad-varint":  # 11 continuation bytes: not a 64-bit varint
-        return [b"\xff" * 11], False
-    if case == "empty-rpcs":
-        return [b"\x00" * 10, bytes(encode_varint_prefixed(b""))], False
-    if case == "control-junk":  # every control kind, random ids and topics
-        c = rpc_pb2.ControlMessage(
-            ihave=[rpc_pb2.ControlIHave(topicID=t, messageIDs=[os.urandom(n) for n in (0, 1, 40, 300)])
-                   for t in (topic, "", "\x00" * 50)],
-            iwant=[rpc_pb2.ControlIWant(messageIDs=[os.urandom(n) for n in (0, 3, 64)])],
-            graft=[rpc_pb2.ControlGraft(topicID=t) for t in (topic, "", "nope")],
-            prune=[rpc_pb2.ControlPrune(topicID=t, backoff=b) for t, b in ((topic, 2**64 - 1), ("", 0))],
-        )
-        return [bytes(encode_varint_prefixed(rpc_pb2.RPC(control=c).SerializeToString()))], False
-    if case == "subscription-junk":
-        subs = [rpc_pb2.RPC.SubOpts(subscribe=bool(i % 2), topicid=os.urandom(8).hex()) for i in range(200)]
-        return [bytes(encode_varint_prefixed(rpc_pb2.RPC(subscriptions=subs).SerializeToString()))], False
-    raise ValueError(f"unknown raw pubsub case {case!r}")
+def _leaf_names(e: BaseException) -> str:
+    """An exception's type name; for a group (a trio nursery's), its leaves' names."""
+    if isinstance(e, BaseExceptionGroup):
+        return "+".join(sorted({_leaf_names(x) for x in e.exceptions}))
+    return type(e).__name__
 
 
-RAW_PUBSUB_CASES = ("garbage-rpc", "bad-key", "bad-signature", "key-mismatch", "no-signature", "truncated-rpc",
-                    "oversized-rpc", "bad-varint", "empty-rpcs", "control-junk", "subscription-junk")
+def raw_pubsub(case: str, topic: str, seed: bytes) -> tuple[hostile.Attack, float]:
+    """The raw pubsub ``case`` (one of RAW_PUBSUB_CASES) and how long to linger after it."""
+    return hostile.build(case, topic, seed, limit=MAX_MESSAGE_BYTES + PUBSUB_RPC_OVERHEAD), RAW_LINGER.get(case, 0.5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -582,26 +527,43 @@ KINDS: dict[str, tuple[float, str]] = {
     "gossip-replayed-record": (3, "an old valid record published again"),
     "gossip-non-aggregator-record": (2, "a validly signed record from a non-member on the current head"),
     "gossip-bad-fraud-proof": (2, "fraud proofs whose record is garbage or correct"),
-    "raw-pubsub": (3, "hand-made pubsub RPCs: garbage, bad key, bad signature, truncated, oversized, ..."),
-    "join-flood": (0, "signed Joins from fresh keys (scheduled by the bench, not drawn)"),
+    "raw-pubsub": (3, "hand-made pubsub RPCs (hostile.build): garbage, bad key, bad signature, truncated, ..."),
+    "join-flood": (0, "Joins from fresh keys with the genesis' join work (scheduled by the bench, not drawn)"),
 }
+
+
+@dataclass
+class Flood:
+    """One Join flood: the keys, the round their Joins name, the work they carry."""
+
+    round: int
+    bits: int
+    keys: list[bytes]
+    work_s: float
+    outcome: str
+    target: str
 
 
 class Adversary:
     """A seeded stream of hostile actions against the online nodes, on its own trio thread.
 
     ``set_view`` (any thread) says who is online; ``start``/``stop``; ``tally`` counts what was
-    sent by kind and what the daemons answered. ``join_flood(n)`` queues a flood of Joins.
+    sent by kind and what the daemons answered. ``join_flood(n)`` queues a flood of ``n`` Joins,
+    each with ``join_bits`` bits of work (the genesis' ``join_pow_bits``: the difficulty of a
+    chain with no recent joins, so the later Joins of a flood fall short once the first are in).
     """
 
     def __init__(self, run_id: bytes, members: Sequence[bytes], directions: int, seed: int, rate: float = 4.0,
-                 workers: int = 3, exclude: Sequence[str] = (), raw_cases: Sequence[str] = RAW_PUBSUB_CASES) -> None:
+                 workers: int = 3, exclude: Sequence[str] = (), raw_cases: Sequence[str] = RAW_PUBSUB_CASES,
+                 join_bits: int = 16) -> None:
         self.run_id = run_id
+        self.topic = topic_of(run_id)
         self.members = list(members)
         self.directions = directions
         self.rng = random.Random(seed)
         self.rate = rate
         self.workers = workers
+        self.join_bits = join_bits
         self.exclude = set(exclude)
         self.raw_cases = [c for c in raw_cases if c not in self.exclude]
         self.tally = Tally()
@@ -610,17 +572,19 @@ class Adversary:
         self._thread: threading.Thread | None = None
         self._floods: list[int] = []
         self._lock = threading.Lock()
-        self._peer: RawPeer | None = None
-        self._strikes: Counter[str] = Counter()
         self.rotations = 0
         self.errors: Counter[str] = Counter()
-        self.flood_keys: list[bytes] = []
+        self.floods: list[Flood] = []
         self.mutator = Mutator(random.Random(seed + 1))
         kinds = [k for k, (w, _) in KINDS.items() if w > 0 and k not in self.exclude]
         if not self.raw_cases and "raw-pubsub" in kinds:
             kinds.remove("raw-pubsub")
         self._kinds = kinds
         self._weights = [KINDS[k][0] for k in kinds]
+
+    @property
+    def flood_keys(self) -> list[bytes]:
+        return [k for f in self.floods for k in f.keys]
 
     # -- control (any thread) ----------------------------------------------------------------
     def set_view(self, view: View) -> None:
@@ -635,7 +599,7 @@ class Adversary:
         self._thread = threading.Thread(target=self._main, name="adversary", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 20.0) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -664,15 +628,15 @@ class Adversary:
         scope.cancel()
 
     async def _worker(self, w: int) -> None:
-        # Each worker keeps one identity until it has collected ROTATE_AFTER_STRIKES rejections
-        # at some node (the daemon bans at 30), then starts a fresh one.
+        # Each worker keeps one identity until its weighted strikes at some node reach
+        # ROTATE_AT_STRIKES (the peer policy bans at STRIKES_TO_BAN), then starts a fresh one.
         while not self._stop.is_set():
             peer = RawPeer(self.run_id)
-            strikes: Counter[str] = Counter()
+            struck: defaultdict[str, float] = defaultdict(float)
             self.rotations += 1
             try:
                 async with peer.running():
-                    while not self._stop.is_set() and max(strikes.values(), default=0) < ROTATE_AFTER_STRIKES:
+                    while not self._stop.is_set() and max(struck.values(), default=0) < ROTATE_AT_STRIKES:
                         await trio.sleep(self.rng.expovariate(self.rate / self.workers))
                         with self._lock:
                             flood = self._floods.pop(0) if self._floods else 0
@@ -680,13 +644,13 @@ class Adversary:
                         if not view.online:
                             continue
                         target = self.rng.choice(view.online)
+                        if flood:
+                            await self._join_flood(target, flood)
+                            continue
                         try:
                             with trio.fail_after(40):
-                                if flood:
-                                    await self._join_flood(peer, target, flood)
-                                    continue
                                 kind = self.rng.choices(self._kinds, self._weights)[0]
-                                strikes[target.name] += await self._act(kind, peer, target, view, strikes)
+                                struck[target.name] += await self._act(kind, peer, target, view, struck)
                         except trio.TooSlowError:
                             self.errors["action timed out"] += 1
                         if peer.hello_run != self.run_id:
@@ -702,8 +666,8 @@ class Adversary:
         c = Contribution(run=self.run_id, round=round_, peer=key or peer.public, q=self.mutator.random_bytes(self.directions))
         return c if key is not None else c.signed(peer.identity)
 
-    async def _act(self, kind: str, peer: RawPeer, target: Target, view: View, strikes: Counter[str]) -> int:
-        """Carry out one hostile action; return how many rejections (strikes) it should cost."""
+    async def _act(self, kind: str, peer: RawPeer, target: Target, view: View, struck: defaultdict[str, float]) -> float:
+        """Carry out one hostile action; return the strikes it should cost at ``target``."""
         st = self._status(view, target)
         rnd = int(st.get("round", 0))
         head = bytes.fromhex(st["head"]) if st.get("head") else os.urandom(32)
@@ -712,7 +676,7 @@ class Adversary:
             for proto in PROTOCOLS:
                 out, _ = await peer.request(target, proto, GARBAGE + self.mutator.random_bytes(self.rng.randrange(1, 300)))
                 t.add(kind, 1, out)
-            return len(PROTOCOLS)
+            return strikes(Reason.MALFORMED, len(PROTOCOLS))
         if kind == "truncated-frame":
             proto = self.rng.choice(PROTOCOLS)
             raw = (100).to_bytes(FRAME_HEADER_BYTES, "big") + GARBAGE + bytes(49)
@@ -730,22 +694,22 @@ class Adversary:
             data = msg.encode()
             out, _ = await peer.request(target, proto, data[: self.rng.randrange(1, len(data))])
             t.add(kind, 1, out)
-            return 1
+            return strikes(Reason.MALFORMED)
         if kind == "wrong-run":
             c = Contribution(run=OTHER_RUN, round=rnd, peer=peer.public, q=bytes(self.directions)).signed(peer.identity)
             out, _ = await peer.request(target, PROTO_MSG, c.encode())
             t.add(kind, 1, out)
             out, _ = await peer.request(target, PROTO_CHAIN, ChainRequest(run=OTHER_RUN, start=0, limit=10).encode())
             t.add(kind, 1, out)
-            return 2
+            return strikes(Reason.WRONG_RUN, 2)
         if kind == "wrong-version":
             proto, msg = self._valid_request(peer, rnd, head)
             out, _ = await peer.request(target, proto, with_version(msg.encode(), 99))
             t.add(kind, 1, out)
-            return 1
+            return strikes(Reason.PROTOCOL_VERSION)
         if kind == "wrong-run-hello":
             peer.hello_run = OTHER_RUN
-            out, _ = await peer.request(target, PROTO_HELLO, encode_hello(OTHER_RUN, [], {}, rnd))
+            out, _ = await peer.request(target, PROTO_HELLO, Hello.make(OTHER_RUN, rnd, [], {}).encode())
             t.add(kind, 1, out)
             return STRIKES_TO_BAN  # the node disconnects us: this identity is spent
         if kind == "forged-signature":
@@ -753,14 +717,14 @@ class Adversary:
             c = Contribution(run=self.run_id, round=rnd, peer=key, q=bytes(self.directions), sig=os.urandom(64))
             out, _ = await peer.request(target, PROTO_MSG, c.encode())
             t.add(kind, 1, out)
-            return 1
+            return strikes(Reason.BAD_SIGNATURE)
         if kind == "non-member-contribution":
             aggs = [x for x in view.online if self._status(view, x).get("committee", {}).get("aggregator_rank") == 0]
             dest = aggs[0] if aggs else target
             rnd = int(self._status(view, dest).get("round", rnd))
             out, _ = await peer.request(dest, PROTO_MSG, self._contribution(peer, rnd).encode())
             t.add(kind, 1, out)
-            strikes[dest.name] += 1
+            struck[dest.name] += strikes(Reason.NOT_TRAINER)
             return 0
         if kind == "huge-chain-request":
             for start, limit in ((0, MAX_U), (MAX_U, MAX_U), (max(0, rnd - 5), 2**32)):
@@ -797,15 +761,13 @@ class Adversary:
             await self._held(peer, target, kind, slow=True)
             return 0
         if kind.startswith("gossip-"):
-            return await self._gossip(kind, peer, target, rnd, head)
+            await self._gossip(kind, peer, target, rnd, head)
+            return 0
         if kind == "raw-pubsub":
             case = self.rng.choice(self.raw_cases)
-            # a throwaway identity per case: several cases cost GossipSub score
-            throwaway = RawPeer(self.run_id)
-            data = FraudProof(run=self.run_id, record=GARBAGE + os.urandom(16)).encode()
-            async with throwaway.running():
-                frames, half = raw_pubsub_frames(case, throwaway, data)
-                out = await send_raw_pubsub(throwaway, target, frames, half_close=half)
+            seed = os.urandom(32)  # a throwaway identity per case: several cases cost GossipSub score
+            attack, linger = raw_pubsub(case, self.topic, seed)
+            out = await send_pubsub(target, attack, self.run_id, seed=seed, linger=linger)
             t.add(f"raw-pubsub:{case}", 1, out)
             return 0
         raise AssertionError(kind)
@@ -854,7 +816,7 @@ class Adversary:
             for _ in range(n):
                 nursery.start_soon(one)
 
-    async def _gossip(self, kind: str, peer: RawPeer, target: Target, rnd: int, head: bytes) -> int:
+    async def _gossip(self, kind: str, peer: RawPeer, target: Target, rnd: int, head: bytes) -> None:
         t = self.tally
         datas: list[bytes] = []
         if kind == "gossip-garbage":
@@ -877,45 +839,35 @@ class Adversary:
                 with contextlib.suppress(Exception):
                     datas = list(decode_as(body, ChainResponse, self.run_id).records)
             if not datas:
-                return 0
+                return
         elif kind == "gossip-bad-fraud-proof":
             datas = [FraudProof(run=self.run_id, record=GARBAGE + os.urandom(40)).encode(),
                      FraudProof(run=self.run_id, record=self.mutator.random_bytes(64)).encode()]
         else:
             raise AssertionError(kind)
-        out = await send_raw_pubsub(peer, target, [peer.subscribe_frame(), peer.publish_frame(datas)], linger=0.2)
+        seed = os.urandom(32)  # the pubsub author: throwaway (validator rejections cost it score)
+        out = await send_pubsub(target, publish(seed, self.topic, datas), self.run_id, seed=seed, linger=0.3)
         t.add(kind, len(datas), out)
-        return 0
 
-    async def _join_flood(self, peer: RawPeer, target: Target, n: int) -> None:
-        st = self._status(self._view, target)
-        rnd = int(st.get("round", 0))
-        datas = []
-        for _ in range(n):
-            ident = Identity.generate()
-            self.flood_keys.append(ident.public)
-            datas.append(Join(run=self.run_id, round=rnd, peer=ident.public).signed(ident).encode())
-        out = await send_raw_pubsub(peer, target, [peer.subscribe_frame(), peer.publish_frame(datas)], linger=0.5)
+    async def _join_flood(self, target: Target, n: int) -> None:
+        """``n`` Joins from fresh keys, each with ``join_bits`` of work at the target's round,
+        published in one RPC. The work is done on a worker thread (it is the flood's cost)."""
+        rnd = int(self._status(self._view, target).get("round", 0))
+        bits = self.join_bits
+
+        def make() -> tuple[list[bytes], list[bytes], float]:
+            t0 = time.monotonic()
+            keys, datas = [], []
+            for _ in range(n):
+                ident = Identity.generate()
+                cert = solve_work(self.run_id, ident.public, rnd, bits)
+                keys.append(ident.public)
+                datas.append(Join(run=self.run_id, round=rnd, peer=ident.public, cert=cert).signed(ident).encode())
+            return keys, datas, time.monotonic() - t0
+
+        keys, datas, work_s = await trio.to_thread.run_sync(make)
+        seed = os.urandom(32)
+        out = await send_pubsub(target, publish(seed, self.topic, datas), self.run_id, seed=seed, linger=0.5)
+        self.floods.append(Flood(round=rnd, bits=bits, keys=keys, work_s=round(work_s, 1), outcome=out,
+                                 target=target.name))
         self.tally.add("join-flood", n, out)
-
-
-def leave_message(run_id: bytes, ident: Identity, round_: int) -> bytes:
-    return Leave(run=run_id, round=round_, peer=ident.public).signed(ident).encode()
-
-
-def run_trio_in_thread(fn: Callable[..., Any], *args: Any) -> Any:
-    """``trio.run(fn, *args)`` on a fresh thread, from synchronous code; returns its result."""
-    box: dict[str, Any] = {}
-
-    def main() -> None:
-        try:
-            box["result"] = trio.run(fn, *args)
-        except BaseException as e:  # noqa: BLE001
-            box["error"] = e
-
-    th = threading.Thread(target=main, daemon=True)
-    th.start()
-    th.join()
-    if "error" in box:
-        raise box["error"]
-    return box.get("result")

@@ -39,6 +39,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections import Counter
@@ -47,25 +48,38 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from libp2p.identity_utils import create_identity_from_seed
 
 from seedswarm.bench.adversary import (
-    FATAL_ON_STOCK_LIBP2P,
     GARBAGE,
     GRAYLIST_AFTER,
     PROTOCOLS,
     RAW_PUBSUB_CASES,
+    ROTATE_AT_STRIKES,
     Mutator,
     RawPeer,
     Tally,
     Target,
     _quiet_libp2p,
+    envelope_mutant,
     frame,
-    raw_pubsub_frames,
-    send_raw_pubsub,
+    raw_pubsub,
+    rpc,
+    send_pubsub,
+    strikes,
+    topic_of,
 )
 from seedswarm.bench.chaos import parse_metrics
+from seedswarm.crypto.keys import Identity
+from seedswarm.gossip.libp2p import hostile
 from seedswarm.gossip.wire import (
     MAX_U,
+    PROTO_CHAIN,
+    PROTO_CKPT,
+    PROTO_HELLO,
+    PROTO_INPUTS,
+    PROTO_MSG,
+    TOPIC,
     ChainRequest,
     ChainResponse,
     CheckpointManifest,
@@ -73,23 +87,31 @@ from seedswarm.gossip.wire import (
     Contribution,
     ContributionsRequest,
     FraudProof,
+    Hello,
     Join,
     Leave,
     Record,
     decode_as,
 )
-from seedswarm.node.daemon.daemon import (
-    PROTO_CHAIN,
-    PROTO_CKPT,
-    PROTO_HELLO,
-    PROTO_INPUTS,
-    PROTO_MSG,
-    encode_hello,
-)
+from seedswarm.node.core.reasons import Reason
+from seedswarm.node.daemon.traffic import gossip_validator
 
+#: Direct requests per identity at most (it also rotates on estimated strikes, see direct_streams).
 DIRECT_PER_IDENTITY = 25
-PER_RPC = 50
-BAD_GOSSIP_PER_IDENTITY = GRAYLIST_AFTER - 2
+#: Gossip: messages per RPC and per connection (one throwaway identity per connection), deep and
+#: broken. The node reads its pubsub streams one RPC at a time each, in turn, and a deep message
+#: costs it several times what a broken one does: broken RPCs are larger, or the deep lane would
+#: pace the broken one.
+PER_RPC = {True: 50, False: 500}
+PER_BATCH = {True: 1000, False: 5000}
+#: Validator-failing messages at the start of a broken batch: with the guard's penalised drops
+#: after them, the identity is graylisted after about GRAYLIST_AFTER invalid messages.
+BAD_GOSSIP_PER_IDENTITY = GRAYLIST_AFTER // 2
+#: Seconds a gossip connection stays open after its last write at most (it closes as soon as
+#: the node has read everything, see Fuzzer.gossip_accounting).
+GOSSIP_LINGER_MAX_S = 120.0
+#: ... or as soon as the lane's counters stood still this long while it waited (messages lost).
+GOSSIP_STALL_S = 15.0
 
 
 @dataclass
@@ -100,7 +122,6 @@ class FuzzConfig:
     raw_frames: bool = True
     direct_workers: int = 6
     streams_per_worker: int = 3
-    gossip_sessions: int = 2
     deep_share: float = 0.15  # share of gossip messages that reach the core (the rest: broken envelopes)
     gossip_rate: float = 700.0  # gossip messages written per second, all sessions together
     rss_limit_mb: float = 50.0
@@ -137,7 +158,9 @@ class Fuzzer:
         self.identities = 0
         self.errors: Counter[str] = Counter()
         self.phase = "setup"
-        self.drained = trio.Event()
+        self.waiting: dict[str, tuple[int, threading.Event]] = {}  # lane -> (messages, release)
+        self.consumed: dict[str, float] = {}
+        self.stalled: set[str] = set()
 
     def say(self, msg: str) -> None:
         if not self.cfg.quiet:
@@ -164,6 +187,7 @@ class Fuzzer:
         g = Genesis.load(self.genesis_path)
         port, self.metrics_port = free_ports(2)
         key = Identity.load(self.data / "identity.key").public
+        self.validator = gossip_validator(g.run_id)
         self.ctx = Context(run_id=g.run_id, directions=g.directions * g.groups,
                            target=Target("victim", f"/ip4/127.0.0.1/tcp/{port}/p2p/{peer_id_of(key)}", key))
         self.logf = open(out / "node.log", "ab")  # noqa: SIM115 - closed in stop_daemon
@@ -256,8 +280,8 @@ class Fuzzer:
             rh = r.choice(ctx.record_hashes) if ctx.record_hashes else os.urandom(32)
             return PROTO_INPUTS, ContributionsRequest(run=ctx.run_id, round=max(0, ctx.round - 1), record=rh).encode()
         if k == 4:
-            return PROTO_HELLO, encode_hello(ctx.run_id, [f"/ip4/127.0.0.1/tcp/4001/p2p/{peer.id.to_base58()}"],
-                                             {}, ctx.round)
+            return PROTO_HELLO, Hello.make(ctx.run_id, ctx.round, [f"/ip4/127.0.0.1/tcp/4001/p2p/{peer.id.to_base58()}"],
+                                           {}).encode()
         return PROTO_MSG, r.choice(ctx.records) if ctx.records else b""
 
     def hostile_direct(self, peer: RawPeer) -> tuple[str, str, bytes]:
@@ -282,7 +306,7 @@ class Fuzzer:
             op += "+wrong-protocol"
         return op, proto, frame(data)
 
-    def passing_gossip(self, peer: RawPeer) -> tuple[str, bytes]:
+    def passing_gossip(self, peer: Identity) -> tuple[str, bytes]:
         """A gossip payload the topic validator accepts (signed, canonical) but that is hostile."""
         ctx, r = self.ctx, self.rng
         k = r.random()
@@ -294,30 +318,43 @@ class Fuzzer:
                          contributors=self.mut.random_bytes(r.randrange(1, 4)), contrib_root=os.urandom(32),
                          aggregate=self.mut.random_bytes(2 * r.choice((ctx.directions, ctx.directions, 1, 3))),
                          joins=joins, evidence=tuple(self.mut.random_bytes(r.randrange(1, 80)) for _ in range(r.randrange(2))),
-                         ).signed(peer.identity)
+                         ).signed(peer)
             return "signed-record", rec.encode()
         if k < 0.8:  # a fraud proof around a real (or mutated) record, mutated contributions
             base = r.choice(ctx.records) if ctx.records else GARBAGE
             inner = base if r.random() < 0.3 else self.mut.mutate(base)[1]
             contribs = tuple(self.mut.random_bytes(r.randrange(1, 300)) for _ in range(r.randrange(4)))
             return "fraud-proof", FraudProof(run=ctx.run_id, record=inner[:150_000], contributions=contribs).encode()
-        if k < 0.92:  # a join signed by a fresh key, outside its validity window (never admitted)
-            from seedswarm.crypto.keys import Identity
-
+        if k < 0.92:  # a join signed by a fresh key, outside its validity window, without work
             ident = Identity.from_seed(os.urandom(32))
             rnd = r.choice((ctx.round + 10**6, MAX_U))
             return "signed-join-out-of-window", Join(run=ctx.run_id, round=rnd, peer=ident.public,
                                                      cert=self.mut.random_bytes(r.randrange(0, 64))).signed(ident).encode()
-        return "signed-leave-non-member", Leave(run=ctx.run_id, round=ctx.round, peer=peer.public).signed(peer.identity).encode()
+        return "signed-leave-non-member", Leave(run=ctx.run_id, round=ctx.round, peer=peer.public).signed(peer).encode()
 
-    def failing_gossip(self, peer: RawPeer) -> tuple[str, bytes]:
-        """A byte-mutated gossip payload (the validator rejects it: it costs GossipSub score)."""
+    def failing_gossip(self, peer: Identity) -> tuple[str, bytes]:
+        """A byte-mutated gossip payload the node's topic validator rejects (it costs GossipSub
+        score). Checked with that validator: a mutation inside a fraud proof's record, say,
+        leaves a valid fraud proof, which would be delivered instead."""
         r = self.rng
-        if r.random() < 0.15:
-            return "random-bytes", self.mut.random_bytes(r.randrange(1, 1024))
-        base = r.choice(self.ctx.records) if self.ctx.records and r.random() < 0.5 else self.passing_gossip(peer)[1]
-        op, data = self.mut.mutate(base)
-        return op, data
+        for _ in range(8):
+            if r.random() < 0.15:
+                op, data = "random-bytes", self.mut.random_bytes(r.randrange(1, 1024))
+            else:
+                base = r.choice(self.ctx.records) if self.ctx.records and r.random() < 0.5 else self.passing_gossip(peer)[1]
+                op, data = self.mut.mutate(base)
+            if not self.validator(data, ""):
+                return op, data
+        return "garbage", GARBAGE + self.mut.random_bytes(r.randrange(1, 256))
+
+    def deep_gossip(self, peer: Identity) -> tuple[str, bytes]:
+        """passing_gossip, checked with the node's topic validator (each deep message must be
+        delivered: the lane's accounting counts on it)."""
+        for _ in range(8):
+            op, data = self.passing_gossip(peer)
+            if self.validator(data, ""):
+                return op, data
+        raise AssertionError("passing_gossip built eight messages the node's validator rejects")
 
     # -- senders --------------------------------------------------------------------------
     def budget_left(self) -> bool:
@@ -327,87 +364,139 @@ class Fuzzer:
         while self.budget_left() and self.phase == "fuzz":
             peer = RawPeer(self.ctx.run_id)
             self.identities += 1
-            sent = [0]
+            spent = [0.0, 0.0]  # requests, estimated strikes
             try:
                 async with peer.running():
                     with trio.fail_after(15):
                         await peer.connect(self.ctx.target)
                     async with trio.open_nursery() as nursery:
                         for _ in range(self.cfg.streams_per_worker):
-                            nursery.start_soon(self.direct_streams, peer, sent)
+                            nursery.start_soon(self.direct_streams, peer, spent)
             except Exception as e:  # noqa: BLE001 - a new identity and on
                 self.errors[f"direct:{type(e).__name__}"] += 1
                 await trio.sleep(0.2)
 
-    async def direct_streams(self, peer: RawPeer, sent: list[int]) -> None:
-        """One request per stream, one stream after the other, until the identity is spent."""
-        while sent[0] < DIRECT_PER_IDENTITY and self.budget_left() and self.phase == "fuzz":
-            sent[0] += 1
+    async def direct_streams(self, peer: RawPeer, spent: list[float]) -> None:
+        """One request per stream, one stream after the other, until the identity is spent:
+        DIRECT_PER_IDENTITY requests, or strikes that with the requests still in flight could
+        reach the ban (each refusal is counted at the worst weight of its protocol)."""
+        worst = strikes(Reason.BAD_SIGNATURE)
+        in_flight = self.cfg.streams_per_worker * worst
+        while (spent[0] < DIRECT_PER_IDENTITY and spent[1] + in_flight < 2 * ROTATE_AT_STRIKES
+               and self.budget_left() and self.phase == "fuzz"):
+            spent[0] += 1
             op, proto, raw = self.hostile_direct(peer)
             half = not op.startswith("frame-length-lie") or self.rng.random() < 0.5
             out, _ = await peer.request(self.ctx.target, proto, raw=raw, timeout=15, half_close=half)
+            if out not in ("answered", "too-large"):
+                spent[1] += worst if proto in (PROTO_MSG, PROTO_HELLO) else strikes(Reason.MALFORMED)
             self.tally.add(f"direct:{proto}", 1, out)
             self.ops[f"direct:{op.split('+')[0]}"] += 1
 
-    async def gossip_session(self, s: int) -> None:
-        """One meshsub stream per identity: first the few validator-failing messages (GossipSub
-        graylists a forwarder after about ten), then RPCs of PER_RPC messages, each either deep
-        (signed, valid in form, hostile in content: it reaches the protocol core) or with a broken
-        pubsub envelope (bad or missing signature, data changed after signing, another author,
-        a topic nobody has): py-libp2p checks and drops those itself."""
+    def gossip_batch(self, ident: Identity, kp: Any, deep: bool, budget: int) -> tuple[hostile.Attack, Counter[str]]:
+        """The RPCs of one gossip connection (one throwaway identity), at most ``budget`` messages.
+
+        Deep: every message signed and valid in form, hostile in content; they pass the topic
+        validator and reach the protocol core. Broken: BAD_GOSSIP_PER_IDENTITY messages the
+        validator rejects, then broken pubsub envelopes (bad or missing signature, data changed
+        after signing, another author, a topic nobody has) that the pubsub guard drops; after
+        about GRAYLIST_AFTER of those the identity is graylisted and the rest is dropped cheaply.
+        """
+        topic = topic_of(self.ctx.run_id)
+        counts: Counter[str] = Counter()
+        frames: list[bytes] = []
+        left = budget
+        if not deep:
+            bad = [self.failing_gossip(ident) for _ in range(min(left, BAD_GOSSIP_PER_IDENTITY))]
+            frames.append(rpc([hostile.signed_message(kp, topic, d) for _, d in bad]))
+            for op, _ in bad:
+                self.ops[f"gossip-validator-failing:{op}"] += 1
+            counts["gossip:validator-failing"] += len(bad)
+            left -= len(bad)
+        pool = [self.passing_gossip(ident)[1] for _ in range(0 if deep else 8)]  # envelopes: payload unread
+        while left > 0:
+            msgs = []
+            for _ in range(min(PER_RPC[deep], left)):
+                if deep:
+                    op, data = self.deep_gossip(ident)
+                    msgs.append(hostile.signed_message(kp, topic, data))
+                    self.ops[f"gossip-deep:{op}"] += 1
+                else:
+                    op, m = envelope_mutant(kp, topic, self.rng.choice(pool), self.rng)
+                    msgs.append(m)
+                    self.ops[f"gossip-envelope:{op}"] += 1
+            left -= len(msgs)
+            counts["gossip:deep (validator-passing)" if deep else "gossip:broken-envelope"] += len(msgs)
+            frames.append(rpc(msgs))
+        return hostile.Attack(tuple(frames)), counts
+
+    async def gossip_lane(self, deep: bool) -> None:
+        """Gossip batches of one kind (deep or broken, see gossip_batch), each from a fresh
+        identity on its own connection (``hostile.send``), paced to the lane's share of
+        ``--gossip-rate`` (a node saturated by gossip would starve the direct streams). Each
+        connection stays open until the node has accounted for every message of the lane
+        (a close would drop what it has not read yet): see gossip_accounting."""
         cfg = self.cfg
+        lane = "deep" if deep else "broken"
+        rate = max(1.0, cfg.gossip_rate * (cfg.deep_share if deep else 1.0 - cfg.deep_share))
+        queued = 0
         while self.budget_left() and self.phase == "fuzz":
-            peer = RawPeer(self.ctx.run_id)
+            seed = os.urandom(32)
+            ident, kp = Identity.from_seed(seed), create_identity_from_seed(seed)
             self.identities += 1
-            try:
-                async with peer.running():
-                    with trio.fail_after(15):
-                        stream = await peer.open(self.ctx.target, "/meshsub/1.1.0", 15)
-                    try:
-                        await stream.write(peer.subscribe_frame())
-                        bad = [self.failing_gossip(peer) for _ in range(BAD_GOSSIP_PER_IDENTITY)]
-                        with trio.fail_after(30):
-                            await stream.write(peer.publish_frame([d for _, d in bad]))
-                        for op, _ in bad:
-                            self.ops[f"gossip-validator-failing:{op}"] += 1
-                        self.tally.add("gossip:validator-failing", len(bad))
-                        pool: list[bytes] = []
-                        while self.budget_left() and self.phase == "fuzz":
-                            k = min(PER_RPC, cfg.messages - self.tally.total)
-                            msgs = []
-                            deep = envelope = 0
-                            for _ in range(k):
-                                if self.rng.random() < cfg.deep_share:
-                                    op, data = self.passing_gossip(peer)
-                                    msgs.append(peer.pubsub_message(data))
-                                    self.ops[f"gossip-deep:{op}"] += 1
-                                    deep += 1
-                                else:  # the payload is never looked at: a few, reused
-                                    if len(pool) < 64 or self.rng.random() < 0.02:
-                                        pool.append(self.passing_gossip(peer)[1])
-                                        del pool[:-64]
-                                    eop, m = peer.envelope_mutant(self.rng.choice(pool), self.rng)
-                                    msgs.append(m)
-                                    self.ops[f"gossip-envelope:{eop}"] += 1
-                                    envelope += 1
-                            with trio.fail_after(60):
-                                await stream.write(peer.rpc_frame(msgs))
-                            # paced: a node saturated by gossip would starve the direct streams
-                            await trio.sleep(k * cfg.gossip_sessions / cfg.gossip_rate)
-                            self.tally.add("gossip:deep (validator-passing)", deep)
-                            self.tally.add("gossip:broken-envelope", envelope)
-                        with contextlib.suppress(Exception):
-                            await stream.close_write()
-                        # The stream stays open until the node has read everything we wrote (a
-                        # reset would drop what it buffered): the drain watcher says when.
-                        with trio.move_on_after(cfg.drain_s + 5):
-                            await self.drained.wait()
-                    finally:
-                        with trio.CancelScope(shield=True), trio.move_on_after(1), contextlib.suppress(Exception):
-                            await stream.reset()
-            except Exception as e:  # noqa: BLE001
-                self.errors[f"gossip:{type(e).__name__}"] += 1
-                await trio.sleep(0.2)
+            t0 = trio.current_time()
+            attack, counts = self.gossip_batch(ident, kp, deep, min(PER_BATCH[deep],
+                                                                    cfg.messages - self.tally.total))
+            n = sum(counts.values())
+            if n == 0:
+                return
+            queued += n
+            release = threading.Event()
+            self.waiting[lane] = (queued, release)
+            out = await send_pubsub(self.ctx.target, attack, self.ctx.run_id, seed=seed, linger=GOSSIP_LINGER_MAX_S,
+                                    timeout=60, release=release)
+            for k, v in counts.items():
+                self.tally.add(k, v, out)
+            if out != "written":
+                self.errors[f"gossip:{out}"] += 1
+            if not release.is_set() or lane in self.stalled:  # not all accounted for: go on from here
+                self.stalled.discard(lane)
+                self.errors[f"gossip:{lane}: closed before the node had accounted for everything"] += 1
+                queued = int(self.consumed.get(lane, 0))
+            await trio.sleep(max(0.0, n / rate - (trio.current_time() - t0)))
+
+    async def gossip_accounting(self, base: dict[str, float]) -> None:
+        """Releases a lane's connection once the node has accounted for every message the lane
+        sent: each one ends in exactly one counter, delivered (``gossip_messages_received``:
+        every deep message passes the validator), refused by the validator
+        (``gossip_rejected``) or dropped by the pubsub guard (``gossip_dropped{reason}``).
+        One connection per lane at a time, so the counters attribute exactly."""
+
+        def lanes(m: dict[str, float]) -> dict[str, float]:
+            broken = m.get(f"gossip_rejected{{{TOPIC}}}", 0) + sum(v for k, v in m.items() if k.startswith("gossip_dropped{"))
+            return {"deep": m.get(f"gossip_messages_received{{{TOPIC}}}", 0), "broken": broken}
+
+        b = lanes(base)
+        moved_at: dict[str, float] = {}
+        while self.phase in ("fuzz", "drain"):
+            m = await trio.to_thread.run_sync(self.metrics)
+            t = trio.current_time()
+            if m:
+                now = lanes(m)
+                consumed = {k: now[k] - b[k] for k in now}
+                for k, v in consumed.items():
+                    if v != self.consumed.get(k):
+                        moved_at[k] = t
+                self.consumed = consumed
+                for lane, (need, ev) in list(self.waiting.items()):
+                    if ev.is_set():
+                        continue
+                    if consumed[lane] >= need:
+                        ev.set()
+                    elif t - moved_at.get(lane, t) > GOSSIP_STALL_S:  # lost on the way: stop waiting
+                        self.stalled.add(lane)
+                        ev.set()
+            await trio.sleep(0.3)
 
     async def drain(self) -> float:
         """After the last write: wait until the daemon's counters stop moving (bounded)."""
@@ -415,8 +504,9 @@ class Fuzzer:
 
         def progress() -> float:
             m = self.metrics()
-            # rejections only: the node's own rounds move core_events all the time
-            return sum(v for k, v in m.items() if k.startswith(("rejected_total", "gossip_rejected", "core_events{rejected.")))
+            # refusals only: the node's own rounds move core_events all the time
+            return sum(v for k, v in m.items() if k.startswith(("rejected_total", "gossip_rejected", "gossip_dropped",
+                                                                 "core_events{rejected.")))
 
         last, stable = -1.0, 0
         while time.time() - t0 < self.cfg.drain_s and self.proc.poll() is None:
@@ -426,24 +516,28 @@ class Fuzzer:
                 break
             last = cur
             await trio.sleep(0.5)
-        self.drained.set()
         return time.time() - t0
 
     async def raw_frames(self) -> None:
-        """Hand-made pubsub frames, each case from a fresh identity (the swap point is
-        ``send_raw_pubsub``). Two of them stop a stock py-libp2p host: they go last."""
-        cases = [c for c in RAW_PUBSUB_CASES if c not in FATAL_ON_STOCK_LIBP2P] + list(FATAL_ON_STOCK_LIBP2P)
-        for case in cases:
-            for _ in range(3):
+        """Every raw pubsub case of ``hostile.build`` three times, each from a fresh identity,
+        after everything else was measured (they used to stop a stock py-libp2p host)."""
+        topic = topic_of(self.ctx.run_id)
+        limiter = trio.CapacityLimiter(8)
+
+        async def one(case: str) -> None:
+            async with limiter:
                 if self.proc.poll() is not None:
                     return
-                peer = RawPeer(self.ctx.run_id)
+                seed = os.urandom(32)
                 self.identities += 1
-                data = FraudProof(run=self.ctx.run_id, record=GARBAGE + os.urandom(16)).encode()
-                async with peer.running():
-                    frames, half = raw_pubsub_frames(case, peer, data)
-                    out = await send_raw_pubsub(peer, self.ctx.target, frames, half_close=half, linger=0.5)
+                attack, linger = raw_pubsub(case, topic, seed)
+                out = await send_pubsub(self.ctx.target, attack, self.ctx.run_id, seed=seed, linger=linger)
                 self.tally.add(f"raw-pubsub:{case}", 1, out)
+
+        async with trio.open_nursery() as nursery:
+            for case in RAW_PUBSUB_CASES:
+                for _ in range(3):
+                    nursery.start_soon(one, case)
 
     async def sampler(self, t0: float) -> None:
         last_print = 0.0
@@ -496,44 +590,50 @@ class Fuzzer:
         self.phase = "fuzz"
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.sampler, t0)
+            nursery.start_soon(self.gossip_accounting, m0)
             async with trio.open_nursery() as senders:
                 for w in range(cfg.direct_workers):
                     senders.start_soon(self.direct_worker, w)
-                for s in range(cfg.gossip_sessions):
-                    senders.start_soon(self.gossip_session, s)
+                senders.start_soon(self.gossip_lane, True)
+                senders.start_soon(self.gossip_lane, False)
 
                 async def watchdog() -> None:
                     while self.budget_left() and time.time() - t0 < cfg.timeout_s:
                         await trio.sleep(0.5)
-                    self.phase = "drain"
-                    self.say(f"fuzz: {self.tally.total} messages written in {time.time() - t0:.0f} s; "
-                             "waiting for the node to read them all")
-                    self.drain_seconds = await self.drain()
+                    self.phase = "drain"  # the senders finish what they are writing, then stop
 
                 senders.start_soon(watchdog)
+            self.say(f"fuzz: {self.tally.total} messages written in {time.time() - t0:.0f} s; "
+                     "waiting for the node to read them all")
+            self.drain_seconds = await self.drain()
             fuzz_s = time.time() - t0
             alive_fuzz = self.proc.poll() is None
             st1 = await trio.to_thread.run_sync(self.status)
             m1 = await trio.to_thread.run_sync(self.metrics)
+            m2 = m1
             rss_fuzz = list(self.rss)
             raw_alive: bool | None = None
             if cfg.raw_frames and alive_fuzz:
                 self.phase = "raw"
                 await self.raw_frames()
-                await trio.sleep(3)
-                st2 = await trio.to_thread.run_sync(self.status)
                 r_before = int(st1["round"]) if st1 else 0
-                for _ in range(40):  # still applying rounds after the raw frames?
-                    if st2 is not None and int(st2["round"]) > r_before + 3:
-                        break
-                    await trio.sleep(0.5)
+                # still applying rounds after the raw frames, and every drop counted? (bounded)
+                last: dict[str, float] = {}
+                for _ in range(60):
                     st2 = await trio.to_thread.run_sync(self.status)
-                raw_alive = self.proc.poll() is None and st2 is not None and int(st2["round"]) > r_before + 3
+                    m2 = await trio.to_thread.run_sync(self.metrics)
+                    drops = {k: v for k, v in m2.items() if k.startswith("gossip_dropped")}
+                    raw_alive = self.proc.poll() is None and st2 is not None and int(st2["round"]) > r_before + 3
+                    if raw_alive and drops == last or self.proc.poll() is not None:
+                        break
+                    last = drops
+                    await trio.sleep(0.5)
             self.phase = "done"
             nursery.cancel_scope.cancel()
-        return self.summarize(t0, fuzz_s, m0, m1, st1, alive_fuzz, rss_fuzz, raw_alive)
+        return self.summarize(t0, fuzz_s, m0, m1, m2, st1, alive_fuzz, rss_fuzz, raw_alive)
 
-    def summarize(self, t0: float, fuzz_s: float, m0: dict[str, float], m1: dict[str, float], st1: dict[str, Any] | None,
+    def summarize(self, t0: float, fuzz_s: float, m0: dict[str, float], m1: dict[str, float], m2: dict[str, float],
+                  st1: dict[str, Any] | None,
                   alive: bool, rss: list[tuple[float, float]], raw_alive: bool | None) -> dict[str, Any]:
         cfg = self.cfg
         failures: list[str] = []
@@ -550,18 +650,20 @@ class Fuzzer:
         # after the drain: what stayed (a leak) as opposed to what was buffered while we wrote
         residual = (rss_end - rss_warm) if rss_end is not None and rss_warm is not None else None
 
-        def delta(prefix: str) -> dict[str, int]:
-            keys = {k for k in (*m0, *m1) if k.startswith(prefix)}
-            return {k[len(prefix):].strip("{}") or prefix: int(m1.get(k, 0) - m0.get(k, 0)) for k in sorted(keys)
-                    if m1.get(k, 0) - m0.get(k, 0)}
+        def delta(prefix: str, a: dict[str, float] = m0, b: dict[str, float] = m1) -> dict[str, int]:
+            keys = {k for k in (*a, *b) if k.startswith(prefix)}
+            return {k[len(prefix):].strip("{}") or prefix: int(b.get(k, 0) - a.get(k, 0)) for k in sorted(keys)
+                    if b.get(k, 0) - a.get(k, 0)}
 
         rejected = delta("rejected_total")
         gossip_rejected = sum(delta("gossip_rejected").values())
         transport = {k: int(m1.get(k, 0) - m0.get(k, 0)) for k in
                      ("frames_too_large", "protocol_mismatches", "requests_failed", "requests_served", "events_dropped",
-                      "peers_refused_total", "validator_errors")}
+                      "peers_refused_total", "validator_errors", "handler_errors")}
         core = delta("core_events")
-        moved = sum(rejected.values()) + gossip_rejected
+        dropped = delta("gossip_dropped")
+        raw_dropped = delta("gossip_dropped", m1, m2)
+        moved = sum(rejected.values()) + gossip_rejected + sum(dropped.values())
         if not alive:
             failures.append(f"the daemon died during the fuzz (exit {self.proc.returncode}):\n{self.log_tail()}")
         if advanced < 5:
@@ -575,8 +677,9 @@ class Fuzzer:
         if total < cfg.messages:
             failures.append(f"only {total} of {cfg.messages} messages were sent (timeout or the daemon died)")
         if raw_alive is False:
-            failures.append("the daemon stopped applying rounds after the raw pubsub frames "
-                            f"(py-libp2p 0.8.1 without the adapter's guard):\n{self.log_tail()}")
+            failures.append(f"the daemon stopped applying rounds after the raw pubsub frames:\n{self.log_tail()}")
+        elif raw_alive and not raw_dropped.get("rpc-decode") or raw_alive and not raw_dropped.get("no-key"):
+            failures.append(f"the pubsub guard did not count the raw frames it dropped: {raw_dropped}")
         return {
             "ok": not failures,
             "failures": failures,
@@ -602,6 +705,9 @@ class Fuzzer:
             "rejected_by_reason": rejected,
             "gossip_rejected_by_validator": gossip_rejected,
             "transport_counters": transport,
+            "gossip_dropped_by_reason": dropped,
+            "raw_pubsub_dropped_by_reason": raw_dropped,
+            "bans": int(m1.get("bans_total", 0) - m0.get("bans_total", 0)),
             "core_rejections": {k: v for k, v in core.items() if k.startswith("rejected.")},
             "core_events": core,
             "client_errors": dict(self.errors),
@@ -631,6 +737,16 @@ def table(s: dict[str, Any]) -> str:
     lines.append("rejected by the daemon (rejected_total{reason}):")
     lines += [f"  {k:40s} {v}" for k, v in s["rejected_by_reason"].items()]
     lines.append(f"  {'gossip validator (gossip_rejected)':40s} {s['gossip_rejected_by_validator']}")
+    lines.append(f"  {'peers banned (bans_total)':40s} {s['bans']}")
+    lines.append("pubsub guard drops (gossip_dropped{reason}):")
+    lines += [f"  {k:40s} {v}" for k, v in s["gossip_dropped_by_reason"].items()]
+    lines.append("raw pubsub frames sent, and the guard's drops after them:")
+    lines += [f"  {k:40s} {v}" for k, v in s["raw_pubsub"].items()]
+    lines += [f"  dropped: {k:31s} {v}" for k, v in s["raw_pubsub_dropped_by_reason"].items()]
+    lines.append("core events (core_events{event}, refusals and drops):")
+    lines += [f"  {k:40s} {v}" for k, v in s["core_events"].items()
+              if k.startswith(("rejected.", "records.duplicate", "records.orphan", "records.known_bad",
+                               "checkpoints.missing", "inputs.unavailable", "banned."))]
     lines.append("transport counters:")
     lines += [f"  {k:40s} {v}" for k, v in s["transport_counters"].items()]
     lines.append("mutations (top 12):")
@@ -649,9 +765,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--out", default=None, help="output folder (default: a temporary one)")
     ap.add_argument("--raw-frames", choices=("on", "off"), default="on",
-                    help=f"raw pubsub frames at the end ({', '.join(FATAL_ON_STOCK_LIBP2P)} stop a stock py-libp2p host)")
+                    help="raw pubsub frames at the end (every case of seedswarm.gossip.libp2p.hostile, three times)")
     ap.add_argument("--direct-workers", type=int, default=d.direct_workers)
-    ap.add_argument("--gossip-sessions", type=int, default=d.gossip_sessions)
     ap.add_argument("--gossip-rate", type=float, default=d.gossip_rate, help="gossip messages written per second")
     ap.add_argument("--deep-share", type=float, default=d.deep_share,
                     help="share of gossip messages valid in form (they reach the core); the rest break the pubsub envelope")
@@ -669,7 +784,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = tempfile.mkdtemp(prefix="seedswarm-fuzz-")
         out = tmp
     cfg = FuzzConfig(messages=args.messages, seed=args.seed, out=out, raw_frames=args.raw_frames == "on",
-                     direct_workers=args.direct_workers, gossip_sessions=args.gossip_sessions, deep_share=args.deep_share,
+                     direct_workers=args.direct_workers, deep_share=args.deep_share,
                      gossip_rate=args.gossip_rate,
                      rss_limit_mb=args.rss_limit_mb, timeout_s=args.timeout, quiet=args.quiet)
     fz = Fuzzer(cfg)
