@@ -23,7 +23,6 @@ copy, opened with ChainStore), node.log, and the HTTP ``/status`` and ``/metrics
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import contextlib
 import json
@@ -51,6 +50,7 @@ from seedswarm.bench.adversary import (
     Target,
     View,
 )
+from seedswarm.clihelp import parser
 from seedswarm.sim.cluster import Cluster, ClusterConfig
 
 NETNS_PORT = 4001
@@ -1099,24 +1099,27 @@ def table(s: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point for ``seedswarm bench chaos``."""
     d = ChaosConfig()
-    ap = argparse.ArgumentParser(prog="seedswarm bench chaos",
-                                 description="Real daemons under seeded kills, pauses, link drops and hostile traffic; "
-                                             "checks agreement and the chain stores at the end.")
-    ap.add_argument("--nodes", type=int, default=d.nodes)
-    ap.add_argument("--minutes", type=float, default=d.minutes, help="minutes of faults (default 10)")
-    ap.add_argument("--seed", type=int, default=d.seed)
+    ap = parser("seedswarm bench chaos",
+                "Real daemons under seeded kills, pauses, link drops, Join floods and hostile traffic; checks "
+                "at the end that every node agrees on one head, the chain stores are identical and no daemon "
+                "crashed.",
+                ["seedswarm bench chaos --nodes 8 --minutes 10 --json",
+                 "seedswarm bench chaos --nodes 4 --minutes 2 --netns off --exclude slow-stream"])
+    ap.add_argument("--nodes", type=int, default=d.nodes, help="honest daemons (at least 3)")
+    ap.add_argument("--minutes", type=float, default=d.minutes, help="minutes of faults")
+    ap.add_argument("--seed", type=int, default=d.seed, help="seed of the fault schedule and the hostile traffic")
     ap.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
     ap.add_argument("--out", default=None, help="output folder (default: runs/chaos-<time>)")
     ap.add_argument("--netns", choices=("auto", "on", "off"), default=d.netns,
-                    help="run nodes in network namespaces (needed for link drops; default: when root)")
+                    help="run nodes in network namespaces (needed for link drops; auto: when root)")
     ap.add_argument("--fault-every", type=float, default=d.fault_every_s, help="mean seconds between faults")
     ap.add_argument("--hostile-rate", type=float, default=d.hostile_rate, help="hostile actions per second")
     ap.add_argument("--join-flood", type=int, default=d.join_flood, help="Joins per flood (two floods; 0: none)")
     ap.add_argument("--exclude", default="", metavar="KIND,...",
-                    help=f"hostile kinds or raw pubsub cases to skip (kinds: {', '.join(KINDS)}; cases: "
-                         f"{', '.join(RAW_PUBSUB_CASES)})")
+                    help=f"hostile kinds or raw pubsub cases to skip (default: none; kinds: {', '.join(KINDS)}; "
+                         f"cases: {', '.join(RAW_PUBSUB_CASES)})")
     ap.add_argument("--settle", type=float, default=d.settle_s, help="seconds allowed to settle after the faults")
-    ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = ap.parse_args(argv)
     if args.nodes < 3:
         print("seedswarm bench chaos: --nodes must be at least 3", file=sys.stderr)

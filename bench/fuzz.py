@@ -29,7 +29,6 @@ if all hold (and, with raw frames, it survived them too).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -70,6 +69,7 @@ from seedswarm.bench.adversary import (
     topic_of,
 )
 from seedswarm.bench.chaos import parse_metrics
+from seedswarm.clihelp import parser
 from seedswarm.crypto.keys import Identity
 from seedswarm.gossip.libp2p import hostile
 from seedswarm.gossip.wire import (
@@ -757,23 +757,27 @@ def table(s: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point for ``seedswarm bench fuzz``."""
     d = FuzzConfig()
-    ap = argparse.ArgumentParser(prog="seedswarm bench fuzz",
-                                 description="Mutated valid messages and random bytes against a live daemon, over real "
-                                             "libp2p streams and raw pubsub RPCs; checks it survives, trains and stays flat.")
-    ap.add_argument("--messages", type=int, default=d.messages)
-    ap.add_argument("--seed", type=int, default=d.seed)
-    ap.add_argument("--json", action="store_true")
+    ap = parser("seedswarm bench fuzz",
+                "Mutated valid messages and random bytes against a live daemon, over real libp2p streams and "
+                "raw pubsub RPCs; checks that it survives, keeps training, counts what it refused and keeps "
+                "its memory flat.",
+                ["seedswarm bench fuzz --messages 100000 --json",
+                 "seedswarm bench fuzz --messages 5000 --raw-frames off"])
+    ap.add_argument("--messages", type=int, default=d.messages, help="messages to send in all")
+    ap.add_argument("--seed", type=int, default=d.seed, help="seed of the mutations")
+    ap.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
     ap.add_argument("--out", default=None, help="output folder (default: a temporary one)")
     ap.add_argument("--raw-frames", choices=("on", "off"), default="on",
                     help="raw pubsub frames at the end (every case of seedswarm.gossip.libp2p.hostile, three times)")
-    ap.add_argument("--direct-workers", type=int, default=d.direct_workers)
+    ap.add_argument("--direct-workers", type=int, default=d.direct_workers,
+                    help="identities sending on direct streams at once")
     ap.add_argument("--gossip-rate", type=float, default=d.gossip_rate, help="gossip messages written per second")
     ap.add_argument("--deep-share", type=float, default=d.deep_share,
                     help="share of gossip messages valid in form (they reach the core); the rest break the pubsub envelope")
     ap.add_argument("--rss-limit-mb", type=float, default=d.rss_limit_mb,
                     help="RSS may end at most this far above its warm-up level, and peak at most twice as far")
     ap.add_argument("--timeout", type=float, default=d.timeout_s, help="seconds of fuzzing at most")
-    ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = ap.parse_args(argv)
     if args.messages < 1:
         print("seedswarm bench fuzz: --messages must be positive", file=sys.stderr)

@@ -15,9 +15,6 @@ import pytest
 from seedswarm import PROTOCOL_VERSION, __version__
 from seedswarm.cli import BENCHES, main
 
-# bench chaos and bench fuzz are maintained elsewhere (bench/chaos.py, bench/fuzz.py): their help
-# is checked the same way, but a gap there is reported (xfail) instead of failing this suite.
-ELSEWHERE = {"chaos", "fuzz"}
 COMMANDS = [["sim"], ["init"], ["node"], ["status"], ["cluster"], ["task"], ["task", "check"],
             *[["bench", b] for b in BENCHES]]
 ENTRY = re.compile(r"^  (-\S.*?)(?:\s{2,}(\S.*))?$")
@@ -61,32 +58,13 @@ def problems(text: str) -> list[str]:
 
 @pytest.mark.parametrize("argv", COMMANDS, ids=[" ".join(c) for c in COMMANDS])
 def test_every_option_is_described(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    if argv[0] == "bench" and argv[1] in ELSEWHERE:
-        rc = main([*argv, "--help"]) if _imports_fail(argv[1]) else None
-        if rc is not None:
-            err = capsys.readouterr().err.strip()
-            pytest.xfail(f"bench {argv[1]} is maintained elsewhere and does not load in this build: {err}")
     text = help_text(capsys, argv)
     assert len(options(text)) >= 1 and "-h, --help" in options(text)
     bad = problems(text)
-    if argv[0] == "bench" and argv[1] in ELSEWHERE and bad:
-        pytest.xfail(f"bench {argv[1]} is maintained elsewhere (bench/{argv[1]}.py); its help lacks: "
-                     + "; ".join(bad))
     assert not bad, f"seedswarm {' '.join(argv)} --help:\n" + "\n".join(bad)
 
 
-def _imports_fail(name: str) -> bool:
-    import importlib
-
-    try:
-        importlib.import_module(f"seedswarm.bench.{name}")
-    except ImportError:
-        return True
-    return False
-
-
-@pytest.mark.parametrize("argv", [c for c in COMMANDS if not (c[0] == "bench" and c[1] in ELSEWHERE)],
-                         ids=lambda c: " ".join(c))
+@pytest.mark.parametrize("argv", COMMANDS, ids=lambda c: " ".join(c))
 def test_commands_have_a_description_and_an_example(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     text = help_text(capsys, argv)
     usage_end = text.index("\n\n")
@@ -132,8 +110,6 @@ def test_node_help_lists_every_config_key(capsys: pytest.CaptureFixture[str]) ->
 
 def test_no_internal_jargon(capsys: pytest.CaptureFixture[str]) -> None:
     for argv in COMMANDS:
-        if argv[0] == "bench" and argv[1] in ELSEWHERE:
-            continue
         text = help_text(capsys, argv).lower()
         for word in ("issue 4", "issue's", "acceptance criteria"):
             assert word not in text, (argv, word)
