@@ -159,3 +159,13 @@ def test_core_imports_without_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "", f"importing the core pulled in: {out.stdout.strip()}"
+
+
+# "no file over about 500 lines": a module that needs more than this has two jobs and should be
+# two modules (the few between 500 and this limit are one state machine or one schema each).
+MAX_MODULE_LINES = 560
+
+
+def test_no_module_is_too_long() -> None:
+    long = {m: n for m, p in _modules().items() if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not long, f"modules over {MAX_MODULE_LINES} lines (split them by what they do): {long}"
