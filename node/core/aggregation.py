@@ -100,11 +100,20 @@ class Aggregation:
     def publish_delay(self, deadline: Deadline) -> float:
         """How long after entering the round this aggregator publishes, given what it has now.
 
-        Rank 0: once every trainer reported; once a quorum did and the adaptive deadline passed;
-        else after the round timeout (a quorum that is late is waited for, never cut short by a
-        deadline learned in easier rounds). Never before the minimum round time, so a lone
-        member cannot outrun the nodes syncing to it. Rank j >= 1 steps in at (j + 0.5)
-        timeouts: trainers re-send to rank j at j timeouts, so it has their inputs by then.
+        Rank 0: once every trainer reported; once a quorum did and the adaptive deadline passed,
+        unless a silent trainer is on its last chance; else after the round timeout (a quorum
+        that is late is waited for, never cut short by a deadline learned in easier rounds).
+        Never before the minimum round time, so a lone member cannot outrun the nodes syncing to
+        it. Rank j >= 1 steps in at (j + 0.5) timeouts: trainers re-send to rank j at j
+        timeouts, so it has their inputs by then.
+
+        *Last chance*: a record that leaves out a trainer with ``expel_after - 1`` missed duties
+        expels it, and that must never happen on a deadline: the deadline is twice the median
+        time to quorum, so a live member that is the slowest of its committees (a long link, a
+        slow GPU) misses it now and then, and four such misses in a row used to expel a member
+        that had sent every contribution (one in 60 fault-free runs of ``bench sweep``). So the
+        record that would expel waits the full round timeout for it; a dead member costs the
+        swarm one slow round, once.
         """
         g = deadline.g
         if self.rank > 0:
@@ -112,9 +121,16 @@ class Aggregation:
         n = self.reported()
         if n >= len(self.state.committee.trainers):
             return g.min_round_time
-        if n >= quorum_count(g, self.state):
+        if n >= quorum_count(g, self.state) and not self._last_chance_waiting():
             return max(g.min_round_time, deadline.value())
         return max(g.min_round_time, g.round_timeout)
+
+    def _last_chance_waiting(self) -> bool:
+        """A trainer that has not reported would be expelled by a record without it."""
+        st = self.state
+        last = st.genesis.expel_after - 1
+        return any(st.missed.get(p, 0) >= last for p in st.committee.trainers
+                   if p not in self.got and p not in self.evidence)
 
     def contributions(self) -> list[Contribution]:
         return [c for p, c in self.got.items() if p not in self.evidence]
