@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from seedswarm.bench.adversary import RAW_PUBSUB_CASES
+from seedswarm.bench.hostile_pubsub import RAW_PUBSUB_CASES
 
 MESSAGES = 100_000
 
