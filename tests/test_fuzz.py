@@ -54,8 +54,11 @@ def test_fuzz_ci_size(tmp_path: Path) -> None:
     assert s["gossip_rejected_by_validator"] > 0 and s["transport_counters"]["frames_too_large"] > 0, s
     dropped = s["gossip_dropped_by_reason"]
     assert dropped.get("bad-signature", 0) > 0 and dropped.get("graylisted", 0) > 1000, dropped
-    # every gossip message was accounted for by the node (delivered, refused or dropped)
-    assert not any("accounted" in k for k in s["client_errors"]), s["client_errors"]
+    # every gossip message on a connection that stayed up was accounted for by the node
+    # (delivered, refused or dropped); a loaded machine may cut a few of the ~60 connections
+    errors = s["client_errors"]
+    assert not any("accounted" in k for k in errors), errors
+    assert sum(v for k, v in errors.items() if "connection cut" in k) <= 5, errors
     # raw pubsub frames, last: every case sent, dropped by the guard and counted, node alive
     assert set(RAW_PUBSUB_CASES) <= {k.split(":")[1] for k in s["raw_pubsub"]}, s["raw_pubsub"]
     raw = s["raw_pubsub_dropped_by_reason"]
