@@ -28,6 +28,22 @@ DIRECTIONS_HELP = "K: shared random directions per round; a trainer sends one by
 GROUPS_HELP = "direction groups G: trainer i measures group i mod G (G x K directions a round)"
 
 
+def add_learning_options(p: argparse.ArgumentParser, d: Any) -> None:
+    """The training options ``sim`` and ``cluster`` share, with defaults from their config ``d``
+    (its ``estimator``, ``trainers``, ``directions``, ``groups``, ``aggregator``, ``lr``,
+    ``local_lr`` and ``batch_size``)."""
+    from seedswarm.sampling.aggregators import RULES
+
+    p.add_argument("--estimator", default=d.estimator, choices=["fo", "zo"], help=ESTIMATOR_HELP)
+    p.add_argument("--trainers", type=int, default=d.trainers, help="trainers per round (the committee)")
+    p.add_argument("--directions", type=int, default=d.directions, help=DIRECTIONS_HELP)
+    p.add_argument("--groups", type=int, default=d.groups, help=GROUPS_HELP)
+    p.add_argument("--aggregator", default=d.aggregator, choices=RULES, help=AGGREGATOR_HELP)
+    p.add_argument("--lr", type=float, default=d.lr, help="learning rate of the step every node applies each round")
+    p.add_argument("--local-lr", type=float, default=d.local_lr, help="fo only: a trainer's local SGD learning rate")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples in a trainer's batch")
+
+
 def show_default(value: Any) -> str | None:
     """How a default reads in help text, or None when there is nothing worth showing."""
     if value is None or value is argparse.SUPPRESS or isinstance(value, bool):

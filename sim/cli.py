@@ -9,17 +9,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from seedswarm.sampling.aggregators import RULES
-
 
 def add_parser(sub: Any) -> None:
     from seedswarm.clihelp import (
-        AGGREGATOR_HELP,
-        DIRECTIONS_HELP,
-        ESTIMATOR_HELP,
-        GROUPS_HELP,
         TASK_HELP,
         TASK_OPTION_HELP,
+        add_learning_options,
         subcommand,
     )
     from seedswarm.sim.attacks import ATTACKS
@@ -46,16 +41,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--protocol", default=d.protocol, choices=["seedswarm", "modest", "dpsgd"],
                    help="seedswarm, or a baseline in the same harness: modest (sampled trainers send full "
                         "models) or dpsgd (every node averages full models with its neighbours)")
-    p.add_argument("--estimator", default=d.estimator, choices=["fo", "zo"], help=ESTIMATOR_HELP)
-    p.add_argument("--trainers", type=int, default=d.trainers, help="trainers per round (the committee)")
-    p.add_argument("--directions", type=int, default=d.directions,
-                   help=DIRECTIONS_HELP)
-    p.add_argument("--groups", type=int, default=d.groups,
-                   help=GROUPS_HELP)
-    p.add_argument("--aggregator", default=d.aggregator, choices=RULES, help=AGGREGATOR_HELP)
-    p.add_argument("--lr", type=float, default=d.lr, help="learning rate of the step every node applies each round")
-    p.add_argument("--local-lr", type=float, default=d.local_lr, help="fo only: a trainer's local SGD learning rate")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples in a trainer's batch")
+    add_learning_options(p, d)
     p.add_argument("--target", type=float, default=d.target,
                    help="test accuracy whose first crossing is reported (rounds and bytes to target)")
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate on the test split every N rounds")

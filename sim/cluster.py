@@ -33,7 +33,6 @@ from typing import Any, TextIO
 
 from seedswarm.node.core.genesis import GenesisOptions, default
 from seedswarm.progress import Progress
-from seedswarm.sampling.aggregators import RULES
 
 
 @dataclass
@@ -345,12 +344,9 @@ class Cluster:
 
 def add_parser(sub: Any) -> None:
     from seedswarm.clihelp import (
-        AGGREGATOR_HELP,
-        DIRECTIONS_HELP,
-        ESTIMATOR_HELP,
-        GROUPS_HELP,
         TASK_HELP,
         TASK_OPTION_HELP,
+        add_learning_options,
         subcommand,
     )
 
@@ -367,16 +363,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the model and the data shards")
     p.add_argument("--task", default=d.task, help=TASK_HELP)
     p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE", help=TASK_OPTION_HELP)
-    p.add_argument("--estimator", default=d.estimator, choices=["fo", "zo"], help=ESTIMATOR_HELP)
-    p.add_argument("--trainers", type=int, default=d.trainers, help="trainers per round (the committee)")
-    p.add_argument("--directions", type=int, default=d.directions,
-                   help=DIRECTIONS_HELP)
-    p.add_argument("--groups", type=int, default=d.groups,
-                   help=GROUPS_HELP)
-    p.add_argument("--aggregator", default=d.aggregator, choices=RULES, help=AGGREGATOR_HELP)
-    p.add_argument("--lr", type=float, default=d.lr, help="learning rate of the step every node applies each round")
-    p.add_argument("--local-lr", type=float, default=d.local_lr, help="fo only: a trainer's local SGD learning rate")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples in a trainer's batch")
+    add_learning_options(p, d)
     p.add_argument("--round-timeout", type=float, default=d.round_timeout,
                    help="seconds an aggregator waits for contributions at most")
     p.add_argument("--join-nodes", type=int, default=0, help="node processes started later, at --join-at")
