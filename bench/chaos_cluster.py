@@ -14,12 +14,11 @@ import json
 import random
 import socket
 import sys
-import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from seedswarm.bench.chaos_netns import Netns
-from seedswarm.bench.hostile_peer import Target
+from seedswarm.bench.hostile_peer import Target, http_get
 from seedswarm.sim.cluster import Cluster, ClusterConfig
 
 NETNS_PORT = 4001
@@ -118,12 +117,7 @@ class ChaosCluster(Cluster):
 
     def http(self, i: int, path: str, timeout: float = 2.0) -> bytes | None:
         host, port = self.metrics[i]
-        try:
-            with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=timeout) as r:
-                data: bytes = r.read()
-                return data
-        except (OSError, ValueError):
-            return None
+        return http_get(f"http://{host}:{port}{path}", timeout)
 
     def log_text(self, i: int, start: int = 0) -> str:
         try:

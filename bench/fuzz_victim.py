@@ -19,14 +19,13 @@ import signal
 import subprocess
 import sys
 import threading
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from seedswarm.bench.chaos_observe import parse_metrics
-from seedswarm.bench.hostile_peer import Tally, Target
+from seedswarm.bench.hostile_peer import Tally, Target, http_get
 from seedswarm.bench.mutator import Mutator
 from seedswarm.crypto.keys import Identity, peer_id_of
 from seedswarm.gossip.wire import CheckpointManifest
@@ -116,12 +115,7 @@ class FuzzVictim:
             stdin=subprocess.DEVNULL, stdout=self.logf, stderr=self.logf, env=env, start_new_session=True)
 
     def http(self, path: str, timeout: float = 5.0) -> bytes | None:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}{path}", timeout=timeout) as r:
-                data: bytes = r.read()
-                return data
-        except (OSError, ValueError):
-            return None
+        return http_get(f"http://127.0.0.1:{self.metrics_port}{path}", timeout)
 
     def status(self) -> dict[str, Any] | None:
         body = self.http("/status")

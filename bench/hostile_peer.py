@@ -26,6 +26,7 @@ import contextlib
 import logging
 import os
 import threading
+import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -279,3 +280,13 @@ class RawPeer:
         except Exception as e:  # noqa: BLE001 - a hostile client reports, never raises
             return f"error-{type(e).__name__}", b""
 
+
+def http_get(url: str, timeout: float) -> bytes | None:
+    """A daemon's ``/status`` or ``/metrics`` body, or None when it does not answer (both benches
+    poll nodes that may be killed, paused or flooded at that moment)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            data: bytes = r.read()
+            return data
+    except (OSError, ValueError):
+        return None
