@@ -39,11 +39,19 @@ def test_work_is_checked_and_costs_what_it_says() -> None:
     run, peer = b"r" * 32, b"p" * 32
     nonce = solve_work(run, peer, 7, 12)
     assert work_ok(run, peer, 7, nonce, 12)
+    for bits in (1, 4, 9):  # the solver's prefix-hashed digest is the checker's digest
+        n = solve_work(run, peer, 3, bits)
+        assert work_ok(run, peer, 3, n, bits)
+        assert all(not work_ok(run, peer, 3, i.to_bytes(8, "big"), bits) for i in range(int.from_bytes(n, "big")))
     assert not work_ok(run, peer, 8, nonce, 12) or not work_ok(run, peer, 8, nonce, 13)  # tied to the round
     assert work_ok(run, peer, 7, b"", 0)
     assert not work_ok(run, peer, 7, b"x" * 17, 1)  # oversized nonce
     g = make_genesis(join_pow_bits=10)
-    assert join_bits(g, 0) == 10 and join_bits(g, 2) == 11 and join_bits(g, 9) == 14
+    # max_joins (4) Joins per ttl window are free in a small swarm; then one bit per two more
+    assert join_bits(g, 0) == 10 and join_bits(g, 4) == 10 and join_bits(g, 6) == 11 and join_bits(g, 13) == 14
+    # a large swarm absorbs an eighth of its members per window at the base cost
+    assert join_bits(g, 100, members=1000) == 10 and join_bits(g, 129, members=1000) == 12
+    assert join_bits(g, 10_000, members=3) == 40  # capped: out of reach, on purpose
     assert join_bits(make_genesis(join_pow_bits=0), 100) == 0
 
 

@@ -131,7 +131,7 @@ class ChainState:
     @property
     def join_bits(self) -> int:
         """Bits of work a Join needs in a record of this round (open swarms; see ``admission``)."""
-        return join_bits(self.genesis, len(self.recent_joins))
+        return join_bits(self.genesis, len(self.recent_joins), len(self.members))
 
     def aggregator_rank(self, peer: bytes) -> int | None:
         """Rank of an eligible peer as aggregator of this round. The first ``a`` ranks are the
