@@ -40,7 +40,11 @@ class ForkTree:
         self.seen_at: dict[bytes, float] = {}  # state head -> when this node first had it
         self.children: dict[bytes, dict[bytes, Candidate]] = {}  # parent head -> record hash -> candidate
         self.cand: dict[bytes, Candidate] = {}  # record hash (= child head) -> candidate
-        self.bad: set[bytes] = set()  # records proven or found invalid
+        self.bad: set[bytes] = set()  # records proven or found invalid (change it with mark_bad)
+        # The common case, made cheap: since the last choose(), the only change was one record
+        # that extends the head (the head was the best tip, so its first child is the new one).
+        self._extends: bytes | None = None
+        self._changed = False
 
     def state(self, head: bytes) -> ChainState | None:
         return self.states.get(head)
@@ -53,9 +57,18 @@ class ForkTree:
 
     def add(self, now: float, rh: bytes, rec: Record, parent: ChainState, child: ChainState) -> None:
         kids = self.children.setdefault(rec.prev, {})
+        simple = not self._changed and rec.prev == self.head.head and not kids and rh not in self.bad
         kids[rh] = self.cand[rh] = Candidate(rec, parent, child)
         self.states[rh] = child
         self.seen_at.setdefault(rh, now)
+        self._extends = rh if simple else None
+        self._changed = True
+
+    def mark_bad(self, rh: bytes) -> None:
+        """A record proven or found invalid: fork choice never picks it (nor what builds on it)."""
+        self.bad.add(rh)
+        self._extends = None
+        self._changed = True
 
     # ------------------------------------------------------------------ the rule
     @staticmethod
@@ -88,7 +101,9 @@ class ForkTree:
         st = self.head
         while st.round > 0 and self.head.round - st.round < self.max_undo:
             cand = self.record_of(st)
-            if cand is None:
+            if cand is None or cand.parent.head not in self.states:
+                # Never below what we hold: when the head falls back (its record proven bad),
+                # the walk would otherwise reach a pruned state and prune() would drop them all.
                 break
             st = cand.parent
         return st
@@ -105,6 +120,15 @@ class ForkTree:
 
     def choose(self) -> HeadChange | None:
         """Apply the rule; move the head if it changed."""
+        extends, self._extends, self._changed = self._extends, None, False
+        if extends is not None:
+            # The head was the deepest tip, and the new record is its only child: the one
+            # deepest tip now, whatever the other branches hold (same answer as the search).
+            c = self.cand[extends]
+            old = self.head
+            self.head = c.state
+            self.prune()
+            return HeadChange(old, ((c.parent, c.rec),), c.state, 0)
         root = self.root()
         _, path = self._best_tip(root)
         new_head = path[-1].state if path else root

@@ -492,7 +492,7 @@ class NodeCore(SyncMixin):
         outcome, err = self.verifier.on_inputs(msg)
         if outcome == "fraud":
             cand = self.tree.cand[msg.record]
-            self.tree.bad.add(msg.record)
+            self.tree.mark_bad(msg.record)
             proof = FraudProof(run=self.run_id, record=cand.rec.encode(), contributions=msg.contributions)
             assert err is not None
             return [Publish(proof), *self.reject(now, peer, err.reason, err.detail), *self._choose_head(now)]
@@ -510,5 +510,5 @@ class NodeCore(SyncMixin):
             return self.reject(now, peer, err.reason, err.detail)
         if rh is None:
             return []
-        self.tree.bad.add(rh)
+        self.tree.mark_bad(rh)
         return ([Publish(msg)] if valid else []) + self._choose_head(now)
