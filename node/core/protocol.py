@@ -33,7 +33,7 @@ from seedswarm.gossip.wire import (
     Message,
     Record,
 )
-from seedswarm.node.core.admission import admission_ok, solve_work
+from seedswarm.node.core.admission import admission_ok, join_bits, solve_work
 from seedswarm.node.core.aggregation import Aggregation, Deadline, membership_peer, pending_entries
 from seedswarm.node.core.chain import (
     ChainState,
@@ -196,8 +196,10 @@ class NodeCore(SyncMixin):
             return []
         st = self.head
         if cert is None:
-            # one bit over today's difficulty: it may rise before a record takes the Join
-            cert = solve_work(self.run_id, self.me, st.round, st.join_bits + 1) if not self.genesis.admission_key else b""
+            # enough for the difficulty after two more Joins: it may rise before a record takes
+            # ours (in a large swarm it does not, and the work is the base cost)
+            bits = join_bits(self.genesis, len(st.recent_joins) + 2, len(st.members))
+            cert = solve_work(self.run_id, self.me, st.round, bits) if not self.genesis.admission_key else b""
         j = Join(run=self.run_id, round=st.round, peer=self.me, cert=cert).signed(self.identity)
         self._pending_joins[self.me] = j.encode()
         self.joined_announced = True
