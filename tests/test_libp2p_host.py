@@ -279,6 +279,27 @@ async def test_libp2p_defaults_are_overridden(make_host: MakeHost) -> None:
         assert not gs.recent_message_deliveries  # cleared every heartbeat
 
 
+async def test_inbound_connections_that_came_and_went_do_not_use_up_the_host(make_host: MakeHost) -> None:
+    """py-libp2p 0.8.1 keeps an inbound slot (max_connections - min_connections) for every
+    inbound connection until the swarm stops: 250 throwaway connections in a node's life and it
+    refused every new one. Here the cap leaves one slot; 12 peers come and go one after another
+    and every one gets in (a real daemon with the default 300 locked up after about 240)."""
+    from seedswarm.gossip.libp2p import hostile
+
+    async with asyncio.timeout(120):
+        a = await make_host(1, max_connections=8)
+        addr = a.listen_addrs[0]
+        for i in range(12):
+            await hostile.send_async(addr, hostile.Attack(frames=()), seed=bytes([100 + i]) * 32, linger=0.05,
+                                     timeout=20)
+            await _wait_until(lambda: _no_peers(a), timeout=30)  # it came and went
+        await hostile.send_async(addr, hostile.Attack(frames=()), seed=bytes([99]) * 32, linger=0.05, timeout=20)
+
+
+async def _no_peers(host: Libp2pHost) -> bool:
+    return not host.peers()
+
+
 # -- security -----------------------------------------------------------------------------
 
 

@@ -93,6 +93,8 @@ class HostConfig:
     handler_timeout_s: float = 30.0
     #: Bound on one dial (connect, bootstrap, or the implicit dial of request()).
     dial_timeout_s: float = 5.0
+    #: Open connections at most, inbound and outbound (libp2p's ``max_connections``).
+    max_connections: int = 300
     #: Bound on start(); stop() always returns within about stop_timeout_s + 2 s.
     start_timeout_s: float = 15.0
     stop_timeout_s: float = 3.0

@@ -7,14 +7,22 @@ in ``logs``; the listen-port pre-check and the byte counters are in ``transport`
 
 from __future__ import annotations
 
+import math
 from typing import Any, Final, cast
 
 import multiaddr
+import trio
 from libp2p import new_host
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as _new_x25519_key_pair
 from libp2p.custom_types import TMuxerOptions, TProtocol, TSecurityOptions
-from libp2p.network.config import ConnectionConfig, RetryConfig
+from libp2p.network.config import (
+    HIGH_WATERMARK,
+    LOW_WATERMARK,
+    MIN_CONNECTIONS,
+    ConnectionConfig,
+    RetryConfig,
+)
 from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import PROTOCOL_ID as GOSSIPSUB_V10
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11 as GOSSIPSUB_V11
@@ -81,6 +89,24 @@ def muxer_options() -> TMuxerOptions:
     return {TProtocol(YAMUX_PROTOCOL_ID): Yamux}
 
 
+def connection_config(config: HostConfig) -> ConnectionConfig:
+    """libp2p's connection settings. The limits are its defaults for 300 open connections, scaled
+    down (in the order ConnectionConfig checks them) for a smaller ``config.max_connections``."""
+    cap = config.max_connections
+    high = min(HIGH_WATERMARK, cap)
+    low = min(LOW_WATERMARK, high)
+    return ConnectionConfig(
+        # max_connections_per_peer=1: with the default (3) every dial waits out a 250 ms
+        # happy-eyeballs delay; with 1 a loopback connect takes ~5 ms.
+        max_connections_per_peer=1,
+        max_connections=cap, high_watermark=high, low_watermark=low,
+        min_connections=min(MIN_CONNECTIONS, low, max(0, cap - 1)),
+        dial_timeout=config.dial_timeout_s,
+        outbound_stream_protocol_negotiation_timeout=config.io_timeout_s,
+        inbound_stream_protocol_negotiation_timeout=config.io_timeout_s,
+    )
+
+
 def build_libp2p_host(key_pair: KeyPair, listen: list[multiaddr.Multiaddr], config: HostConfig,
                       counters: Counters) -> Any:
     """``new_host()`` with our overrides. Any: callers reach BasicHost/Swarm attributes IHost lacks."""
@@ -92,14 +118,7 @@ def build_libp2p_host(key_pair: KeyPair, listen: list[multiaddr.Multiaddr], conf
         listen_addrs=listen,
         enable_mDNS=False,  # binds every interface via zeroconf; bootstrap lists suffice
         enable_upnp=False,
-        # max_connections_per_peer=1: with the default (3) every dial waits out a 250 ms
-        # happy-eyeballs delay; with 1 a loopback connect takes ~5 ms.
-        connection_config=ConnectionConfig(
-            max_connections_per_peer=1,
-            dial_timeout=config.dial_timeout_s,
-            outbound_stream_protocol_negotiation_timeout=config.io_timeout_s,
-            inbound_stream_protocol_negotiation_timeout=config.io_timeout_s,
-        ),
+        connection_config=connection_config(config),
         negotiate_timeout=max(1, int(config.io_timeout_s)),
     )
     network = host.get_network()
@@ -108,6 +127,13 @@ def build_libp2p_host(key_pair: KeyPair, listen: list[multiaddr.Multiaddr], conf
     network.retry_config = RetryConfig(max_retries=1, initial_delay=0.05, max_delay=0.5)
     # Same security and muxers, plus this host's transport byte counters (transport.py).
     network.upgrader = CountingUpgrader(security, muxers, counters)
+    # py-libp2p 0.8.1 takes an inbound slot (max_connections - min_connections of them) for each
+    # inbound connection and gives it back only when the swarm stops: the handler that holds it
+    # awaits the swarm's end, not the connection's. After 250 inbound connections in a node's
+    # life (peers coming and going, or one client with throwaway keys in a few seconds) the host
+    # refused every new one while its peer list was empty. The cap that counts open connections
+    # (max_connections, checked before the handshake and when a connection is registered) stays.
+    network._inbound_limiter = trio.CapacityLimiter(math.inf)
     return host
 
 
