@@ -12,15 +12,25 @@ import struct
 HASH_SIZE = 32
 
 
-def h(domain: bytes, *parts: bytes) -> bytes:
-    """SHA-256 over a domain tag and length-prefixed parts (unambiguous concatenation)."""
+def part(p: bytes) -> bytes:
+    """One length-prefixed part, as :func:`h` frames it."""
+    return struct.pack(">I", len(p)) + p
+
+
+def hasher(domain: bytes, *parts: bytes) -> hashlib._Hash:
+    """The SHA-256 state of :func:`h` after ``domain`` and ``parts``: a search that varies only
+    the last part (join work) copies it instead of hashing the fixed prefix again."""
     m = hashlib.sha256()
     m.update(struct.pack(">H", len(domain)))
     m.update(domain)
     for p in parts:
-        m.update(struct.pack(">I", len(p)))
-        m.update(p)
-    return m.digest()
+        m.update(part(p))
+    return m
+
+
+def h(domain: bytes, *parts: bytes) -> bytes:
+    """SHA-256 over a domain tag and length-prefixed parts (unambiguous concatenation)."""
+    return hasher(domain, *parts).digest()
 
 
 def u64(x: int) -> bytes:

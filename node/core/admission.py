@@ -25,10 +25,7 @@ Permissioned swarms (``genesis.admission_key``) need the swarm key's certificate
 
 from __future__ import annotations
 
-import hashlib
-import struct
-
-from seedswarm.crypto.hashing import h, u64
+from seedswarm.crypto.hashing import h, hasher, part, u64
 from seedswarm.crypto.keys import Identity, verify
 from seedswarm.node.core.genesis import Genesis
 
@@ -86,16 +83,12 @@ def solve_work(run_id: bytes, peer: bytes, round_: int, bits: int, max_tries: in
         return b""
     # The digest of _work_digest, with the fixed prefix hashed once (the hash is a search here,
     # a check in work_ok): about five times fewer operations per try.
-    base = hashlib.sha256()
-    base.update(struct.pack(">H", len(_WORK_DOMAIN)) + _WORK_DOMAIN)
-    for part in (run_id, peer, u64(round_)):
-        base.update(struct.pack(">I", len(part)) + part)
+    base = hasher(_WORK_DOMAIN, run_id, peer, u64(round_))
     limit = 1 << (256 - bits)
-    size = struct.pack(">I", 8)
     for i in range(max_tries):
         nonce = i.to_bytes(8, "big")
         m = base.copy()
-        m.update(size + nonce)
+        m.update(part(nonce))
         if int.from_bytes(m.digest(), "big") < limit:
             return nonce
     raise ValueError(f"no nonce with {bits} bits of work within {max_tries} tries")
