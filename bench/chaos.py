@@ -166,8 +166,9 @@ class Chaos(ChaosFaults, ChaosChecks, ChaosReport):
                     self.spawn(i, now, "after-crash")
             up = self.online()
             if len(up) == cfg.nodes and all(i in st for i in up):
-                rounds = [int(st[i]["round"]) for i in up]
-                if max(rounds) - min(rounds) <= 1:
+                live = self.live_statuses()
+                rounds = [int(live[i]["round"]) for i in up if i in live]
+                if len(rounds) == cfg.nodes and max(rounds) - min(rounds) <= 2:  # a round may close mid-poll
                     settled = True
                     break
             if now - last > 5:

@@ -24,20 +24,28 @@ from seedswarm.bench.chaos_observe import ChaosObserver
 class ChaosChecks(ChaosObserver):
     """The checks after the run (they re-read rounds.jsonl, hence the observer base)."""
 
+    def live_statuses(self) -> dict[int, dict[str, Any]]:
+        """Every node's live ``GET /status``, asked of all nodes at once.
+
+        ``status.json`` is only rewritten every ``status_every_s``: at several rounds a second,
+        files read one after another differ by more rounds than the nodes do.
+        """
+        futs = {i: self.pool.submit(self.cl.http, i, "/status", 3.0) for i in self.nodes}
+        got: dict[int, dict[str, Any]] = {}
+        for i, f in futs.items():
+            with contextlib.suppress(Exception):
+                body = f.result(timeout=10)
+                if body:
+                    got[i] = json.loads(body)
+        return got
+
     def snapshot(self) -> tuple[dict[int, dict[str, Any]], str]:
         """Every node's live ``GET /status``, until all report the same round (bounded)."""
         last: dict[int, dict[str, Any]] = {}
         for _ in range(60):
-            futs = {i: self.pool.submit(self.cl.http, i, "/status", 3.0) for i in self.nodes}
-            got: dict[int, dict[str, Any]] = {}
-            for i, f in futs.items():
-                with contextlib.suppress(Exception):
-                    body = f.result(timeout=10)
-                    if body:
-                        got[i] = json.loads(body)
-            last = got
-            if len(got) == len(self.nodes) and len({int(s["round"]) for s in got.values()}) == 1:
-                return got, "same-round /status snapshot"
+            last = self.live_statuses()
+            if len(last) == len(self.nodes) and len({int(s["round"]) for s in last.values()}) == 1:
+                return last, "same-round /status snapshot"
             time.sleep(0.3)
         return last, "latest /status (rounds differed in every attempt)"
 

@@ -71,7 +71,7 @@ class ChaosState:
         self.round_marks: list[tuple[float, int, int]] = []  # (time, best round, most members seen)
         self.net: Netns | None = None
         self.link_reason: str | None = None
-        self.pool = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="chaos-http")
+        self.pool = concurrent.futures.ThreadPoolExecutor(cfg.nodes + 2, thread_name_prefix="chaos-http")
         self._metrics_future: concurrent.futures.Future[None] | None = None
 
     def say(self, msg: str) -> None:
