@@ -16,11 +16,15 @@ from seedswarm.node.core.forks import ForkTree, HeadChange
 
 
 class SearchOnly(ForkTree):
-    """The reference: every choose() runs the full search."""
+    """The reference: every choose() runs the full search, every prune() the full walk."""
 
     def choose(self) -> HeadChange | None:
         self._extends = None
         return super().choose()
+
+    def prune(self) -> None:
+        self._root = None
+        super().prune()
 
 
 def _summary(c: HeadChange | None) -> tuple[object, ...] | None:
@@ -55,6 +59,7 @@ def test_the_fast_path_agrees_with_the_search() -> None:
             fast_paths += fast._extends is not None
             assert _summary(fast.choose()) == _summary(ref.choose()), (seed, step)
             assert fast.head.head == ref.head.head and set(fast.states) == set(ref.states)
+            assert set(fast.cand) == set(ref.cand) and set(fast.children) == set(ref.children)
             # the window always holds the head and its root (a head that fell back to the root
             # when the record after it was proven bad once made prune() drop every state)
             assert fast.head.head in fast.states and fast.root().head in fast.states

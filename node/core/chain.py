@@ -16,6 +16,7 @@ Two levels of checking:
 from __future__ import annotations
 
 import functools
+import itertools
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -96,11 +97,19 @@ class ChainState:
 
     @classmethod
     def initial(cls, genesis: Genesis) -> ChainState:
+        # Shared by run id, as checked_next_state shares later states: the state is immutable and
+        # its committee (a sort of every member) is costly to derive once per simulated joiner.
         run = genesis.run_id
-        return cls(
-            genesis=genesis, run_id=run, round=0, head=h(b"seedswarm/genesis-head", run),
-            members={m: -genesis.join_delay for m in genesis.members}, scale_exp=genesis.scale_exp,
-        )
+        st = _INITIAL.get(run)
+        if st is None:
+            st = cls(
+                genesis=genesis, run_id=run, round=0, head=h(b"seedswarm/genesis-head", run),
+                members={m: -genesis.join_delay for m in genesis.members}, scale_exp=genesis.scale_exp,
+            )
+            if len(_INITIAL) >= 16:
+                _INITIAL.clear()
+            _INITIAL[run] = st
+        return st
 
     # ---- derived, cached (the state is immutable)
     @functools.cached_property
@@ -121,14 +130,18 @@ class ChainState:
     def committee(self) -> Committee:
         g = self.genesis
         seats = max(1, int(g.trainers * g.probation_share))
-        return select_committee(self.beacon, self.eligible, g.trainers, g.aggregators,
-                                probation=self.probation, probation_seats=seats)
+        trainers = select_committee(self.beacon, self.eligible, g.trainers, 0,
+                                    probation=self.probation, probation_seats=seats).trainers
+        # The aggregators are the first ranks of the full order, which every node needs anyway
+        # (aggregator_rank of anyone off the committee): one sort of the members, not two.
+        return Committee(trainers=trainers, aggregators=tuple(itertools.islice(self._full_aggregator_order,
+                                                                               g.aggregators)))
 
     @functools.cached_property
     def _full_aggregator_order(self) -> dict[bytes, int]:
         return {p: i for i, p in enumerate(aggregator_order(self.beacon, self.eligible, self.probation))}
 
-    @property
+    @functools.cached_property
     def join_bits(self) -> int:
         """Bits of work a Join needs in a record of this round (open swarms; see ``admission``)."""
         return join_bits(self.genesis, len(self.recent_joins), len(self.members))
@@ -379,6 +392,7 @@ def record_hash(rec: Record) -> bytes:
     return bytes(cached)
 
 
+_INITIAL: dict[bytes, ChainState] = {}
 _MEMO: OrderedDict[tuple[bytes, bytes], ChainState | RecordError] = OrderedDict()
 
 

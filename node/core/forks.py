@@ -45,6 +45,7 @@ class ForkTree:
         # that extends the head (the head was the best tip, so its first child is the new one).
         self._extends: bytes | None = None
         self._changed = False
+        self._root: ChainState | None = None  # the root at the last prune
 
     def state(self, head: bytes) -> ChainState | None:
         return self.states.get(head)
@@ -147,21 +148,42 @@ class ForkTree:
         return HeadChange(base, steps, new_head, undone)
 
     def prune(self) -> None:
+        """Forget what fell out of the window (every state not built on the root)."""
         root = self.root()
-        keep = {root.head}
-        frontier = [root.head]
-        while frontier:
-            h = frontier.pop()
-            for rh in self.children.get(h, {}):
-                keep.add(rh)
-                frontier.append(rh)
-        for h in [h for h in self.states if h not in keep]:
-            del self.states[h]
-            self.seen_at.pop(h, None)
-            self.children.pop(h, None)
-            self.cand.pop(h, None)
+        old, self._root = self._root, root
+        if old is not None and root.head == old.head:
+            return  # the root did not move: everything held still builds on it
+        cand = self.record_of(root)
+        if old is not None and cand is not None and cand.parent.head == old.head:
+            # The common case (the head moved one round on): the window lost its oldest state
+            # and whatever branched off it but the new root. Same result as the search below.
+            self._drop_subtree(old.head, spare=root.head)
+        else:
+            keep = {root.head}
+            frontier = [root.head]
+            while frontier:
+                h = frontier.pop()
+                for rh in self.children.get(h, {}):
+                    keep.add(rh)
+                    frontier.append(rh)
+            for h in [h for h in self.states if h not in keep]:
+                self._forget(h)
         if len(self.bad) > 1024:
-            self.bad = {h for h in self.bad if h in keep}
+            self.bad = {h for h in self.bad if h in self.states}
+
+    def _drop_subtree(self, h: bytes, spare: bytes) -> None:
+        """Forget state ``h`` and everything built on it, except the subtree of ``spare``."""
+        frontier = [h]
+        while frontier:
+            x = frontier.pop()
+            frontier.extend(c for c in self.children.get(x, {}) if c != spare)
+            self._forget(x)
+
+    def _forget(self, h: bytes) -> None:
+        self.states.pop(h, None)
+        self.seen_at.pop(h, None)
+        self.children.pop(h, None)
+        self.cand.pop(h, None)
 
     def keep_only(self, keep: set[bytes]) -> set[bytes]:
         """The subset of ``keep`` still in the window (callers prune their own per-record sets)."""

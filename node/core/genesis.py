@@ -9,6 +9,7 @@ every message carry it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -111,8 +112,10 @@ class Genesis:
         d["members"] = sorted(self.members)
         return msgpack.packb(_canon(d), use_bin_type=True)
 
-    @property
+    @functools.cached_property
     def run_id(self) -> bytes:
+        # Cached (the genesis is frozen): with 10,000 members the canonical form takes 0.1 s,
+        # and every joiner's initial state asks for it.
         return h(b"seedswarm/genesis", self.canonical())
 
     @property

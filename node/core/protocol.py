@@ -290,20 +290,26 @@ class NodeCore(SyncMixin):
         """When the driver should call on_timer next (it may call earlier)."""
         # Exactly the moments on_timer acts on, so a node without duties sleeps until its sync
         # check: in a large swarm almost every node is idle in almost every round.
+        # Asked after every message a node handles (2.5 million times in 40 rounds of a
+        # 10,000-node simulation): the empty cases cost a truth test each, nothing more.
         t = self._sync_wakeup(now)
-        if self._mine is not None and self._mine[0].round == self.round:
-            t = min(t, self._round_started + (self._mine[1] + 1) * self.genesis.round_timeout + 1e-6)
-        for agg in self._agg.values():
-            if not agg.published:
-                t = min(t, agg.started + agg.publish_delay(self._deadline) + 1e-6)
-        t = min(t, self.verifier.next_wakeup())
-        for release, _, _ in self._held.values():
-            t = min(t, release + 1e-6)
-        if self.cfg.auto_join and not self.is_member() and not self.leaving:
-            t = min(t, self._last_join + self.cfg.rejoin_after + 1e-6)
+        mine = self._mine
+        if mine is not None and mine[0].round == self.tree.head.round:
+            t = min(t, self._round_started + (mine[1] + 1) * self.genesis.round_timeout + 1e-6)
+        if self._agg:
+            for agg in self._agg.values():
+                if not agg.published:
+                    t = min(t, agg.started + agg.publish_delay(self._deadline) + 1e-6)
+        if self.verifier.unverified:
+            t = min(t, self.verifier.next_wakeup())
+        if self._held:
+            t = min(t, min(release for release, _, _ in self._held.values()) + 1e-6)
+        cfg = self.cfg
+        if cfg.auto_join and not self.leaving and self.me not in self.tree.head.members:
+            t = min(t, self._last_join + cfg.rejoin_after + 1e-6)
         if self._waiting:
             t = min(t, self._quiet_until + 1e-6)
-        return max(t, now + 1e-3)  # always strictly later: a driver can never spin in place
+        return t if t > now + 1e-3 else now + 1e-3  # always strictly later: a driver never spins
 
     def on_estimate(self, now: float, round_: int, head: bytes, values: Sequence[float]) -> list[Effect]:
         """The driver's answer to an Estimate effect: quantise, sign, send to the aggregators."""

@@ -132,8 +132,8 @@ class SyncMixin(_Core):
             t = max(self.sync.last_request + cfg.sync_after, now + 1e-3)
         else:
             t = self._last_progress + cfg.sync_after + 1e-6
-        for a in self.sync.asks.values():
-            t = min(t, a.sent + self.sync.cfg.request_timeout + 1e-6)
+        if self.sync.asks:
+            t = min(t, min(a.sent for a in self.sync.asks.values()) + self.sync.cfg.request_timeout + 1e-6)
         if self.plan is not None:
             t = min(t, self.plan.next_wakeup() + 1e-6)
         return t

@@ -13,6 +13,7 @@ never forge, and a withheld record's step is bounded by the public scale.
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -77,8 +78,8 @@ class Verifier:
             return None
         sources = [cand.rec.aggregator]
         sources += [p for p in cand.state.committee.trainers if p not in sources]
-        rest = [p for p in cand.state.members if p not in sources]
-        sources += rest[: self.cfg.sources]
+        chosen = set(sources)  # the members are many (10,000 in bench scale); take what we need
+        sources += itertools.islice((p for p in cand.state.members if p not in chosen), self.cfg.sources)
         sources = [p for p in sources if p != self.me]
         if tries >= len(sources):
             self.unverified.pop(rh, None)
@@ -94,6 +95,8 @@ class Verifier:
         return [(rh, tries) for rh, (asked, tries) in self.unverified.items() if now - asked > self.cfg.timeout]
 
     def next_wakeup(self) -> float:
+        if not self.unverified:
+            return float("inf")  # the common case, asked after every message a node handles
         return min((asked + self.cfg.timeout + 1e-6 for asked, _ in self.unverified.values()), default=float("inf"))
 
     def serve(self, msg: ContributionsRequest) -> ContributionsResponse | None:
