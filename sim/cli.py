@@ -40,7 +40,7 @@ def add_parser(sub: Any) -> None:
                   "seedswarm sim --byzantine 0.2 --attack alie   # 20% attackers",
                   "seedswarm sim --crash-fraction 0.8 --crash-at 100",
                   "seedswarm sim --task ./wine_task.py:make --task-option hidden=16 --target 0.95",
-                  "seedswarm sim --task lm --nodes 50 --rounds 100 --lr 0.002 --batch-size 8 --target 1.8",
+                  "seedswarm sim --task lm --nodes 50 --rounds 100 --lr 0.03 --batch-size 8",
                   "seedswarm sim --task lm --task-option layers=2 --task-option width=64 --task-option context=64"])
     p.add_argument("--nodes", type=int, default=d.nodes, help="simulated nodes, all founding members")
     p.add_argument("--rounds", type=int, default=d.rounds, help="rounds to run")
@@ -55,7 +55,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--target", type=float, default=d.target,
                    help="value of the task's metric whose first crossing is reported (rounds and bytes to "
                         "target): test accuracy reached at >= X for digits, validation loss (nats/byte) "
-                        "reached at <= X for lm (default: the task's, 0.9 for digits, 1.9 for lm)")
+                        "reached at <= X for lm (default: the task's, 0.9 for digits, 2.4 for lm)")
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate on the test split every N rounds")
     p.add_argument("--stop-at-target", action="store_true", help="stop once the task's metric reaches --target")
     p.add_argument("--byzantine", type=float, default=d.byzantine, metavar="FRACTION",

@@ -116,7 +116,7 @@ def test_sim_lm_end_to_end(tmp_path: Path) -> None:
                     lr=0.05, eval_every=5, out=str(tmp_path / "run"), quiet=True)
     s = run(cfg)
     assert s["honest_digest_agreement"] == 1.0
-    assert (s["metric"], s["higher_is_better"], s["target"]) == ("loss", False, 1.9)
+    assert (s["metric"], s["higher_is_better"], s["target"]) == ("loss", False, 2.4)
     assert s["final_metric"] == s["final_loss"] < s["initial_metric"] - 1.0
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "loss" in r]
@@ -127,3 +127,12 @@ def test_sim_lm_end_to_end(tmp_path: Path) -> None:
     cfg2 = SimConfig(**{**cfg.__dict__, "out": None, "target": evals[1]["loss"], "stop_at_target": True})
     s2 = run(cfg2)
     assert s2["rounds_to_target"] == evals[1]["round"] and s2["bytes_to_target"] == evals[1]["bytes_total"]
+
+
+def test_task_check_passes_and_names_the_loss_metric() -> None:
+    from seedswarm.node.taskcheck import OK, check_task
+
+    checks = list(check_task("lm", TINY, 0, batch_size=8, directions=8))
+    assert [c.status for c in checks] == [OK] * len(checks) and len(checks) == 8
+    ev = next(c for c in checks if c.name == "evaluate")
+    assert "compared with loss (lower is better" in ev.detail

@@ -193,7 +193,7 @@ class LMTask:
     name = "lm"
     metric = "loss"
     higher_is_better = False
-    default_target: float | None = 1.9
+    default_target: float | None = 2.4
 
     def __init__(self, options: Mapping[str, Any] | None = None, seed: int = 0) -> None:
         opts = dict(options or {})

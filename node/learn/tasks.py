@@ -63,10 +63,8 @@ class Task(Protocol):
     * ``evaluate(model)``: metrics on a held-out test split, at least ``accuracy`` and ``loss``;
       called every few rounds, so it must be fast and must not modify ``model``.
 
-    Optional class attributes ``metric``, ``higher_is_better`` and ``default_target`` name the
-    key of ``evaluate()`` that targets, summaries and plots follow (:func:`task_metric`; default:
-    accuracy, higher is better, 0.9). They are not protocol members, so tasks written before
-    them still satisfy ``isinstance(task, Task)``.
+    Optional attributes ``metric``, ``higher_is_better``, ``default_target`` (:func:`task_metric`)
+    pick what targets and plots follow; not protocol members, so older tasks still qualify.
     """
 
     name: str
