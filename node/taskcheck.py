@@ -12,8 +12,9 @@ checks, in order (a failure of the first two stops the rest):
 4. batches: ``batch(shard, rng, size)`` draws only from the generator it is given (same seed,
    same batch), and what it returns;
 5. loss: a finite scalar tensor, differentiable (for ``fo``);
-6. evaluate: returns numbers for ``accuracy`` (the metric ``--target`` is compared with) and
-   ``loss``, and leaves the model unchanged;
+6. evaluate: returns numbers for ``accuracy``, ``loss`` and the task's metric (``task_metric``:
+   what ``--target`` is compared with, accuracy unless the task declares another), and leaves
+   the model unchanged;
 7. one local estimate per estimator: what a trainer computes each round, timed.
 
 Exit code 0 when nothing failed (warnings allowed), 1 otherwise, 2 for a bad command line.
@@ -101,7 +102,7 @@ def check_task(spec: str, options: dict[str, Any], seed: int = 0, *, batch_size:
     from seedswarm.node.core.genesis import Genesis
     from seedswarm.node.learn.estimators import local_estimate
     from seedswarm.node.learn.replay import model_digest
-    from seedswarm.node.learn.tasks import load_task, param_count
+    from seedswarm.node.learn.tasks import load_task, param_count, task_metric
 
     def guarded(name: str, fn: Callable[[], Check]) -> Check:
         try:
@@ -208,22 +209,26 @@ def check_task(spec: str, options: dict[str, Any], seed: int = 0, *, batch_size:
         took = time.perf_counter() - t
         if not isinstance(ev, dict):
             return Check("evaluate", FAIL, f"evaluate() must return a dict, got {type(ev).__name__}")
-        missing = [k for k in ("accuracy", "loss") if k not in ev]
+        metric = task_metric(task)
+        keys = list(dict.fromkeys(("accuracy", "loss", metric.key)))
+        missing = [k for k in keys if k not in ev]
         if missing:
             return Check("evaluate", FAIL, f"evaluate() returned {sorted(map(str, ev))} without "
-                         f"{' and '.join(repr(k) for k in missing)}: 'accuracy' is the metric that --target "
-                         "is compared with, 'loss' is logged next to it")
-        bad = [k for k in ("accuracy", "loss") if isinstance(ev[k], bool) or not isinstance(ev[k], int | float)
+                         f"{' and '.join(repr(k) for k in missing)}: {metric.key!r} is the task's metric "
+                         "(what --target is compared with); 'accuracy' and 'loss' are logged with it")
+        bad = [k for k in keys if isinstance(ev[k], bool) or not isinstance(ev[k], int | float)
                or not math.isfinite(ev[k])]
         if bad:
             return Check("evaluate", FAIL, f"evaluate()[{bad[0]!r}] must be a finite number, got {ev[bad[0]]!r}")
         if model_digest(list(m.parameters())) != before:
             return Check("evaluate", FAIL, "evaluate() changed the model's parameters")
         text = f"accuracy {ev['accuracy']:.4f}, loss {ev['loss']:.4f} ({_ms(took)})"
-        if not 0 <= ev["accuracy"] <= 1:
+        if metric.key == "accuracy" and metric.higher_is_better and not 0 <= ev["accuracy"] <= 1:
             return Check("evaluate", WARN, text + ": accuracy outside [0, 1]; --target (default 0.9) assumes a "
                          "share, higher is better")
-        return Check("evaluate", OK, text + "; --target is compared with accuracy")
+        target = "" if metric.default_target is None else f", default target {metric.default_target:g}"
+        return Check("evaluate", OK, text + f"; --target is compared with {metric.key} ({metric.direction}"
+                     f"{target})")
 
     yield guarded("evaluate", evaluate)
 

@@ -61,7 +61,7 @@ import torch
 
 from seedswarm.crypto.hashing import h, u64
 from seedswarm.node.learn.replay import bind_, model_digest
-from seedswarm.node.learn.tasks import Shard, Task, load_task, param_count
+from seedswarm.node.learn.tasks import Shard, Task, load_task, param_count, task_metric
 from seedswarm.progress import Progress
 from seedswarm.sampling.committee import select_committee
 from seedswarm.sim.engine import NetConfig
@@ -340,7 +340,8 @@ def run_baseline(cfg: Any, log: TextIO = sys.stderr, on_send: SendHook | None = 
     net = BaselineNet(cfg.nodes, NetConfig(latency_ms=cfg.latency_ms), np.random.default_rng([cfg.seed, 0x7E7]),
                       on_send)
     out_dir = Path(cfg.out) if cfg.out else None
-    runlog = RunLog(out_dir, cfg.target, cfg.eval_every, cfg.rounds, progress=progress)
+    runlog = RunLog(out_dir, cfg.target, cfg.eval_every, cfg.rounds, progress=progress, metric=task_metric(task))
+    runlog.set_initial(trainer.evaluate(init))
     st: dict[str, Any] = {"now": 0.0, "rounds": 0}
 
     def record(r: int, model_flat: Callable[[], torch.Tensor]) -> None:

@@ -24,14 +24,24 @@ def add_parser(sub: Any) -> None:
     p = subcommand(
         sub, "sim", help="simulate a swarm on this machine (the main demo)",
         description="Train a model with N simulated nodes in virtual time, on the real protocol code, and "
-                    "write summary.json, metrics.jsonl and accuracy plots. A header states the configuration; "
-                    "a progress bar (plain lines when stderr is not a terminal) shows rounds, rate, time left, "
-                    "accuracy, loss and bytes.",
+                    "write summary.json, metrics.jsonl and plots of the task's metric. A header states the "
+                    "configuration; a progress bar (plain lines when stderr is not a terminal) shows rounds, "
+                    "rate, time left, accuracy, loss and bytes.\n"
+                    "Built-in tasks: digits (an MLP on scikit-learn's 8x8 digits; metric: test accuracy, higher "
+                    "is better) and lm (a byte-level GPT pretrained on the Python docs, fine-tuned on "
+                    "standard-library sources; metric: validation loss in nats/byte, lower is better; "
+                    "docs/lm.md). lm's --task-option keys: layers, width, heads, context, mlp_ratio (the "
+                    "model; default 4 x 128 wide, 4 heads, 128 bytes: 842,496 parameters), pretrain_steps, "
+                    "pretrain_batch, pretrain_lr (0 steps: no pretraining; the result is cached in "
+                    "$SEEDSWARM_CACHE or ~/.cache/seedswarm), code_bytes, val_fraction, eval_windows, "
+                    "min_shard, cache (false: neither read nor write the cache).",
         examples=["seedswarm sim                                  # 100 nodes, 800 rounds of digits",
                   "seedswarm sim --nodes 20 --rounds 200 --out runs/small",
                   "seedswarm sim --byzantine 0.2 --attack alie   # 20% attackers",
                   "seedswarm sim --crash-fraction 0.8 --crash-at 100",
-                  "seedswarm sim --task ./wine_task.py:make --task-option hidden=16 --target 0.95"])
+                  "seedswarm sim --task ./wine_task.py:make --task-option hidden=16 --target 0.95",
+                  "seedswarm sim --task lm --nodes 50 --rounds 100 --lr 0.03 --batch-size 8",
+                  "seedswarm sim --task lm --task-option layers=2 --task-option width=64 --task-option context=64"])
     p.add_argument("--nodes", type=int, default=d.nodes, help="simulated nodes, all founding members")
     p.add_argument("--rounds", type=int, default=d.rounds, help="rounds to run")
     p.add_argument("--seed", type=int, default=d.seed,
@@ -43,9 +53,11 @@ def add_parser(sub: Any) -> None:
                         "models) or dpsgd (every node averages full models with its neighbours)")
     add_learning_options(p, d)
     p.add_argument("--target", type=float, default=d.target,
-                   help="test accuracy whose first crossing is reported (rounds and bytes to target)")
+                   help="value of the task's metric whose first crossing is reported (rounds and bytes to "
+                        "target): test accuracy reached at >= X for digits, validation loss (nats/byte) "
+                        "reached at <= X for lm (default: the task's, 0.9 for digits, 2.4 for lm)")
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate on the test split every N rounds")
-    p.add_argument("--stop-at-target", action="store_true", help="stop once the accuracy reaches --target")
+    p.add_argument("--stop-at-target", action="store_true", help="stop once the task's metric reaches --target")
     p.add_argument("--byzantine", type=float, default=d.byzantine, metavar="FRACTION",
                    help="share of nodes that are Byzantine (they run --attack)")
     p.add_argument("--attack", default=d.attack, metavar="NAME",
@@ -135,8 +147,14 @@ def run_command(args: argparse.Namespace) -> int:
     except OSError as e:  # the output folder went away or filled up during the run
         print(f"seedswarm sim: cannot write {e.filename or out}: {e.strerror or e}", file=sys.stderr)
         return 2
-    keys = ("final_accuracy", "rounds", "nodes", "bytes_per_trainer_per_round", "bytes_per_node_per_round",
-            "total_bytes", "bytes_to_target", "honest_digest_agreement", "wall_seconds")
-    print(json.dumps({k: summary[k] for k in keys}, indent=2))
-    print(f"wrote {out}/summary.json, metrics.jsonl, accuracy_vs_round.png, accuracy_vs_bytes.png", file=sys.stderr)
+    from seedswarm.sim.plots import plot_names
+
+    metric = summary.get("metric") or "accuracy"
+    keys: tuple[str, ...] = ("final_accuracy", "rounds", "nodes", "bytes_per_trainer_per_round",
+                             "bytes_per_node_per_round", "total_bytes", "bytes_to_target",
+                             "honest_digest_agreement", "wall_seconds")
+    if metric != "accuracy":
+        keys = ("metric", "initial_metric", "final_metric", *keys)
+    print(json.dumps({k: summary.get(k) for k in keys}, indent=2))
+    print(f"wrote {out}/summary.json, metrics.jsonl, {', '.join(plot_names(metric))}", file=sys.stderr)
     return 0

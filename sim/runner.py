@@ -18,7 +18,7 @@ from seedswarm.node.core.genesis import GenesisOptions
 from seedswarm.node.core.protocol import CoreConfig
 from seedswarm.node.learn.initial import build_genesis
 from seedswarm.node.learn.replay import bind_
-from seedswarm.node.learn.tasks import load_task
+from seedswarm.node.learn.tasks import load_task, task_metric
 from seedswarm.progress import Progress
 from seedswarm.sim.engine import NetConfig, Simulation, identities
 from seedswarm.sim.runlog import RunLog
@@ -33,7 +33,7 @@ class SimConfig(GenesisOptions):
     protocol: str = "seedswarm"
     byzantine: float = 0.0
     attack: str = "none"
-    target: float = 0.9
+    target: float | None = None  # in the task's metric; None: the task's default (digits: accuracy 0.9)
     eval_every: int = 10
     stop_at_target: bool = False
     crash_fraction: float = 0.0
@@ -124,7 +124,9 @@ def _run(cfg: SimConfig, progress: Progress) -> dict[str, Any]:
     setup_seconds = time.monotonic() - wall0
     assert sim.model is not None
     out_dir = Path(cfg.out) if cfg.out else None
-    runlog = RunLog(out_dir, cfg.target, cfg.eval_every, cfg.rounds, progress=progress)
+    runlog = RunLog(out_dir, cfg.target, cfg.eval_every, cfg.rounds, progress=progress,
+                    metric=task_metric(sim.task))
+    runlog.set_initial(sim.task.evaluate(sim.model))  # the genesis model: what the swarm starts from
     crash_round: list[int] = []
     expelled_online: list[tuple[int, int]] = []  # (round, node index): removed while online and not leaving
 

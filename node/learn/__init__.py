@@ -1,6 +1,8 @@
 """The learning code (torch): what the drivers run when the core asks for a number or a model.
 
 - ``tasks``       built-in and plug-in tasks (model, data shards, loss, evaluation)
+- ``taskcommon``  shards, seeded generators and the task's metric (what targets follow)
+- ``lm``          the ``lm`` task: a byte-level GPT (``gpt``) on text that ships with Python (``lmdata``)
 - ``estimators``  zeroth-order SPSA (MeZO) and first-order projection (Ferret) on shared directions
 - ``replay``      the model as a pure function of the chain (``ModelStates``), model digests
 - ``checkpoint``  parameter blobs and their content-addressed chunk manifests

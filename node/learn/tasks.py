@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -30,35 +29,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seedswarm.node.learn.taskcommon import Metric, Shard, check_index, task_metric
+from seedswarm.node.learn.taskcommon import check_seed as _check_seed
+from seedswarm.node.learn.taskcommon import task_rng as _rng
 from seedswarm.node.learn.taskspec import TaskError, import_task_module, is_file_spec
 
 __all__ = [
     "BUILTIN_TASKS",
     "BaseTask",
     "DigitsTask",
+    "Metric",
     "Shard",
     "Task",
     "TaskError",
     "digits_param_count",
     "load_task",
     "param_count",
+    "task_metric",
 ]
-
-
-@dataclass(frozen=True, eq=False)
-class Shard:
-    """The private local data of node ``index`` of ``count``.
-
-    ``indices`` is a read-only int64 array of positions in the task's training split (not a copy
-    of the data), so that a simulator can hold shards for many thousands of nodes.
-    """
-
-    index: int
-    count: int
-    indices: np.ndarray = field(repr=False)
-
-    def __len__(self) -> int:
-        return int(self.indices.shape[0])
 
 
 @runtime_checkable
@@ -74,6 +62,9 @@ class Task(Protocol):
     * ``loss(model, batch)``: the scalar training loss of ``model`` on ``batch``.
     * ``evaluate(model)``: metrics on a held-out test split, at least ``accuracy`` and ``loss``;
       called every few rounds, so it must be fast and must not modify ``model``.
+
+    Optional attributes ``metric``, ``higher_is_better``, ``default_target`` (:func:`task_metric`)
+    pick what targets and plots follow; not protocol members, so older tasks still qualify.
     """
 
     name: str
@@ -94,19 +85,8 @@ def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _rng(seed: int, purpose: int, *more: int) -> np.random.Generator:
-    """A PCG64 generator for one purpose of one task seed (independent streams per purpose)."""
-    return np.random.default_rng(np.random.SeedSequence([seed, purpose, *more]))
-
-
 # Purpose tags of the task's random streams.
 _SPLIT, _MODEL, _IID, _DIRICHLET = 1, 2, 3, 4
-
-
-def _check_seed(seed: object) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or int(seed) < 0:
-        raise TaskError(f"seed must be a non-negative integer, not {seed!r}")
-    return int(seed)
 
 
 class BaseTask:
@@ -134,6 +114,9 @@ class BaseTask:
     """
 
     name: str = "task"
+    metric: str = "accuracy"
+    higher_is_better: bool = True
+    default_target: float | None = 0.9
 
     def __init__(
         self,
@@ -214,10 +197,7 @@ class BaseTask:
         return counts, offsets
 
     def shard(self, index: int, count: int) -> Shard:
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise ValueError(f"count must be a positive integer, not {count!r}")
-        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
-            raise ValueError(f"index must be an integer in [0, {count}), not {index!r}")
+        check_index(index, count)
         n = self.num_train
         if self.partition == "iid":
             start, size = self._window(index, count)
@@ -461,7 +441,14 @@ class DigitsTask(BaseTask):
         return model
 
 
-BUILTIN_TASKS: dict[str, Any] = {"digits": DigitsTask}
+def _lm(options: Mapping[str, Any] | None, seed: int) -> Task:
+    """The byte-level GPT task (``node/learn/lm.py``), imported only when asked for."""
+    from seedswarm.node.learn.lm import LMTask
+
+    return LMTask(options, seed)
+
+
+BUILTIN_TASKS: dict[str, Any] = {"digits": DigitsTask, "lm": _lm}
 """Built-in task factories by name: ``factory(options, seed) -> Task``."""
 
 

@@ -1,0 +1,89 @@
+"""What every task module shares: :class:`Shard`, seeded generators, and the task's metric.
+
+Kept apart from ``tasks.py`` so that built-in tasks in their own modules (``lm.py``) can use
+these without importing the registry that names them (``tasks.py`` imports them lazily).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from seedswarm.node.learn.taskspec import TaskError
+
+
+@dataclass(frozen=True, eq=False)
+class Shard:
+    """The private local data of node ``index`` of ``count``.
+
+    ``indices`` is a read-only int64 array of positions in the task's training split (not a copy
+    of the data), so that a simulator can hold shards for many thousands of nodes.
+    """
+
+    index: int
+    count: int
+    indices: np.ndarray = field(repr=False)
+
+    def __len__(self) -> int:
+        return int(self.indices.shape[0])
+
+
+def task_rng(seed: int, purpose: int, *more: int) -> np.random.Generator:
+    """A PCG64 generator for one purpose of one task seed (independent streams per purpose)."""
+    return np.random.default_rng(np.random.SeedSequence([seed, purpose, *more]))
+
+
+def check_seed(seed: object) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or int(seed) < 0:
+        raise TaskError(f"seed must be a non-negative integer, not {seed!r}")
+    return int(seed)
+
+
+def check_index(index: object, count: object) -> None:
+    """The arguments of ``shard(index, count)`` (ValueError: a caller's bug, not a bad task)."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"count must be a positive integer, not {count!r}")
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
+        raise ValueError(f"index must be an integer in [0, {count}), not {index!r}")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A task's primary metric: the key of ``evaluate()`` that targets and plots follow.
+
+    A task declares it with class attributes ``metric`` (default ``"accuracy"``),
+    ``higher_is_better`` (default True) and optionally ``default_target`` (the ``--target`` a
+    run uses when none is given); a task without them keeps the original convention: accuracy,
+    higher is better, target 0.9. Accuracy suits classifiers; a language model's natural measure
+    is the validation loss in nats per byte, where lower is better.
+    """
+
+    key: str = "accuracy"
+    higher_is_better: bool = True
+    default_target: float | None = 0.9
+
+    def reached(self, value: float, target: float) -> bool:
+        return value >= target if self.higher_is_better else value <= target
+
+    @property
+    def direction(self) -> str:
+        return "higher is better" if self.higher_is_better else "lower is better"
+
+
+def task_metric(task: Any) -> Metric:
+    """The metric ``task`` declares (see :class:`Metric`); TaskError for ill-typed declarations."""
+    key = getattr(task, "metric", "accuracy")
+    hib = getattr(task, "higher_is_better", True)
+    target = getattr(task, "default_target", 0.9 if key == "accuracy" and hib else None)
+    if not isinstance(key, str) or not key:
+        raise TaskError(f"task {getattr(task, 'name', '?')!r}: 'metric' must be a key of evaluate(), not {key!r}")
+    if not isinstance(hib, bool):
+        raise TaskError(f"task {getattr(task, 'name', '?')!r}: 'higher_is_better' must be a bool, not {hib!r}")
+    if target is not None and (isinstance(target, bool) or not isinstance(target, int | float)
+                               or not math.isfinite(target)):
+        raise TaskError(f"task {getattr(task, 'name', '?')!r}: 'default_target' must be a number or None, "
+                        f"not {target!r}")
+    return Metric(key, hib, None if target is None else float(target))
