@@ -18,7 +18,7 @@ ESTIMATOR_HELP = ("how a trainer measures the gradient along the shared directio
                   "step projected on the shared directions (Ferret); zo: two forward passes per "
                   "direction, SPSA (MeZO)")
 """The one description of ``--estimator`` (sim, cluster, init and task check)."""
-TASK_HELP = ("what to train: 'digits' (built in), package.module:factory, or path/to/file.py:factory "
+TASK_HELP = ("what to train: 'digits' or 'lm' (built in; docs/lm.md), package.module:factory, or path/to/file.py:factory "
              "(docs/tasks.md; check one with `seedswarm task check`)")
 TASK_OPTION_HELP = ("an option for the task, KEY=VALUE (repeatable); the value is read as JSON when it "
                     "parses (numbers, true/false, lists) and kept as a string otherwise, e.g. hidden=4000")

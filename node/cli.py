@@ -370,7 +370,8 @@ def format_status(d: dict[str, Any]) -> str:
         f"node      {d.get('peer_id')}  {state}, pid {d.get('pid')}",
         f"run       {str(d.get('run_id', ''))[:16]}  protocol {d.get('protocol_version')}",
         f"round     {d.get('round')}  head {str(d.get('head', ''))[:16]}  model {str(d.get('model_digest', ''))[:16]}"
-        + (f"  accuracy {acc:.3f}" if isinstance(acc, float) else ""),
+        + (f"  accuracy {acc:.3f}" if isinstance(acc, float) else "")
+        + (f"  loss {ev['loss']:.3f}" if isinstance(ev := d.get("evaluation"), dict) and "loss" in ev else ""),
         f"member    {'yes' if d.get('member') else 'no'} ({d.get('members')} members)  duty: {', '.join(duty) or 'none this round'}"
         + ("  [halted]" if d.get("halted") else ""),
         f"peers     {d.get('peers')}",

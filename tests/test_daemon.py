@@ -171,14 +171,17 @@ def test_node_trains_stops_on_signals_and_resumes_from_store(tmp_path: Path, nod
     """SIGINT: Leave, exit 0 quickly. Restart: local replay to the same head and digest, then go
     on. SIGTERM: same. The status command reads the running node."""
     genesis, data, run_id = init_swarm(tmp_path)
-    n = Node(genesis, data, "--checkpoint-every", "5", "--metrics-port", "0")
+    n = Node(genesis, data, "--checkpoint-every", "5", "--metrics-port", "0", "--eval-every", "4")
     nodes.append(n)
     st = n.wait_round(8)
     assert st["run_id"] == run_id and st["member"] and st["committee"]["trainer_rank"] == 0
+    # the whole evaluation is in the status (an lm task's metric is its loss, not accuracy)
+    ev = wait_for(lambda: (s := n.status()) and s["evaluation"] and s, 120, "an evaluation")["evaluation"]
+    assert set(ev) >= {"accuracy", "loss"} and 0.0 <= ev["accuracy"] <= 1.0 and ev["loss"] > 0, ev
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         assert cli.main(["status", "--data-dir", str(data)]) == 0
-    assert "round" in buf.getvalue() and "trainer rank 0" in buf.getvalue(), buf.getvalue()
+    assert "round" in buf.getvalue() and "trainer rank 0" in buf.getvalue() and " loss " in buf.getvalue(), buf.getvalue()
     rc, took = n.stop(signal.SIGINT)
     assert rc == 0 and took < 6.0, (rc, took, n.logs()[-2000:])
     final = status_of(data)

@@ -104,6 +104,7 @@ class Daemon:
         self.peering: Peering | None = None
         self.state = "new"
         self.accuracy: float | None = None
+        self.evaluation: dict[str, float] = {}  # the last evaluate() (an lm task's metric is its loss)
         self.announce: list[str] = []
         self.first_apply_wall: float | None = None
         self.member_since_wall: float | None = None
@@ -449,7 +450,9 @@ class Daemon:
         if params is not None:
             self.chain.maybe_checkpoint(params, force=halting)
             if (self.cfg.eval_every and r % self.cfg.eval_every == 0) or halting:
-                self.accuracy = float(self.task.evaluate(bind_(self._eval_model, params))["accuracy"])
+                ev = self.task.evaluate(bind_(self._eval_model, params))
+                self.evaluation = {k: float(v) for k, v in ev.items()}
+                self.accuracy = self.evaluation.get("accuracy")
         if self._rounds_log is not None and self.transport is not None:
             s = self.transport.stats
             self._rounds_log.write(json.dumps({"round": r, "t": now, "sent": getattr(s, "transport_bytes_sent", 0),

@@ -36,6 +36,7 @@ class Daemon(Protocol):
     state: str
     announce: list[str]
     accuracy: float | None
+    evaluation: dict[str, float]
     started_wall: float
     synced_wall: float | None
     first_apply_wall: float | None
@@ -84,6 +85,7 @@ def status(d: Daemon) -> dict[str, Any]:
         "bytes_received": getattr(stats, "transport_bytes_received", 0),
         "checkpoint_round": d.chain.checkpoint.round if d.chain.checkpoint else None,
         "accuracy": d.accuracy,
+        "evaluation": d.evaluation,
         "started_at": d.started_wall,
         "synced_at": d.synced_wall,
         "first_apply_at": d.first_apply_wall,

@@ -16,7 +16,6 @@ genesis checkpoint. See docs/lm.md.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import io
@@ -24,7 +23,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import asdict
@@ -36,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seedswarm.node.files import atomic_write
 from seedswarm.node.learn import lmdata
 from seedswarm.node.learn.gpt import VOCAB, GPTConfig, build_gpt
 from seedswarm.node.learn.taskcommon import Shard, check_index, check_seed, task_rng
@@ -122,24 +121,6 @@ def _pretrain(cfg: GPTConfig, seed: int, steps: int, batch: int, lr: float) -> t
     return tuple(p.detach().clone() for p in model.parameters())
 
 
-def _write_unique(path: Path, data: bytes) -> None:
-    """Write-then-rename through a temporary file of this process's own: two processes that
-    pretrain the same model at once each rename a complete file (``files.atomic_write`` uses
-    one fixed temporary name, which two writers would truncate under each other)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _read_cache(path: Path, key: dict[str, Any]) -> tuple[torch.Tensor, ...] | None:
     try:
         blob = torch.load(io.BytesIO(path.read_bytes()), weights_only=True)
@@ -162,7 +143,7 @@ def pretrained(cfg: GPTConfig, seed: int, steps: int, batch: int, lr: float,
     """The pretrained parameters (``model.parameters()`` order), from the cache when there.
 
     Cached in-process too (a simulator builds the model several times). The file is written
-    atomically (:func:`_write_unique`), so a crash or a concurrent writer never leaves a half
+    atomically (:func:`seedswarm.node.files.atomic_write`), so a crash or a concurrent writer never leaves a half
     file; a file that does not load, or whose key differs, is recomputed. An unwritable
     cache folder only costs the next run the pretraining again (a note on stderr).
     """
@@ -181,7 +162,7 @@ def pretrained(cfg: GPTConfig, seed: int, steps: int, batch: int, lr: float,
         buf = io.BytesIO()
         torch.save({"key": json.dumps(key, sort_keys=True), "params": list(params)}, buf)
         try:
-            _write_unique(path, buf.getvalue())
+            atomic_write(path, buf.getvalue())
         except OSError as e:
             _log(f"cannot write the pretraining cache {path}: {e.strerror or e}")
     return params
