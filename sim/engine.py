@@ -24,6 +24,7 @@ import torch
 
 from seedswarm.crypto.keys import Identity
 from seedswarm.gossip.wire import Message
+from seedswarm.node.core.admission import solve_work
 from seedswarm.node.core.chain import ChainState
 from seedswarm.node.core.effects import (
     Apply,
@@ -35,6 +36,7 @@ from seedswarm.node.core.effects import (
     Reply,
     Resync,
     Send,
+    SolveWork,
 )
 from seedswarm.node.core.genesis import Genesis
 from seedswarm.node.core.protocol import CoreConfig, NodeCore
@@ -186,6 +188,10 @@ class Simulation:
                 self._publish(node, e.msg)
             elif isinstance(e, Estimate):
                 self._estimate(node, e)
+            elif isinstance(e, SolveWork):
+                # At once, in virtual time: the work costs the simulator's CPU, not the swarm's clock.
+                nonce = solve_work(node.core.run_id, node.key, e.round, e.bits)
+                self.handle(node, node.core.on_join_work(self.now, e.round, nonce))
             elif isinstance(e, Apply):
                 self._apply(node, e)
             elif isinstance(e, InstallCheckpoint):

@@ -18,8 +18,9 @@ import torch
 from seedswarm.crypto.hashing import h
 from seedswarm.crypto.keys import Identity
 from seedswarm.gossip.wire import CheckpointManifest, Message, Record, decode
+from seedswarm.node.core.admission import solve_work
 from seedswarm.node.core.chain import ChainState, checked_next_state, record_hash
-from seedswarm.node.core.effects import Apply, Estimate, Publish, Rejected, Reply, Send
+from seedswarm.node.core.effects import Apply, Estimate, Publish, Rejected, Reply, Send, SolveWork
 from seedswarm.node.core.genesis import Genesis
 from seedswarm.node.core.protocol import CoreConfig, NodeCore
 from seedswarm.node.learn.replay import ModelStates, model_digest
@@ -134,6 +135,8 @@ class Net:
             self.publish(key, e.msg)
         elif isinstance(e, Estimate):
             self.push(0.005, "est", key, (e.round, e.head, fake_values(key, core.head)))
+        elif isinstance(e, SolveWork):
+            self.push(0.005, "work", key, (e.round, solve_work(core.run_id, key, e.round, e.bits)))
         elif isinstance(e, Apply):
             self.models[key].advance(e.base, e.steps)
             chain = self.chains[key][: e.base.round]
@@ -179,6 +182,9 @@ class Net:
             elif kind == "est":
                 assert dst is not None
                 self.handle(dst, self.cores[dst].on_estimate(self.now, *payload))
+            elif kind == "work":
+                assert dst is not None
+                self.handle(dst, self.cores[dst].on_join_work(self.now, *payload))
             elif kind == "call":
                 payload(self)
 

@@ -6,6 +6,7 @@ Sans-IO: real NodeCores on the deterministic network of ``tests.corenet``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -53,6 +54,37 @@ def test_work_is_checked_and_costs_what_it_says() -> None:
     assert join_bits(g, 100, members=1000) == 10 and join_bits(g, 129, members=1000) == 12
     assert join_bits(g, 10_000, members=3) == 40  # capped: out of reach, on purpose
     assert join_bits(make_genesis(join_pow_bits=0), 100) == 0
+
+
+def test_join_work_is_asked_of_the_driver_and_a_stale_answer_is_dropped() -> None:
+    """The core never searches itself (minutes at a raised difficulty would stall a daemon): it
+    asks with SolveWork, announces the Join the driver's nonce makes, and drops an answer that
+    comes too late for any record to take it, or after the node stopped wanting it."""
+    from seedswarm.node.core.effects import SolveWork
+
+    g = make_genesis(join_pow_bits=9)
+    me = _sybil(7)
+    core = NodeCore(g, me)
+    out = core.join(0.0)
+    assert out == [SolveWork(0, join_bits(g, 2, len(g.members)))] and not core.joined_announced
+    nonce = solve_work(g.run_id, me.public, 0, out[0].bits)
+    pub = core.on_join_work(0.5, 0, nonce)
+    assert len(pub) == 1 and isinstance(pub[0], Publish) and isinstance(pub[0].msg, Join)
+    j = pub[0].msg
+    assert j.peer == me.public and j.round == 0 and work_ok(g.run_id, me.public, 0, j.cert, out[0].bits)
+    assert j.signature_ok() and core.joined_announced
+    # too late: the Join's round is nearly out of the join_ttl window
+    late = NodeCore(g, me)
+    late.tree.head = dataclasses.replace(late.head, round=g.join_ttl - 1)
+    assert late.on_join_work(1.0, 0, nonce) == [] and late.counters["joins.work_stale"] == 1
+    # a member (a founder) asks for no work at all, and a leaving node drops the answer
+    assert NodeCore(g, IDS[0]).join(0.0) == []
+    leaving = NodeCore(g, me)
+    leaving.leave(0.0)
+    assert leaving.on_join_work(0.0, 0, nonce) == []
+    # a certificate given (a permissioned swarm's) needs no search
+    given = NodeCore(g, me).join(0.0, cert=b"c" * 8)
+    assert len(given) == 1 and isinstance(given[0], Publish) and given[0].msg.cert == b"c" * 8
 
 
 def test_a_join_without_enough_work_is_refused_before_it_takes_a_slot() -> None:

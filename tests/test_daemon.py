@@ -330,3 +330,27 @@ def _sync_from_stub_peer(genesis: Path, data: Path, chain: bytes) -> tuple[int, 
         loop.close()
     assert d.chain.store.holes() == []
     return d.chain.head.round, d.chain.head.head.hex(), d.digest_hex()
+
+
+@pytest.mark.slow
+def test_join_work_runs_off_the_event_loop(tmp_path: Path, nodes: list[Node]) -> None:
+    """A joiner facing join work that takes hours (32 bits: what a Join flood can make of the
+    difficulty) keeps following the chain and refreshing its status while it searches, and stops
+    at once on SIGTERM. The search once ran inside the core, on the event loop: the node froze."""
+    genesis, data, _ = init_swarm(tmp_path)
+    g = json.loads(genesis.read_text())
+    g["join_pow_bits"] = 32
+    genesis.write_text(json.dumps(g))
+    founder = Node(genesis, data)
+    nodes.append(founder)
+    addr = wait_for(lambda: (s := founder.status()) and s["round"] >= 2 and s["listen"] and s["listen"][0],
+                    120, "the founder's first rounds")
+    joiner = Node(genesis, tmp_path / "node1", "--bootstrap", addr)
+    nodes.append(joiner)
+    st = wait_for(lambda: (s := joiner.status()) and s["solving_join_work"] and s, 120, "the joiner's work")
+    # while the worker thread hashes, the loop applies records and rewrites the status
+    later = wait_for(lambda: (s := joiner.status()) and s["round"] >= st["round"] + 3 and s, 120,
+                     "rounds applied during the work")
+    assert later["solving_join_work"] and not later["member"], later
+    rc, took = joiner.stop(signal.SIGTERM)
+    assert rc == 0 and took < 8.0, (rc, took, joiner.logs()[-2000:])

@@ -8,4 +8,7 @@ out. Importing this package never imports torch or libp2p (``tests/test_architec
 - ``codec``    one-byte quantisation and the public scale rule
 - ``chain``    ``ChainState`` = replay(genesis, records); record and contribution validation
 - ``protocol`` ``NodeCore``: rounds, aggregation, verification, fork choice, sync; its effects
+  (``effects``); catch-up in ``syncing``, joining and leaving in ``membership``; fork choice in
+  ``forks``, record verification in ``verify``, sync rules in ``sync``, checkpoint download in
+  ``joinplan``, peer policy in ``peers``, join work and difficulty in ``admission``
 """

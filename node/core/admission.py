@@ -26,6 +26,7 @@ Permissioned swarms (``genesis.admission_key``) need the swarm key's certificate
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 from seedswarm.crypto.hashing import h, hasher, part, u64
 from seedswarm.crypto.keys import Identity, verify
@@ -82,9 +83,15 @@ def work_ok(run_id: bytes, peer: bytes, round_: int, nonce: bytes, bits: int) ->
     return _work_digest(run_id, peer, round_, nonce) >> (256 - bits) == 0
 
 
-def solve_work(run_id: bytes, peer: bytes, round_: int, bits: int, max_tries: int = 1 << 34) -> bytes:
+class WorkAbandoned(Exception):
+    """``solve_work`` was told to stop (the node is shutting down)."""
+
+
+def solve_work(run_id: bytes, peer: bytes, round_: int, bits: int, max_tries: int = 1 << 34,
+               stop: Callable[[], bool] | None = None) -> bytes:
     """A nonce with ``bits`` bits of work (expected 2**bits hashes). Deterministic: the same
-    inputs give the same nonce, so a simulation replays exactly."""
+    inputs give the same nonce, so a simulation replays exactly. ``stop`` is asked every 65,536
+    tries (a few hundredths of a second): true abandons the search (WorkAbandoned)."""
     if bits <= 0:
         return b""
     # The digest of _work_digest with the fixed prefix hashed once, the nonce's length prefix
@@ -96,6 +103,8 @@ def solve_work(run_id: bytes, peer: bytes, round_: int, bits: int, max_tries: in
     zeros = bytes(zero_bytes)
     top = 0xFF >> rest if rest else 0xFF  # the next byte must be <= top, i.e. its first `rest` bits zero
     for i in range(max_tries):
+        if stop is not None and not i & 0xFFFF and stop():
+            raise WorkAbandoned(f"join work abandoned after {i} tries")
         nonce = i.to_bytes(8, "big")
         m = base.copy()
         m.update(nonce)

@@ -14,7 +14,7 @@ from seedswarm.node.core.chain import ChainState
 from seedswarm.node.core.reasons import Reason
 
 __all__ = ["Apply", "Ban", "Effect", "Estimate", "InstallCheckpoint", "Notice", "Publish", "Reason", "Rejected",
-           "Reply", "Resync", "Send"]
+           "Reply", "Resync", "Send", "SolveWork"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,18 @@ class Estimate:
     round: int
     head: bytes
     streams: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SolveWork:
+    """Find the join work of an open swarm (``admission.solve_work``), then call on_join_work.
+
+    An effect, not a call inside the core: the work takes 2**bits hashes, about 0.1 s at the base
+    16 bits but minutes once a Join flood has raised the difficulty, and a daemon must keep
+    serving and stopping meanwhile (it solves in a worker thread)."""
+
+    round: int
+    bits: int
 
 
 @dataclass(frozen=True)
@@ -116,4 +128,4 @@ class Notice:
     detail: str
 
 
-Effect = Publish | Send | Reply | Estimate | Apply | InstallCheckpoint | Rejected | Ban | Resync | Notice
+Effect = Publish | Send | Reply | Estimate | SolveWork | Apply | InstallCheckpoint | Rejected | Ban | Resync | Notice

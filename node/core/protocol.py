@@ -8,7 +8,8 @@ simulator shows (rounds, joins, syncs, forks, bans) is what the network does.
 
 The pieces it composes, one concern each: rounds and aggregation (here), fork choice
 (``forks``), verification of records (``verify``), chain sync (``sync``), checkpoint download
-when joining far behind (``joinplan``), peer policy (``peers``), admission (``admission``).
+when joining far behind (``joinplan``, driven from ``syncing``), joining and leaving
+(``membership``), peer policy (``peers``), admission (``admission``).
 """
 
 from __future__ import annotations
@@ -33,8 +34,7 @@ from seedswarm.gossip.wire import (
     Message,
     Record,
 )
-from seedswarm.node.core.admission import admission_ok, join_bits, solve_work
-from seedswarm.node.core.aggregation import Aggregation, Deadline, membership_peer, pending_entries
+from seedswarm.node.core.aggregation import Aggregation, Deadline, pending_entries
 from seedswarm.node.core.chain import (
     ChainState,
     RecordError,
@@ -58,6 +58,7 @@ from seedswarm.node.core.effects import (
 from seedswarm.node.core.forks import ForkTree
 from seedswarm.node.core.genesis import Genesis
 from seedswarm.node.core.joinplan import PlanConfig
+from seedswarm.node.core.membership import MembershipMixin
 from seedswarm.node.core.peers import PeerPolicy, PolicyConfig
 from seedswarm.node.core.sync import ChainSync, History, NoHistory, SyncConfig, serve_chain
 from seedswarm.node.core.syncing import SyncMixin
@@ -88,7 +89,7 @@ class CoreConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
 
 
-class NodeCore(SyncMixin):
+class NodeCore(MembershipMixin, SyncMixin):
     """One node's protocol state. Pure: every output is a returned effect."""
 
     def __init__(self, genesis: Genesis, identity: Identity, config: CoreConfig | None = None,
@@ -188,42 +189,6 @@ class NodeCore(SyncMixin):
         self._quiet_until = now + self.cfg.startup_wait
         self.tree.seen_at.setdefault(self.head.head, now)
         return self._enter_round(now) + self._maybe_join(now)
-
-    def join(self, now: float, cert: bytes | None = None) -> list[Effect]:
-        """Ask to become a member: gossip a signed Join (with the admission certificate of a
-        permissioned swarm, or the work an open swarm asks for); aggregators put it in a record."""
-        if self.is_member():
-            return []
-        st = self.head
-        if cert is None:
-            # enough for the difficulty after two more Joins: it may rise before a record takes
-            # ours (in a large swarm it does not, and the work is the base cost)
-            bits = join_bits(self.genesis, len(st.recent_joins) + 2, len(st.members))
-            cert = solve_work(self.run_id, self.me, st.round, bits) if not self.genesis.admission_key else b""
-        j = Join(run=self.run_id, round=st.round, peer=self.me, cert=cert).signed(self.identity)
-        self._pending_joins[self.me] = j.encode()
-        self.joined_announced = True
-        self._last_join = now
-        self._count("joins.announced")
-        return [Publish(j)]
-
-    def _maybe_join(self, now: float) -> list[Effect]:
-        # Only once caught up with a peer: a Join signed at a round far behind the swarm's
-        # expires before any record can take it (join_ttl).
-        if not self.cfg.auto_join or self.is_member() or self._off_duty() or self.catching_up \
-                or not self.sync.peer_heads or self.sync.behind(self.round, now) > 1:
-            return []
-        if now - self._last_join < self.cfg.rejoin_after:
-            return []
-        return self.join(now)
-
-    def leave(self, now: float) -> list[Effect]:
-        """Graceful departure: gossip a signed Leave."""
-        self.leaving = True
-        if not self.is_member():
-            return []
-        lv = Leave(run=self.run_id, round=self.round, peer=self.me).signed(self.identity)
-        return [Publish(lv)]
 
     def on_message(self, now: float, msg: Message, peer: bytes | None = None) -> list[Effect]:
         """A decoded message from ``peer`` (None: arrived by gossip, origin unknown)."""
@@ -408,20 +373,6 @@ class NodeCore(SyncMixin):
         self._count("records.published")
         return [Publish(rec), *self._on_record(now, rec, self.me)]
 
-    def _on_membership(self, now: float, msg: Join | Leave, peer: bytes | None,
-                       pending: dict[bytes, bytes]) -> list[Effect]:
-        if isinstance(msg, Join) and not admission_ok(self.genesis, self.run_id, msg.peer, msg.round, msg.cert,
-                                                      self.head.join_bits):
-            # Checked before the signature (one hash) and before the Join takes a slot: keys are
-            # free, so they must not be able to fill the bounded pending set.
-            return self.reject(now, peer, Reason.NO_ADMISSION, "Join without a valid admission certificate or work")
-        if not msg.signature_ok():
-            return self.reject(now, peer, Reason.BAD_SIGNATURE, type(msg).__name__)
-        if len(pending) >= 4096 and msg.peer not in pending:
-            return self.reject(now, peer, Reason.MEMBERSHIP_FLOOD)
-        pending[msg.peer] = msg.encode()
-        return []
-
     # ------------------------------------------------------------------ records and heads
     def _on_record(self, now: float, rec: Record, peer: bytes | None) -> list[Effect]:
         rh = record_hash(rec)
@@ -462,9 +413,6 @@ class NodeCore(SyncMixin):
             self._pending_joins.pop(p, None)
             self._pending_leaves.pop(p, None)
         return self._choose_head(now)
-
-    def _decode_peers(self, entries: Sequence[bytes]) -> list[bytes]:
-        return [p for data in entries if (p := membership_peer(data, self.run_id)) is not None]
 
     def _choose_head(self, now: float) -> list[Effect]:
         change = self.tree.choose()

@@ -6,7 +6,8 @@ this driver moves bytes, runs timers, runs the learning code and persists:
 * ``Publish``  -> gossip on the run's topic (records, joins, leaves, fraud proofs only);
 * ``Send``     -> a request on a direct stream; the answer is fed back to the core;
 * ``Reply``    -> the answer written on the inbound stream that asked;
-* ``Estimate`` -> a worker thread (torch never runs on the loop or on the transport's thread);
+* ``Estimate`` / ``SolveWork`` -> a worker thread (``offloop``: torch and join work never run on
+  the loop or on the transport's thread);
 * ``Apply`` / ``InstallCheckpoint`` / ``Resync`` -> :class:`LocalChain` (store, model, checkpoints);
 * ``Rejected`` / ``Ban`` / ``Notice`` -> metrics, one log line per (reason, peer), disconnects.
 
@@ -64,6 +65,7 @@ from seedswarm.node.core.effects import (
     Reply,
     Resync,
     Send,
+    SolveWork,
 )
 from seedswarm.node.core.genesis import Genesis
 from seedswarm.node.core.protocol import CoreConfig, NodeCore
@@ -71,11 +73,11 @@ from seedswarm.node.daemon import status as status_mod
 from seedswarm.node.daemon.config import ConfigError, NodeConfig
 from seedswarm.node.daemon.localchain import LocalChain
 from seedswarm.node.daemon.metrics import Metrics, MetricsServer
+from seedswarm.node.daemon.offloop import OffLoopWork
 from seedswarm.node.daemon.peering import Peering, key_of
 from seedswarm.node.daemon.store import ChainStore, CheckpointDir, StoreError
 from seedswarm.node.daemon.traffic import Traffic, gossip_validator
 from seedswarm.node.files import DataDirInUse, DataDirLock
-from seedswarm.node.learn.estimators import local_estimate
 from seedswarm.node.learn.replay import bind_, model_digest
 from seedswarm.node.learn.tasks import load_task
 
@@ -87,7 +89,7 @@ _PROTO_OF: dict[type[Message], str] = {ContributionsRequest: PROTO_INPUTS, Chain
 TransportFactory = Callable[[Identity, NodeConfig, bytes], Transport]  # (identity, settings, run id)
 
 
-class Daemon:
+class Daemon(OffLoopWork):
     """One node: ``prepare()`` (local state; ConfigError on bad settings), then ``await run()``."""
 
     def __init__(self, cfg: NodeConfig, genesis: Genesis, started_at: float | None = None,
@@ -396,6 +398,8 @@ class Daemon:
                 self.spawn(self.traffic.send(e.to, e.msg), f"send-{type(e.msg).__name__}")
             elif isinstance(e, Estimate):
                 self.spawn(self._estimate(e), "estimate")
+            elif isinstance(e, SolveWork):
+                self.spawn(self._solve_work(e), "join-work")
             elif isinstance(e, Rejected):
                 self.count_reject(e.reason, peer_id_of(e.peer) if e.peer else None, e.detail)
             elif isinstance(e, Ban):
@@ -473,25 +477,6 @@ class Daemon:
             effects += self.core.on_peer(now, v, self.chain.head.round + 1)
         self._timer_at = math.inf
         self.handle(effects)
-
-    # ------------------------------------------------------------------ outbound
-    async def _estimate(self, e: Estimate) -> None:
-        params = self.chain.params(e.head)
-        if params is None:
-            return
-        if self._executor is None:
-            values = self._compute_estimate(params, e.streams)
-        else:
-            loop = asyncio.get_running_loop()
-            values = await loop.run_in_executor(self._executor, self._compute_estimate, params, e.streams)
-        if self.core is not None:
-            self.metrics.inc("estimates_total", help="local estimates computed (committee duty)")
-            self.handle(self.core.on_estimate(self.now(), e.round, e.head, values))
-
-    def _compute_estimate(self, params: list[torch.Tensor], streams: tuple[int, ...]) -> list[float]:
-        """Worker thread: one local estimate, with the function the simulator calls."""
-        return local_estimate(self.task, self.genesis, bind_(self._work_model, params), self.shard, self.rng,
-                              streams, self.device)
 
     # ------------------------------------------------------------------ inbound
 

@@ -37,6 +37,7 @@ class Daemon(Protocol):
     announce: list[str]
     accuracy: float | None
     evaluation: dict[str, float]
+    _solving: bool
     started_wall: float
     synced_wall: float | None
     first_apply_wall: float | None
@@ -69,6 +70,7 @@ def status(d: Daemon) -> dict[str, Any]:
         "head": st.head.hex(),
         "model_digest": d.digest_hex(),
         "member": me in st.members,
+        "solving_join_work": d._solving,  # in the worker thread; the node keeps serving meanwhile
         "members": len(st.members),
         "committee": {
             "trainer_rank": st.trainer_rank.get(me),
