@@ -187,3 +187,12 @@ def test_sim_with_a_trainable_subset_replays_bit_exactly(tmp_path: Path) -> None
     moved = full_state(bind_(genesis, final))
     for k, v in moved.items():
         assert torch.equal(v, init[k]) == (k not in trainable), k
+
+
+def test_task_check_reports_the_trainable_split() -> None:
+    from seedswarm.node.taskcheck import OK, check_task
+
+    checks = list(check_task("lm", {**TINY, "lora": 2}, 0, batch_size=4, directions=4))
+    assert [c.status for c in checks] == [OK] * len(checks) == [OK] * 8
+    assert "LMTask (a trainable subset)" in checks[0].detail
+    assert checks[1].detail.startswith("2,048 trainable float32 parameters (34,688 frozen, LoRA on 8 layers)")

@@ -179,8 +179,7 @@ class HFTask:
         with _quiet(tf), torch.random.fork_rng(devices=[]):
             try:
                 model, info = tf.AutoModelForCausalLM.from_pretrained(
-                    str(self.model_dir), config=config, local_files_only=True, dtype=torch.float32,
-                    output_loading_info=True)
+                    str(self.model_dir), config=config, local_files_only=True, output_loading_info=True)
             except Exception as e:  # noqa: BLE001
                 raise TaskError(f"hf: cannot load the model in {str(self.model_dir)!r}: "
                                 f"{type(e).__name__}: {e}") from e
@@ -188,8 +187,9 @@ class HFTask:
         if missing:
             raise TaskError(f"hf: the folder lacks weights {missing[:4]}: they would be random, "
                             "differently on every node")
-        model.eval()
         assert isinstance(model, nn.Module)
+        model.to(torch.float32)  # exact for float16/bfloat16 weights; ties survive (same Parameter)
+        model.eval()
         return model
 
     def shard(self, index: int, count: int) -> Shard:
