@@ -17,6 +17,7 @@ import torch
 pytest.importorskip("transformers")
 
 from seedswarm.crypto.hashing import stream_seed  # noqa: E402
+from seedswarm.crypto.projection import add_directions_  # noqa: E402
 from seedswarm.node.learn.estimators import fo_project, zo_spsa  # noqa: E402
 from seedswarm.node.learn.replay import model_digest  # noqa: E402
 from seedswarm.node.learn.tasks import Task, TaskError, load_task, param_count, task_metric  # noqa: E402
@@ -169,3 +170,26 @@ def test_sim_hf_end_to_end(files: dict[str, str], tmp_path: Path) -> None:
     assert results["lora"][0] == init  # LoRA starts at the base model
     assert full < init - 0.5
     assert results["lora"][1] < init - 0.01
+
+
+def test_llama_untied_head_lora_targets_and_zo(files: dict[str, str]) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = Path(files["root"]) / "llama"
+    cfg = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        LlamaForCausalLM(cfg).save_pretrained(folder)
+    task = load_task("hf", {"model": str(folder), "data": files["data"], "context": 32, "lora": 2})
+    m = task.build_model()
+    adapted = [n for n, mod in m.named_modules() if isinstance(mod, LoRA)]
+    assert len(adapted) == 14 and "lm_head" not in adapted  # 7 projections a layer; not the head
+    assert trainable_summary(m) == {"trainable": 2048, "frozen": 34_976, "lora_layers": 14}
+    add_directions_([p.detach() for p in m.parameters()], [stream_seed(4, 0)], [0.3])  # B != 0
+    batch = task.batch(task.shard(0, 2), np.random.default_rng(0), 4)
+    streams = [stream_seed(5, k) for k in range(6)]
+    g = fo_project(m, lambda mod, t: task.loss(mod, batch), streams)
+    za = zo_spsa(m, lambda mod: task.loss(mod, batch), streams, 1e-4, mode="auto")
+    assert za == zo_spsa(m, lambda mod: task.loss(mod, batch), streams, 1e-4, mode="functional")
+    assert np.corrcoef(za, g)[0, 1] > 0.999
