@@ -103,6 +103,7 @@ def check_task(spec: str, options: dict[str, Any], seed: int = 0, *, batch_size:
     from seedswarm.node.learn.estimators import local_estimate
     from seedswarm.node.learn.replay import model_digest
     from seedswarm.node.learn.tasks import load_task, param_count, task_metric
+    from seedswarm.node.learn.trainable import SubsetTask, trainable_summary
 
     def guarded(name: str, fn: Callable[[], Check]) -> Check:
         try:
@@ -118,7 +119,8 @@ def check_task(spec: str, options: dict[str, Any], seed: int = 0, *, batch_size:
     except Exception as e:  # noqa: BLE001
         yield Check("load", FAIL, str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}")
         return
-    yield Check("load", OK, f"{type(task).__name__} {task.name!r} in {_ms((time.perf_counter() - t0) / 2)}")
+    kind = f"{type(task.inner).__name__} (a trainable subset)" if isinstance(task, SubsetTask) else type(task).__name__
+    yield Check("load", OK, f"{kind} {task.name!r} in {_ms((time.perf_counter() - t0) / 2)}")
 
     state: dict[str, Any] = {}
 
@@ -142,8 +144,11 @@ def check_task(spec: str, options: dict[str, Any], seed: int = 0, *, batch_size:
             return Check("model", FAIL, "a second instance of the task (another node) built different "
                          "parameters: draw them from a generator seeded with the task's seed")
         state["model"] = m
-        return Check("model", OK, f"{param_count(m):,} float32 parameters, identical when built twice "
-                     f"and by another instance ({_ms(took)})")
+        sub = trainable_summary(m)
+        what = (f"{sub['trainable']:,} trainable float32 parameters ({sub['frozen']:,} frozen"
+                + (f", LoRA on {sub['lora_layers']} layers)" if sub["lora_layers"] else ")")
+                if sub["frozen"] or sub["lora_layers"] else f"{param_count(m):,} float32 parameters")
+        return Check("model", OK, f"{what}, identical when built twice and by another instance ({_ms(took)})")
 
     yield (c := guarded("model", model))
     if c.status == FAIL:

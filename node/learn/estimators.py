@@ -60,14 +60,32 @@ def _check_streams(streams: Sequence[int]) -> list[int]:
 
 @contextmanager
 def _preserved_buffers(model: nn.Module) -> Iterator[None]:
-    """Restore every buffer's exact bits afterwards (a training-mode forward may update them)."""
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    """Restore every buffer's exact bits afterwards (a training-mode forward may update them).
+
+    Frozen parameters (buffers named in the root's ``seedswarm_frozen``, ``node/learn/trainable``)
+    are not copied (they can be most of a model); a forward that wrote one raises instead.
+    """
+    frozen: frozenset[str] = getattr(model, "seedswarm_frozen", frozenset())
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    watched: list[tuple[str, torch.Tensor, int]] = []
+    seen: set[int] = set()
+    for name, b in model.named_buffers(remove_duplicate=False):
+        if id(b) in seen:
+            continue
+        seen.add(id(b))
+        if name in frozen:
+            watched.append((name, b, b._version))
+        else:
+            saved.append((b, b.detach().clone()))
     try:
         yield
     finally:
         with torch.no_grad():
             for b, copy in saved:
                 b.copy_(copy)
+    changed = [name for name, b, v in watched if b._version != v]
+    if changed:
+        raise RuntimeError(f"the forward wrote frozen parameters {changed[:4]}: they must stay as built")
 
 
 _Z_CACHE_ELEMS = 1 << 22

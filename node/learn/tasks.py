@@ -33,6 +33,7 @@ from seedswarm.node.learn.taskcommon import Metric, Shard, check_index, task_met
 from seedswarm.node.learn.taskcommon import check_seed as _check_seed
 from seedswarm.node.learn.taskcommon import task_rng as _rng
 from seedswarm.node.learn.taskspec import TaskError, import_task_module, is_file_spec
+from seedswarm.node.learn.trainable import SubsetTask, split_subset_options
 
 __all__ = [
     "BUILTIN_TASKS",
@@ -448,7 +449,14 @@ def _lm(options: Mapping[str, Any] | None, seed: int) -> Task:
     return LMTask(options, seed)
 
 
-BUILTIN_TASKS: dict[str, Any] = {"digits": DigitsTask, "lm": _lm}
+def _hf(options: Mapping[str, Any] | None, seed: int) -> Task:
+    """A local Hugging Face causal LM on a local text file (``node/learn/hf.py``; ``seedswarm[hf]``)."""
+    from seedswarm.node.learn.hf import HFTask
+
+    return HFTask(options, seed)
+
+
+BUILTIN_TASKS: dict[str, Any] = {"digits": DigitsTask, "lm": _lm, "hf": _hf}
 """Built-in task factories by name: ``factory(options, seed) -> Task``."""
 
 
@@ -459,7 +467,9 @@ def load_task(spec: str, options: dict[str, Any] | None = None, seed: int = 0) -
     ``path/to/file.py:factory`` (:mod:`.taskspec`; the factory may be a dotted attribute path,
     e.g. ``pkg.mod:MyTask`` or ``pkg.mod:Tasks.create``), called as ``factory(options, seed)``
     with the options as given (the command line's ``--task-option`` values JSON-typed) and the
-    run's seed; the result must satisfy :class:`Task`. Every problem
+    run's seed; the result must satisfy :class:`Task`. The options ``trainable``, ``lora``,
+    ``lora_targets`` and ``lora_alpha`` are every task's: the factory never sees them, and the
+    task comes back wrapped in a :class:`~.trainable.SubsetTask` that applies them. Every problem
     raises :class:`TaskError` with a message naming the spec, except a ValueError the factory
     raises itself (its message is about the options), which passes through unchanged.
     """
@@ -492,6 +502,7 @@ def load_task(spec: str, options: dict[str, Any] | None = None, seed: int = 0) -
         if not callable(factory):
             raise TaskError(f"task factory {spec!r} is not callable")
     seed = _check_seed(seed)
+    opts, subset = split_subset_options(opts)  # trainable=, lora=: for every task (trainable.py)
     try:
         task = factory(opts, seed)
     except ValueError:
@@ -510,4 +521,4 @@ def load_task(spec: str, options: dict[str, Any] | None = None, seed: int = 0) -
         raise TaskError(
             f"task factory {spec!r} returned {type(task).__name__}, which is not a Task ({what})"
         )
-    return task
+    return task if subset is None else SubsetTask(task, subset, seed)
