@@ -30,7 +30,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from seedswarm.node.learn import hfdata, lmdata
-from seedswarm.node.learn.taskcommon import Shard, check_index, check_seed, task_rng
+from seedswarm.node.learn.taskcommon import (
+    Shard,
+    check_seed,
+    draw,
+    spread_shard,
+    task_option,
+    task_rng,
+)
 from seedswarm.node.learn.taskspec import TaskError
 
 __all__ = ["HF_DEFAULTS", "HFTask"]
@@ -84,12 +91,7 @@ def _max_positions(config: Any) -> int | None:
 
 
 def _opt(opts: Mapping[str, Any], key: str, kind: type, ok: Any, what: str) -> Any:
-    v = opts.get(key, HF_DEFAULTS[key])
-    if kind is float and isinstance(v, int) and not isinstance(v, bool):
-        v = float(v)
-    if (kind is int and isinstance(v, bool)) or not isinstance(v, kind) or not ok(v):
-        raise TaskError(f"hf option {key!r} must be {what}, not {v!r}")
-    return v
+    return task_option("hf", opts, HF_DEFAULTS, key, kind, ok, what)
 
 
 class HFTask:
@@ -158,10 +160,7 @@ class HFTask:
         perm = task_rng(self.seed, _SHARD).permutation(n).astype(np.int64)
         perm.setflags(write=False)
         self._perm = perm
-        span = len(self.data.val) - ctx - 1
-        k = min(eval_windows, span // ctx + 1)
-        starts = np.unique(np.linspace(0, span, k).round().astype(np.int64))
-        self._eval = lmdata.windows(self.data.val, torch.from_numpy(starts), ctx)
+        self._eval = lmdata.spread_windows(self.data.val, ctx, eval_windows)
 
     @property
     def num_train(self) -> int:
@@ -193,24 +192,11 @@ class HFTask:
         return model
 
     def shard(self, index: int, count: int) -> Shard:
-        check_index(index, count)
-        n = self.num_train
-        start = index * n // count
-        size = max(self.min_shard, (index + 1) * n // count - start)
-        if start + size <= n:
-            return Shard(index, count, self._perm[start : start + size])
-        idx = self._perm[(start + np.arange(size)) % n]
-        idx.setflags(write=False)
-        return Shard(index, count, idx)
+        return spread_shard(self._perm, index, count, self.min_shard)
 
     def batch(self, shard: Shard, rng: np.random.Generator, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``min(size, len(shard))`` distinct windows of the shard, drawn with ``rng``."""
-        if size < 1:
-            raise ValueError(f"batch size must be positive, not {size}")
-        n = len(shard)
-        if n == 0:
-            raise ValueError(f"shard {shard.index}/{shard.count} is empty")
-        pos = shard.indices.copy() if size >= n else shard.indices[rng.choice(n, size, replace=False)]
+        pos = draw(shard, rng, size)
         w = lmdata.windows(self.data.train, torch.from_numpy(pos * self.context), self.context)
         return w[:, :-1], w[:, 1:]
 

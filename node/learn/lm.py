@@ -37,7 +37,14 @@ from torch import nn
 from seedswarm.node.files import atomic_write
 from seedswarm.node.learn import lmdata
 from seedswarm.node.learn.gpt import VOCAB, GPTConfig, build_gpt
-from seedswarm.node.learn.taskcommon import Shard, check_index, check_seed, task_rng
+from seedswarm.node.learn.taskcommon import (
+    Shard,
+    check_seed,
+    draw,
+    spread_shard,
+    task_option,
+    task_rng,
+)
 from seedswarm.node.learn.taskspec import TaskError
 
 __all__ = ["LM_DEFAULTS", "LMTask", "cache_dir", "pretrained"]
@@ -169,12 +176,7 @@ def pretrained(cfg: GPTConfig, seed: int, steps: int, batch: int, lr: float,
 
 
 def _opt(opts: Mapping[str, Any], key: str, kind: type, ok: Any, what: str) -> Any:
-    v = opts.get(key, LM_DEFAULTS[key])
-    if kind is float and isinstance(v, int) and not isinstance(v, bool):
-        v = float(v)
-    if (kind is int and isinstance(v, bool)) or not isinstance(v, kind) or not ok(v):
-        raise TaskError(f"lm option {key!r} must be {what}, not {v!r}")
-    return v
+    return task_option("lm", opts, LM_DEFAULTS, key, kind, ok, what)
 
 
 class LMTask:
@@ -229,10 +231,7 @@ class LMTask:
         perm = task_rng(self.seed, _SHARD).permutation(n).astype(np.int64)
         perm.setflags(write=False)
         self._perm = perm
-        span = len(self.val) - ctx - 1
-        k = min(vals["eval_windows"], span // ctx + 1)
-        starts = np.unique(np.linspace(0, span, k).round().astype(np.int64))
-        self._eval = lmdata.windows(self.val.data, torch.from_numpy(starts), ctx)
+        self._eval = lmdata.spread_windows(self.val.data, ctx, vals["eval_windows"])
 
     @property
     def num_train(self) -> int:
@@ -251,24 +250,11 @@ class LMTask:
         return model
 
     def shard(self, index: int, count: int) -> Shard:
-        check_index(index, count)
-        n = self.num_train
-        start = index * n // count
-        size = max(self.min_shard, (index + 1) * n // count - start)
-        if start + size <= n:
-            return Shard(index, count, self._perm[start : start + size])
-        idx = self._perm[(start + np.arange(size)) % n]
-        idx.setflags(write=False)
-        return Shard(index, count, idx)
+        return spread_shard(self._perm, index, count, self.min_shard)
 
     def batch(self, shard: Shard, rng: np.random.Generator, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``min(size, len(shard))`` distinct windows of the shard, drawn with ``rng``."""
-        if size < 1:
-            raise ValueError(f"batch size must be positive, not {size}")
-        n = len(shard)
-        if n == 0:
-            raise ValueError(f"shard {shard.index}/{shard.count} is empty")
-        pos = shard.indices.copy() if size >= n else shard.indices[rng.choice(n, size, replace=False)]
+        pos = draw(shard, rng, size)
         ctx = self.cfg.context
         w = lmdata.windows(self.train.data, torch.from_numpy(pos * ctx), ctx)
         return w[:, :-1], w[:, 1:]

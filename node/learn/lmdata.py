@@ -115,3 +115,12 @@ def windows(data: torch.Tensor, starts: torch.Tensor, context: int) -> torch.Ten
     """The int64 windows ``data[s : s + context + 1]`` for each start, one row each."""
     idx = starts.reshape(-1, 1) + torch.arange(context + 1).reshape(1, -1)
     return data[idx].to(torch.int64)
+
+
+def spread_windows(data: torch.Tensor, context: int, count: int) -> torch.Tensor:
+    """At most ``count`` windows spread evenly over ``data`` (a fixed validation set: the same
+    windows at every evaluation, their number bounding its cost)."""
+    span = int(data.shape[0]) - context - 1
+    k = min(count, span // context + 1)
+    starts = np.unique(np.linspace(0, span, k).round().astype(np.int64))
+    return windows(data, torch.from_numpy(starts), context)

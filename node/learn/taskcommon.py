@@ -7,6 +7,7 @@ these without importing the registry that names them (``tasks.py`` imports them 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,3 +88,40 @@ def task_metric(task: Any) -> Metric:
         raise TaskError(f"task {getattr(task, 'name', '?')!r}: 'default_target' must be a number or None, "
                         f"not {target!r}")
     return Metric(key, hib, None if target is None else float(target))
+
+
+def task_option(task: str, opts: Mapping[str, Any], defaults: Mapping[str, Any], key: str, kind: type,
+                ok: Callable[[Any], bool], what: str) -> Any:
+    """Option ``key`` of a built-in task (its default when absent), checked: an int is accepted
+    where a float is asked, a bool never where an int is; TaskError naming the task otherwise."""
+    v = opts.get(key, defaults[key])
+    if kind is float and isinstance(v, int) and not isinstance(v, bool):
+        v = float(v)
+    if (kind is int and isinstance(v, bool)) or not isinstance(v, kind) or not ok(v):
+        raise TaskError(f"{task} option {key!r} must be {what}, not {v!r}")
+    return v
+
+
+def spread_shard(perm: np.ndarray, index: int, count: int, min_shard: int) -> Shard:
+    """Node ``index`` of ``count``'s slice of the seeded permutation ``perm``: disjoint slices
+    while there are ``min_shard`` samples per node, wrapping (and overlapping) beyond."""
+    check_index(index, count)
+    n = int(perm.shape[0])
+    start = index * n // count
+    size = max(min_shard, (index + 1) * n // count - start)
+    if start + size <= n:
+        return Shard(index, count, perm[start : start + size])
+    idx = perm[(start + np.arange(size)) % n]
+    idx.setflags(write=False)
+    return Shard(index, count, idx)
+
+
+def draw(shard: Shard, rng: np.random.Generator, size: int) -> np.ndarray:
+    """``min(size, len(shard))`` distinct sample indices of the shard, drawn with ``rng`` (a
+    writable copy: torch takes it as is)."""
+    if size < 1:
+        raise ValueError(f"batch size must be positive, not {size}")
+    n = len(shard)
+    if n == 0:
+        raise ValueError(f"shard {shard.index}/{shard.count} is empty")
+    return shard.indices.copy() if size >= n else shard.indices[rng.choice(n, size, replace=False)]

@@ -29,7 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seedswarm.node.learn.taskcommon import Metric, Shard, check_index, task_metric
+from seedswarm.node.learn.taskcommon import (
+    Metric,
+    Shard,
+    check_index,
+    draw,
+    task_metric,
+    task_option,
+)
 from seedswarm.node.learn.taskcommon import check_seed as _check_seed
 from seedswarm.node.learn.taskcommon import task_rng as _rng
 from seedswarm.node.learn.taskspec import TaskError, import_task_module, is_file_spec
@@ -224,14 +231,7 @@ class BaseTask:
         self, shard: Shard, rng: np.random.Generator, size: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``min(size, len(shard))`` distinct samples of the shard, drawn with ``rng``."""
-        if size < 1:
-            raise ValueError(f"batch size must be positive, not {size}")
-        n = len(shard)
-        if n == 0:
-            raise ValueError(f"shard {shard.index}/{shard.count} is empty")
-        # Fancy indexing copies (a writable array for torch); the whole-shard case copies too.
-        pos = shard.indices.copy() if size >= n else shard.indices[rng.choice(n, size, replace=False)]
-        idx = torch.from_numpy(pos)
+        idx = torch.from_numpy(draw(shard, rng, size))
         return self.x_train.index_select(0, idx), self.y_train.index_select(0, idx)
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
@@ -362,13 +362,8 @@ def _digits_pretrained(
     return out
 
 
-def _opt(options: Mapping[str, Any], key: str, kind: type, check: Any, what: str) -> Any:
-    v = options.get(key, _DIGITS_DEFAULTS[key])
-    if kind is float and isinstance(v, int) and not isinstance(v, bool):
-        v = float(v)
-    if (kind is int and isinstance(v, bool)) or not isinstance(v, kind) or not check(v):
-        raise TaskError(f"digits option {key!r} must be {what}, not {v!r}")
-    return v
+def _opt(opts: Mapping[str, Any], key: str, kind: type, ok: Any, what: str) -> Any:
+    return task_option("digits", opts, _DIGITS_DEFAULTS, key, kind, ok, what)
 
 
 class DigitsTask(BaseTask):
