@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import collections
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from seedswarm.gossip.transport import Transport
+from seedswarm.node.core.genesis import Genesis
+from seedswarm.node.daemon.config import NodeConfig
+from seedswarm.node.daemon.metrics import Handler
 from seedswarm.node.learn.taskcommon import task_metric
 from seedswarm.report.page import finite, render, settings_line
-
-if TYPE_CHECKING:
-    from seedswarm.node.daemon.daemon import Daemon
-    from seedswarm.node.daemon.metrics import Handler
 
 
 class History:
@@ -36,6 +36,19 @@ class History:
     def since(self, seq: int, limit: int = 5000) -> list[dict[str, Any]]:
         out = [r for r in self.rows if r["seq"] > seq]
         return out[-limit:]
+
+
+class Daemon(Protocol):
+    """The parts of the daemon the dashboard reads."""
+
+    cfg: NodeConfig
+    genesis: Genesis
+    task: Any
+    transport: Transport | None
+    evaluation: dict[str, float]
+    history: History
+    peer_id: str
+    run_id: bytes
 
 
 def round_row(d: Daemon, r: int, now: float, members: int, evaluated: bool) -> dict[str, Any]:
