@@ -190,7 +190,7 @@ NODE_OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--bootstrap", {"action": "append", "metavar": "MULTIADDR",
                      "help": "a peer's full address /ip4/A/tcp/P/p2p/ID to join through (repeatable)"}),
     ("--device", {"choices": ["auto", "cpu", "cuda"], "help": "where the model runs (auto: cuda when available)"}),
-    ("--metrics-port", {"type": int, "metavar": "PORT", "help": "serve /metrics (Prometheus) and /status on this port (0: off)"}),
+    ("--metrics-port", {"type": int, "metavar": "PORT", "help": "serve /metrics (Prometheus), /status and a live dashboard at / on this port (0: off)"}),
     ("--metrics-host", {"metavar": "HOST", "help": "address the metrics endpoint binds"}),
     ("--log-format", {"choices": ["auto", "json", "text"],
                       "help": "log lines as JSON or text (auto: text on a terminal, JSON otherwise)"}),

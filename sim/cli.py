@@ -156,5 +156,5 @@ def run_command(args: argparse.Namespace) -> int:
     if metric != "accuracy":
         keys = ("metric", "initial_metric", "final_metric", *keys)
     print(json.dumps({k: summary.get(k) for k in keys}, indent=2))
-    print(f"wrote {out}/summary.json, metrics.jsonl, {', '.join(plot_names(metric))}", file=sys.stderr)
+    print(f"wrote {out}/summary.json, metrics.jsonl, {', '.join(plot_names(metric))}, report.html", file=sys.stderr)
     return 0

@@ -49,6 +49,8 @@ class ClusterConfig(GenesisOptions):
     checkpoint_every: int = 10
     checkpoint_chunk_bytes: int = 4096
     timeout: float = 0.0  # 0: automatic (start-up plus a generous per-round budget)
+    eval_every: int = 10  # every node evaluates its model every N rounds (0: only when halting)
+    metrics_port: int = 0  # node i serves /metrics, /status and the dashboard on port P + i (0: none)
     out: str = "runs/cluster"
     quiet: bool = False
 
@@ -144,7 +146,9 @@ class Cluster:
                "--halt-at", str(cfg.rounds), "--shard-index", str(i), "--shard-count", str(cfg.nodes + cfg.join_nodes),
                "--checkpoint-every", str(cfg.checkpoint_every), "--checkpoint-chunk-bytes", str(cfg.checkpoint_chunk_bytes),
                "--log-format", "json", "--sync-wait-s", "30" if founding else "15",
-               "--min-peers", str(cfg.nodes - 1 if founding else 1)]
+               "--min-peers", str(cfg.nodes - 1 if founding else 1), "--eval-every", str(cfg.eval_every)]
+        if cfg.metrics_port:
+            cmd += ["--metrics-port", str(cfg.metrics_port + i)]
         for a in boot:
             cmd += ["--bootstrap", a]
         return cmd
@@ -190,6 +194,9 @@ class Cluster:
         cfg = self.cfg
         assert self.progress is not None
         self.say(f"starting {cfg.nodes} node processes (each loads torch and the task first: seconds)")
+        if cfg.metrics_port:
+            self.say(f"live dashboards: http://127.0.0.1:{cfg.metrics_port}/ ... "
+                     f"http://127.0.0.1:{cfg.metrics_port + cfg.nodes + cfg.join_nodes - 1}/")
         for i in range(cfg.nodes):
             self.spawn(i)
         timeout = cfg.timeout or (60.0 + 3.0 * cfg.rounds * max(1.0, cfg.round_timeout) + 20.0 * (cfg.join_nodes > 0))
@@ -249,6 +256,9 @@ class Cluster:
         exit_codes = self.stop_all()
         summary = self.summarize(t0, final, alive, exit_codes, finished, interrupted)
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        from seedswarm.sim.report import cluster_report
+
+        cluster_report(self.out, summary, final, self.spawned_at)
         return summary
 
     def stop_all(self, grace: float = 10.0) -> dict[int, int | None]:
@@ -354,9 +364,10 @@ def add_parser(sub: Any) -> None:
     p = subcommand(
         sub, "cluster", help="run N real daemon processes on loopback (local multi-node mode)",
         description="Start N `seedswarm node` processes on 127.0.0.1 (real libp2p over TCP), train until every "
-                    "node reaches --rounds on one head, stop them, and write summary.json and metrics.jsonl. "
-                    "Node logs: OUT/nodes/node-I/node.log.",
+                    "node reaches --rounds on one head, stop them, and write summary.json, metrics.jsonl and "
+                    "report.html (the dashboard with every node side by side). Node logs: OUT/nodes/node-I/node.log.",
         examples=["seedswarm cluster --nodes 8 --rounds 60 --out runs/c8",
+                  "seedswarm cluster --nodes 3 --rounds 200 --metrics-port 9100   # live pages at :9100-9102",
                   "seedswarm cluster --nodes 6 --rounds 80 --join-nodes 2 --join-at 20 --kill-nodes 2 --kill-at 40"])
     p.add_argument("--nodes", type=int, default=d.nodes, help="node processes started at once (founding members)")
     p.add_argument("--rounds", type=int, default=d.rounds, help="every node stops taking duties at this round")
@@ -375,6 +386,10 @@ def add_parser(sub: Any) -> None:
                    help="rounds between the model checkpoints that joining nodes download")
     p.add_argument("--checkpoint-chunk-bytes", type=int, default=d.checkpoint_chunk_bytes,
                    help="size of one checkpoint download chunk")
+    p.add_argument("--eval-every", type=int, default=d.eval_every,
+                   help="every node evaluates its model every N rounds, for status and the charts (0: when halting)")
+    p.add_argument("--metrics-port", type=int, default=0, metavar="P",
+                   help="node I serves /metrics, /status and a live dashboard at http://127.0.0.1:P+I/ (0: none)")
     p.add_argument("--timeout", type=float, default=0.0,
                    help="give up after this many seconds (0: automatic, from the rounds and the round timeout)")
     p.add_argument("--out", default=None, metavar="DIR",
@@ -436,6 +451,7 @@ def run_command(args: argparse.Namespace) -> int:
         round_timeout=args.round_timeout, join_nodes=args.join_nodes, join_at=args.join_at,
         kill_nodes=args.kill_nodes, kill_at=args.kill_at, checkpoint_every=args.checkpoint_every,
         checkpoint_chunk_bytes=args.checkpoint_chunk_bytes, timeout=args.timeout, out=out, quiet=args.quiet,
+        eval_every=args.eval_every, metrics_port=args.metrics_port,
     )
     cluster = Cluster(cfg)
 
@@ -455,7 +471,8 @@ def run_command(args: argparse.Namespace) -> int:
     keys = ("honest_digest_agreement", "rounds", "running_nodes", "final_accuracy", "join_seconds",
             "round_latency_p50_s", "round_latency_p95_s", "bytes_per_node_per_round", "wall_seconds")
     print(json.dumps({k: summary[k] for k in keys}, indent=2))
-    print(f"wrote {out}/summary.json, metrics.jsonl; node logs in {out}/nodes/*/node.log", file=sys.stderr)
+    print(f"wrote {out}/summary.json, metrics.jsonl, report.html; node logs in {out}/nodes/*/node.log",
+          file=sys.stderr)
     if summary["interrupted"]:
         return 130
     return 0 if summary["finished"] else 1

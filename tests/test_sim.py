@@ -45,7 +45,7 @@ def test_different_seed_differs(seed0_pair):
 def test_outputs_written(seed0_pair):
     a, _, out = seed0_pair
     files = {p.name for p in out.iterdir()}
-    assert {"summary.json", "metrics.jsonl"} <= files
+    assert {"summary.json", "metrics.jsonl", "report.html"} <= files
     pngs = sorted(f for f in files if f.endswith(".png"))
     assert len(pngs) >= 2, files
     summary = json.loads((out / "summary.json").read_text())

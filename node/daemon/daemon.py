@@ -69,6 +69,7 @@ from seedswarm.node.core.effects import (
 )
 from seedswarm.node.core.genesis import Genesis
 from seedswarm.node.core.protocol import CoreConfig, NodeCore
+from seedswarm.node.daemon import dashboard
 from seedswarm.node.daemon import status as status_mod
 from seedswarm.node.daemon.config import ConfigError, NodeConfig
 from seedswarm.node.daemon.localchain import LocalChain
@@ -121,6 +122,7 @@ class Daemon(OffLoopWork):
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._metrics_server: MetricsServer | None = None
         self._rounds_log: Any = None
+        self.history = dashboard.History()  # the live dashboard's per-round rows (bounded)
         self.traffic = Traffic(self)
         self._watchdog: threading.Timer | None = None
 
@@ -250,7 +252,7 @@ class Daemon(OffLoopWork):
             await self._start_transport()
             if self.cfg.metrics_port:
                 self._metrics_server = MetricsServer(self.cfg.metrics_host, self.cfg.metrics_port,
-                                                     self._render_metrics, self.status)
+                                                     self._render_metrics, self.status, dashboard.routes(self))
                 try:
                     await self._metrics_server.start()
                 except OSError as e:
@@ -451,17 +453,19 @@ class Daemon(OffLoopWork):
         if e.base.round < r - len(e.steps):
             self.metrics.inc("fork_switches_total", help="head switches that undid stored rounds")
         halting = bool(self.cfg.halt_at and r == self.cfg.halt_at)
+        evaluated = False
         if params is not None:
             self.chain.maybe_checkpoint(params, force=halting)
             if (self.cfg.eval_every and r % self.cfg.eval_every == 0) or halting:
                 ev = self.task.evaluate(bind_(self._eval_model, params))
                 self.evaluation = {k: float(v) for k, v in ev.items()}
                 self.accuracy = self.evaluation.get("accuracy")
-        if self._rounds_log is not None and self.transport is not None:
-            s = self.transport.stats
-            self._rounds_log.write(json.dumps({"round": r, "t": now, "sent": getattr(s, "transport_bytes_sent", 0),
-                                               "recv": getattr(s, "transport_bytes_received", 0),
-                                               "head": e.head.head.hex()[:16]}) + "\n")
+                evaluated = True
+        if self.transport is not None:
+            row = dashboard.round_row(self, r, now, len(e.head.members), evaluated)
+            self.history.add(row)
+            if self._rounds_log is not None:
+                self._rounds_log.write(json.dumps({**row, "head": e.head.head.hex()[:16]}) + "\n")
 
     def _resync(self, e: Resync) -> None:
         """Enough peers agree on a chain that left ours deeper than max_undo: keep ours aside,

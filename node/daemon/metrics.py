@@ -1,9 +1,17 @@
-"""Counters and gauges of one daemon, and a minimal HTTP endpoint in Prometheus text format.
+"""Counters and gauges of one daemon, exposed through the Prometheus client library, and the
+daemon's small HTTP endpoint (metrics, status and the live dashboard).
 
-Why hand-rolled: the text exposition format is a few lines, and the daemon must not grow a
-dependency (or a thread) for it. The server is an ``asyncio.start_server`` owned by the daemon:
-``GET /metrics`` (Prometheus 0.0.4 text) and ``GET /status`` (the status JSON). It reads at most
-one small request per connection with a timeout, so a slow or hostile client cannot pin it.
+The numbers live in :class:`Metrics` (plain dicts the daemon's code updates on the event loop);
+``render()`` exposes them with ``prometheus_client`` from a registry of its own, next to the
+library's standard ``process_*`` (CPU seconds, resident memory, open file descriptors, start
+time), ``python_info`` and ``python_gc_*`` collectors. One registry per daemon: two daemons in a
+process (tests) never share metrics, and nothing is registered in the library's global registry.
+
+The server is an ``asyncio.start_server`` owned by the daemon (no thread): ``GET /metrics``
+(Prometheus text format 0.0.4), ``GET /status`` (the status JSON), ``GET /`` (the dashboard page,
+``seedswarm.report``) and ``GET /history?since=SEQ`` (the dashboard's per-round rows after SEQ).
+It reads at most one small request per connection with a timeout, so a slow or hostile client
+cannot pin it.
 """
 
 from __future__ import annotations
@@ -13,8 +21,25 @@ import contextlib
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    UnknownMetricFamily,
+)
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.registry import Collector
 
 log = logging.getLogger("seedswarm.metrics")
 
@@ -22,8 +47,8 @@ _LABEL_OK = re.compile(r"^[A-Za-z0-9_.:/\- ]{0,120}$")
 
 
 def _label(v: str) -> str:
-    v = v if _LABEL_OK.match(v) else re.sub(r"[^A-Za-z0-9_.:/\- ]", "_", v[:120])
-    return v.replace("\\", "\\\\").replace('"', '\\"')
+    """Label values as before the library: printable, at most 120 characters, no quotes."""
+    return v if _LABEL_OK.match(v) else re.sub(r"[^A-Za-z0-9_.:/\- ]", "_", v[:120])
 
 
 class Metrics:
@@ -34,6 +59,7 @@ class Metrics:
         self.counters: dict[tuple[str, str, str], float] = {}
         self.gauges: dict[tuple[str, str, str], float] = {}
         self.help: dict[str, str] = {}
+        self._registry: CollectorRegistry | None = None
 
     def inc(self, name: str, n: float = 1, label: str = "", value: str = "", help: str = "") -> None:
         key = (name, label, value)
@@ -53,22 +79,42 @@ class Metrics:
     def total(self, name: str) -> float:
         return sum(v for (n, _, _), v in self.counters.items() if n == name)
 
+    @property
+    def registry(self) -> CollectorRegistry:
+        """This node's registry: its own numbers plus the library's process collectors."""
+        if self._registry is None:
+            reg = CollectorRegistry(auto_describe=False)
+            ProcessCollector(registry=reg)
+            PlatformCollector(registry=reg)
+            GCCollector(registry=reg)
+            reg.register(_Families(self))
+            self._registry = reg
+        return self._registry
+
     def render(self) -> str:
-        lines: list[str] = []
+        return generate_latest(self.registry).decode()
+
+    def families(self) -> Iterator[Metric]:
+        """One metric family per name; a name that is both a counter and a gauge is the gauge."""
+        gauges = {k[0] for k in self.gauges}
         for kind, table in (("counter", self.counters), ("gauge", self.gauges)):
-            names = sorted({k[0] for k in table})
-            for name in names:
-                full = f"{self.prefix}_{name}"
-                if name in self.help:
-                    lines.append(f"# HELP {full} {self.help[name]}")
-                lines.append(f"# TYPE {full} {kind}")
-                for (n, label, value), v in sorted(table.items()):
-                    if n != name:
+            for name in sorted({k[0] for k in table} - (gauges if kind == "counter" else set())):
+                rows = [(label, value, v) for (n, label, value), v in sorted(table.items()) if n == name]
+                label = next((lab for lab, _, _ in rows if lab), "")
+                labels = [label] if label else []
+                full, doc = f"{self.prefix}_{name}", self.help.get(name, name)
+                fam: Metric
+                if kind == "gauge":
+                    fam = GaugeMetricFamily(full, doc, labels=labels)
+                elif name.endswith("_total"):  # the library names the samples <family>_total
+                    fam = CounterMetricFamily(full, doc, labels=labels)
+                else:  # a counter not named *_total keeps its name, untyped
+                    fam = UnknownMetricFamily(full, doc, labels=labels)
+                for lab, value, v in rows:
+                    if lab != label:
                         continue
-                    lab = f'{{{label}="{_label(value)}"}}' if label else ""
-                    num = int(v) if float(v).is_integer() else v
-                    lines.append(f"{full}{lab} {num}")
-        return "\n".join(lines) + "\n"
+                    fam.add_metric([_label(value)] if label else [], v)
+                yield fam
 
     def snapshot(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -78,12 +124,26 @@ class Metrics:
         return out
 
 
-class MetricsServer:
-    """``GET /metrics`` and ``GET /status`` on host:port; start() raises OSError if the port is taken."""
+class _Families(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
 
-    def __init__(self, host: str, port: int, metrics: Callable[[], str], status: Callable[[], dict[str, Any]]) -> None:
+    def collect(self) -> Iterator[Metric]:
+        return self.metrics.families()
+
+
+Handler = Callable[[dict[str, list[str]]], tuple[bytes, str]]  # query -> (body, content type)
+
+
+class MetricsServer:
+    """``GET /metrics``, ``/status``, and any extra ``routes`` on host:port; start() raises
+    OSError if the port is taken."""
+
+    def __init__(self, host: str, port: int, metrics: Callable[[], str], status: Callable[[], dict[str, Any]],
+                 routes: dict[str, Handler] | None = None) -> None:
         self.host, self.port = host, port
         self._metrics, self._status = metrics, status
+        self.routes = dict(routes or {})
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.Task[None]] = set()
 
@@ -100,6 +160,19 @@ class MetricsServer:
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
             self._server = None
 
+    def respond(self, target: str) -> tuple[str, bytes, str]:
+        """(status line, body, content type) for a request target such as ``/history?since=3``."""
+        url = urlsplit(target)
+        path, query = url.path, parse_qs(url.query)
+        if path in self.routes:
+            body, ctype = self.routes[path](query)
+            return "200 OK", body, ctype
+        if path.startswith("/metrics"):
+            return "200 OK", self._metrics().encode(), CONTENT_TYPE_PLAIN_0_0_4
+        if path.startswith("/status"):
+            return "200 OK", json.dumps(self._status(), indent=2).encode(), "application/json"
+        return "404 Not Found", b"try /, /metrics or /status\n", "text/plain"
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         if task is not None:
@@ -107,15 +180,9 @@ class MetricsServer:
         try:
             line = await asyncio.wait_for(reader.readline(), 2.0)
             parts = line.decode("latin-1").split()
-            path = parts[1] if len(parts) >= 2 else ""
-            if path.startswith("/metrics"):
-                body, ctype, code = self._metrics().encode(), "text/plain; version=0.0.4", "200 OK"
-            elif path.startswith("/status"):
-                body, ctype, code = json.dumps(self._status(), indent=2).encode(), "application/json", "200 OK"
-            else:
-                body, ctype, code = b"try /metrics or /status\n", "text/plain", "404 Not Found"
+            code, body, ctype = self.respond(parts[1] if len(parts) >= 2 else "")
             writer.write(f"HTTP/1.0 {code}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-                         "Connection: close\r\n\r\n".encode() + body)
+                         "Cache-Control: no-store\r\nConnection: close\r\n\r\n".encode() + body)
             await asyncio.wait_for(writer.drain(), 2.0)
         except (TimeoutError, OSError, ValueError):
             pass
