@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from seedswarm.node.files import atomic_write
-from seedswarm.report.page import settings_line
+from seedswarm.node.report.page import settings_line
 
 _LABELS = {"accuracy": "test accuracy", "loss": "validation loss (nats/byte)"}
 

@@ -1,4 +1,4 @@
-"""``report.html`` next to ``summary.json``: the dashboard page (``seedswarm.report``) with a
+"""``report.html`` next to ``summary.json``: the dashboard page (``seedswarm.node.report``) with a
 run's data inline, for ``sim`` (the swarm as one series: metrics.jsonl) and ``cluster`` (every
 node side by side: its card, and one series per node in every chart, from its rounds.jsonl)."""
 
@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from seedswarm.report.page import settings_line, write
+from seedswarm.node.report.page import settings_line, write
 
 REPORT = "report.html"
 

@@ -27,7 +27,7 @@ import pytest
 
 from seedswarm.node.daemon.dashboard import History
 from seedswarm.node.daemon.metrics import Metrics, MetricsServer
-from seedswarm.report.page import render
+from seedswarm.node.report.page import render
 from tests.test_daemon import ENV, PY, wait_for
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")

@@ -1,4 +1,4 @@
-"""The daemon's live dashboard: ``GET /`` serves the page (``seedswarm.report``), which polls
+"""The daemon's live dashboard: ``GET /`` serves the page (``seedswarm.node.report``), which polls
 ``GET /status`` and ``GET /history?since=SEQ``.
 
 :class:`History` keeps the last ``maxlen`` per-round rows in memory (bounded: a node that runs
@@ -19,7 +19,7 @@ from seedswarm.node.core.genesis import Genesis
 from seedswarm.node.daemon.config import NodeConfig
 from seedswarm.node.daemon.metrics import Handler
 from seedswarm.node.learn.taskcommon import task_metric
-from seedswarm.report.page import finite, render, settings_line
+from seedswarm.node.report.page import finite, render, settings_line
 
 
 class History:

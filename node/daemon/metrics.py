@@ -9,7 +9,7 @@ process (tests) never share metrics, and nothing is registered in the library's 
 
 The server is an ``asyncio.start_server`` owned by the daemon (no thread): ``GET /metrics``
 (Prometheus text format 0.0.4), ``GET /status`` (the status JSON), ``GET /`` (the dashboard page,
-``seedswarm.report``) and ``GET /history?since=SEQ`` (the dashboard's per-round rows after SEQ).
+``seedswarm.node.report``) and ``GET /history?since=SEQ`` (the dashboard's per-round rows after SEQ).
 It reads at most one small request per connection with a timeout, so a slow or hostile client
 cannot pin it.
 """

@@ -24,7 +24,7 @@ _SLOT = "__SEEDSWARM_DATA__"
 
 @cache
 def template() -> str:
-    return resources.files("seedswarm.report").joinpath("dashboard.html").read_text(encoding="utf-8")
+    return resources.files("seedswarm.node.report").joinpath("dashboard.html").read_text(encoding="utf-8")
 
 
 def finite(v: Any) -> Any:
