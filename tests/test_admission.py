@@ -73,6 +73,12 @@ def test_join_work_is_asked_of_the_driver_and_a_stale_answer_is_dropped() -> Non
     j = pub[0].msg
     assert j.peer == me.public and j.round == 0 and work_ok(g.run_id, me.public, 0, j.cert, out[0].bits)
     assert j.signature_ok() and core.joined_announced
+    # asked again while that Join is still valid (round and work), the core re-announces it:
+    # no new search (at a raised difficulty it would be minutes, every rejoin_after)
+    again = core.join(10.0)
+    assert again == [Publish(j)] and core.counters["joins.reannounced"] == 1
+    core.tree.head = dataclasses.replace(core.head, round=g.join_ttl - 1)
+    assert isinstance(core.join(20.0)[0], SolveWork)  # too old to reuse: new work for the new round
     # too late: the Join's round is nearly out of the join_ttl window
     late = NodeCore(g, me)
     late.tree.head = dataclasses.replace(late.head, round=g.join_ttl - 1)

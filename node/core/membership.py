@@ -58,6 +58,8 @@ class _Core(Protocol):
 
 
 class MembershipMixin(_Core):
+    _my_join: Join | None = None  # the last Join we announced (re-announced while still valid)
+
     def join(self, now: float, cert: bytes | None = None) -> list[Effect]:
         """Ask to become a member: gossip a signed Join (with the admission certificate of a
         permissioned swarm, or the work an open swarm asks for); aggregators put it in a record."""
@@ -65,6 +67,14 @@ class MembershipMixin(_Core):
             return []
         st = self.head
         self._last_join = now
+        mine = self._my_join
+        if cert is None and mine is not None and st.round - mine.round <= self.genesis.join_ttl - 2 \
+                and admission_ok(self.genesis, self.run_id, self.me, mine.round, mine.cert, st.join_bits):
+            # Re-announce the Join we have while records can still take it and its work is still
+            # enough: at a raised difficulty, new work every rejoin_after would be minutes wasted.
+            self._count("joins.reannounced")
+            self._pending_joins[self.me] = mine.encode()
+            return [Publish(mine)]
         if cert is None and not self.genesis.admission_key:
             # enough for the difficulty after two more Joins: it may rise before a record takes
             # ours (in a large swarm it does not, and the work is the base cost)
@@ -85,6 +95,7 @@ class MembershipMixin(_Core):
 
     def _announce_join(self, round_: int, cert: bytes) -> list[Effect]:
         j = Join(run=self.run_id, round=round_, peer=self.me, cert=cert).signed(self.identity)
+        self._my_join = j
         self._pending_joins[self.me] = j.encode()
         self.joined_announced = True
         self._count("joins.announced")
@@ -93,6 +104,8 @@ class MembershipMixin(_Core):
     def _maybe_join(self, now: float) -> list[Effect]:
         # Only once caught up with a peer: a Join signed at a round far behind the swarm's
         # expires before any record can take it (join_ttl).
+        if self._my_join is not None and self.is_member():
+            self._my_join = None  # taken: an expelled member must not bring back its old Join
         if not self.cfg.auto_join or self.is_member() or self._off_duty() or self.catching_up \
                 or not self.sync.peer_heads or self.sync.behind(self.round, now) > 1:
             return []
