@@ -73,6 +73,13 @@ class OffLoopWork:
         return local_estimate(self.task, self.genesis, bind_(self._work_model, params), self.shard, self.rng,
                               streams, self.device)
 
+    def _yield_or_stop(self) -> bool:
+        """Asked by the search every 65,536 hashes (about 70 ms): hand the GIL to the event loop
+        for a moment (a pure-Python search would otherwise hold it for whole switch intervals
+        at every turn of the loop), and say whether the node is stopping."""
+        time.sleep(0.002)
+        return self._stop.is_set()
+
     async def _solve_work(self, e: SolveWork) -> None:
         if self._solving:
             return  # one search at a time: the core asks again after rejoin_after
@@ -80,7 +87,7 @@ class OffLoopWork:
         t0 = time.monotonic()
         try:
             nonce = await self._off_loop(functools.partial(solve_work, self.run_id, self.identity.public, e.round,
-                                                           e.bits, stop=self._stop.is_set))
+                                                           e.bits, stop=self._yield_or_stop))
         except WorkAbandoned:
             return
         finally:
