@@ -129,12 +129,14 @@ def rank_peers(
     the order is total.
     """
     peers = _as_peer_list(eligible)
+    if k is not None and k < 0:
+        raise ValueError(f"cannot take {k} peers")
+    if k == 0:
+        return []  # no hash of every peer for nothing (a committee asked for its trainers only)
     keyed = _keyed(domain, beacon, peers)
     if k is None or k >= len(keyed):
         keyed.sort()
     else:
-        if k < 0:
-            raise ValueError(f"cannot take {k} peers")
         keyed = heapq.nsmallest(k, keyed)
     return [p for _, p in keyed]
 
