@@ -106,7 +106,6 @@ class Daemon(OffLoopWork):
         self.transport: Transport | None = None
         self.peering: Peering | None = None
         self.state = "new"
-        self.accuracy: float | None = None
         self.evaluation: dict[str, float] = {}  # the last evaluate() (an lm task's metric is its loss)
         self.announce: list[str] = []
         self.first_apply_wall: float | None = None
@@ -125,6 +124,10 @@ class Daemon(OffLoopWork):
         self.history = dashboard.History()  # the live dashboard's per-round rows (bounded)
         self.traffic = Traffic(self)
         self._watchdog: threading.Timer | None = None
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.evaluation.get("accuracy")
 
     def now(self) -> float:
         return asyncio.get_running_loop().time()
@@ -459,7 +462,6 @@ class Daemon(OffLoopWork):
             if (self.cfg.eval_every and r % self.cfg.eval_every == 0) or halting:
                 ev = self.task.evaluate(bind_(self._eval_model, params))
                 self.evaluation = {k: float(v) for k, v in ev.items()}
-                self.accuracy = self.evaluation.get("accuracy")
                 evaluated = True
         if self.transport is not None:
             row = dashboard.round_row(self, r, now, len(e.head.members), evaluated)

@@ -35,13 +35,15 @@ class Daemon(Protocol):
     peer_id: str
     state: str
     announce: list[str]
-    accuracy: float | None
     evaluation: dict[str, float]
     _solving: bool
     started_wall: float
     synced_wall: float | None
     first_apply_wall: float | None
     member_since_wall: float | None
+
+    @property
+    def accuracy(self) -> float | None: ...
 
     def now(self) -> float: ...
 
