@@ -52,6 +52,15 @@ def test_digits_shapes_split_and_params(task: DigitsTask) -> None:
     assert param_count(wide.build_model()) == digits_param_count(64, 3)
 
 
+def test_digits_arrays_equal_scikit_learns_loader() -> None:
+    from sklearn.datasets import load_digits
+
+    pixels, labels = tasks.digits_arrays()
+    ref = load_digits()
+    assert pixels.dtype == np.float64 and labels.dtype == np.int64
+    assert np.array_equal(pixels, ref.data) and np.array_equal(labels, ref.target)
+
+
 def test_build_model_deterministic_and_free_of_global_rng(task: DigitsTask) -> None:
     torch.manual_seed(1)
     state = torch.get_rng_state()

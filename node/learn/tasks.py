@@ -285,14 +285,35 @@ def digits_param_count(hidden: int = 32, layers: int = 1) -> int:
     )
 
 
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 8x8 digits as (pixels float64 [n, 64], labels int64 [n]).
+
+    The file ships inside scikit-learn, so nothing is downloaded. It is read straight from the
+    package folder: importing ``sklearn.datasets`` costs 1.7 CPU-s (scipy.stats and more), paid by
+    every daemon at start-up, 14 s of a loaded 2-core machine when 8 daemons start at once.
+    ``tests/test_tasks.py`` checks the arrays equal ``load_digits()``'s.
+    """
+    import gzip
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("sklearn")  # locates the package without importing it
+    roots = list(spec.submodule_search_locations or []) if spec is not None else []
+    for root in roots:
+        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            with gzip.open(path, "rt") as f:
+                data = np.loadtxt(f, delimiter=",")
+            return np.ascontiguousarray(data[:, :-1]), data[:, -1].astype(np.int64)
+    raise TaskError("the digits task needs scikit-learn's bundled digits.csv.gz: pip install scikit-learn")
+
+
 @functools.lru_cache(maxsize=8)
 def _digits_split(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Features in [0, 1] (pixel / 16) and a seeded stratified 80/20 split (cached per seed)."""
-    from sklearn.datasets import load_digits  # bundled with scikit-learn: nothing is downloaded
-
-    data = load_digits()
-    x = np.asarray(data.data, dtype=np.float64) / 16.0
-    y = np.asarray(data.target, dtype=np.int64)
+    pixels, labels = digits_arrays()
+    x = pixels / 16.0
+    y = labels
     rng = _rng(seed, _SPLIT)
     test_mask = np.zeros(y.shape[0], dtype=bool)
     for c in range(DIGITS_CLASSES):
@@ -308,7 +329,7 @@ def _digits_split(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, 
 def _digits_mlp(hidden: int, layers: int, seed: int) -> nn.Sequential:
     """The MLP with PyTorch's default Linear init ranges, drawn from a seeded numpy generator.
 
-    ``skip_init`` leaves torch's global RNG untouched; each tensor is filled with
+    ``fork_rng`` leaves torch's global RNG untouched; each tensor is then filled with
     ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` (the range ``nn.Linear`` uses) from PCG64, whose stream
     is specified and stable, so the initial parameters are bit-identical on every machine.
     """
@@ -316,7 +337,10 @@ def _digits_mlp(hidden: int, layers: int, seed: int) -> nn.Sequential:
     mods: list[nn.Module] = []
     rng = _rng(seed, _MODEL, hidden, layers)
     for i in range(len(widths) - 1):
-        lin = torch.nn.utils.skip_init(nn.Linear, widths[i], widths[i + 1], dtype=torch.float32)
+        # Not ``skip_init``: its meta-device path imports torch's symbolic-shapes machinery
+        # (0.8 CPU-s at every daemon's start); drawing torch's default init once is cheaper.
+        with torch.random.fork_rng(devices=[]):
+            lin = nn.Linear(widths[i], widths[i + 1], dtype=torch.float32)
         bound = 1.0 / math.sqrt(widths[i])
         with torch.no_grad():
             for p in (lin.weight, lin.bias):
