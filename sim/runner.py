@@ -13,6 +13,7 @@ from typing import Any, TextIO
 import numpy as np
 import torch
 
+from seedswarm.crypto.projection import set_direction_cache
 from seedswarm.node.core.chain import ChainState
 from seedswarm.node.core.genesis import GenesisOptions
 from seedswarm.node.core.protocol import CoreConfig
@@ -48,6 +49,9 @@ class SimConfig(GenesisOptions):
     checkpoint_every: int = 20  # rounds between checkpoints nodes serve to joiners (0: joiners replay)
     checkpoint_chunk_bytes: int = 1 << 16
     max_wall: float = math.inf
+    # Direction matrices kept for the round's other trainers (crypto.projection.set_direction_cache):
+    # at most this many MiB; only projections above 2 MiB (lm, large digits models) use it.
+    direction_cache_mb: int = 2048
     out: str | None = None
     quiet: bool = False
 
@@ -115,7 +119,11 @@ def run(cfg: SimConfig, log: TextIO | None = None) -> dict[str, Any]:
             from seedswarm.sim.baselines import run_baseline
 
             return run_baseline(cfg, log, progress=progress)
-        return _run(cfg, progress)
+        old = set_direction_cache(cfg.direction_cache_mb << 20)
+        try:
+            return _run(cfg, progress)
+        finally:
+            set_direction_cache(old)
 
 
 def _run(cfg: SimConfig, progress: Progress) -> dict[str, Any]:

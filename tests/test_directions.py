@@ -467,3 +467,29 @@ def test_chunking_does_not_change_results(
     assert all(torch.equal(a, b) for a, b in zip(got["params"], want, strict=True))
     assert torch.equal(got["z"], z_want)
     assert got["proj"] == pytest.approx(p_want, rel=1e-12)
+
+
+def test_direction_cache_gives_the_same_projections_and_respects_its_budget() -> None:
+    """The simulator's kept direction matrices: same sums (up to summation order), bounded memory."""
+    from seedswarm.crypto import projection
+
+    g = [torch.randn(70_000, generator=torch.Generator().manual_seed(1)), torch.randn(3, 100)]
+    streams = [11, 12, 13, 14, 15]  # 5 x 70,300 elements: over _SMALL, so the chunked path
+    plain = projection.project(g, streams)
+    one = len(streams) * 70_300 * 8
+    old = projection.set_direction_cache(one + one // 2)  # room for one matrix, not two
+    try:
+        assert projection.project(g, streams) == pytest.approx(plain, rel=1e-10, abs=1e-9)
+        assert len(projection._blocks) == 1
+        cached = projection.project(g, streams)  # served from the kept matrix
+        assert cached == pytest.approx(plain, rel=1e-10, abs=1e-9)
+        projection.project(g, [21, 22, 23, 24, 25])  # a second matrix evicts the first
+        assert len(projection._blocks) == 1 and next(iter(projection._blocks))[0] == (21, 22, 23, 24, 25)
+        assert projection.project(g, list(range(40))) == pytest.approx(
+            [projection.project(g, [s])[0] for s in range(40)], rel=1e-10, abs=1e-9)  # over budget: not kept
+        assert all(k[0] != tuple(range(40)) for k in projection._blocks)
+    finally:
+        projection.set_direction_cache(old)
+    assert not projection._blocks and projection.project(g, streams) == plain
+    with pytest.raises(ValueError):
+        projection.set_direction_cache(-1)
