@@ -28,6 +28,7 @@ from seedswarm.gossip.wire import CheckpointManifest, Record, WireError, decode_
 from seedswarm.node.core.chain import ChainState, RecordError, checked_next_state, record_hash
 from seedswarm.node.core.effects import Apply, InstallCheckpoint
 from seedswarm.node.core.genesis import Genesis
+from seedswarm.node.daemon.config import DEFAULT_STATE_CACHE_MB
 from seedswarm.node.daemon.store import ChainStore, CheckpointDir
 from seedswarm.node.learn.checkpoint import (
     Checkpoint,
@@ -39,10 +40,24 @@ from seedswarm.node.learn.replay import ModelStates
 
 log = logging.getLogger("seedswarm.daemon")
 
+STATE_BUDGET_BYTES = DEFAULT_STATE_CACHE_MB << 20
+"""Default memory for the kept model states (``ModelStates``), whatever the model's size.
+
+Each kept state is a full parameter copy: 16 of them (``keep_states``) are 54 MB for the
+default ``lm`` model but 6.4 GB at 100M float32 parameters, so the count alone does not bound
+a node's memory. With this budget a model up to 16M parameters keeps all 16 and a 100M one
+keeps 2 (never fewer). A fork switch deeper than what is kept replays from the newest local
+checkpoint (``rebuild``): slower, same bits. ``seedswarm node --state-cache-mb`` overrides it.
+"""
+
+
 
 class LocalChain:
+    states: ModelStates  # parameters of recent heads (set by rebuild)
+
     def __init__(self, genesis: Genesis, store: ChainStore, ckdir: CheckpointDir,
-                 genesis_params: Sequence[torch.Tensor], checkpoint_every: int, keep_states: int = 16) -> None:
+                 genesis_params: Sequence[torch.Tensor], checkpoint_every: int, keep_states: int = 16,
+                 state_budget_bytes: int | None = STATE_BUDGET_BYTES) -> None:
         self.genesis = genesis
         self.run_id = genesis.run_id
         self.store = store
@@ -50,6 +65,7 @@ class LocalChain:
         self.genesis_params = list(genesis_params)
         self.checkpoint_every = checkpoint_every
         self.keep_states = keep_states
+        self.state_budget_bytes = state_budget_bytes
         self.recent: OrderedDict[bytes, Checkpoint] = OrderedDict()  # checkpoints we serve, by blob hash
         self.checkpoint: Checkpoint | None = None  # the newest on our chain
         self.heads: list[bytes] = []
@@ -76,7 +92,9 @@ class LocalChain:
                 break
             decoded.append(rec)
         self.heads = [s.head for s in states]
-        base, params = 0, [p.clone() for p in self.genesis_params]
+        if getattr(self, "states", None) is not None:
+            self.states.clear()  # drop the old kept states before making new ones (peak memory)
+        base, params = 0, self.genesis_params
         self.checkpoint = None
         for ck in self.ckdir.load_all():
             if ck.round < len(self.heads) and self.heads[ck.round] == ck.head:
@@ -89,7 +107,9 @@ class LocalChain:
                 self._remember(ck)
                 break
         self.base_round = base
-        self.states = ModelStates(states[base], params, keep=self.keep_states)
+        self.states = ModelStates(states[base], params, keep=self.keep_states,  # a copy of params
+                                  budget_bytes=self.state_budget_bytes)
+        del params
         self.states.advance(states[base], [(states[i], decoded[i]) for i in range(base, len(decoded))])
         self.head = states[-1]
         self.dirty = False
