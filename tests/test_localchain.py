@@ -1,4 +1,5 @@
-"""The daemon's LocalChain under a memory budget: fewer kept states, same bits."""
+"""The daemon's LocalChain under a memory budget: fewer kept states, same bits; checkpoints
+served from their files, not from blobs held in memory."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from seedswarm.gossip.wire import Contribution, Record
 from seedswarm.node.core.chain import ChainState, build_record, next_state
 from seedswarm.node.core.effects import Apply
 from seedswarm.node.core.genesis import Genesis
+from seedswarm.node.core.joinplan import assemble
 from seedswarm.node.daemon.localchain import LocalChain
 from seedswarm.node.daemon.store import ChainStore, CheckpointDir
+from seedswarm.node.learn.checkpoint import decode_params
 from seedswarm.node.learn.replay import ModelStates, apply_record_, model_digest, params_bytes
 from tests.corenet import IDS, fresh_params, make_genesis
 
@@ -106,13 +109,65 @@ def test_a_fork_switch_deeper_than_the_kept_states_ends_on_the_same_bits(tmp_pat
     assert all(torch.equal(a, b) for a, b in zip(got["bounded"], want, strict=True))
 
     # and a restart on the same data dir agrees
+    bounded.close()
     again = _chain(tmp_path / "bounded", g, fresh_params(), 4, state_budget_bytes=2 * one + 1)
     assert again.head.head == _after(theirs).head
     assert model_digest(again.params(again.head.head) or []) == model_digest(want)
+    again.close()
+    unbounded.close()
 
 
 def record_heads(steps: list[tuple[ChainState, Record]]) -> list[bytes]:
     return [st.head for st, _ in steps]
+
+
+def test_checkpoints_are_served_from_their_files(tmp_path: Path) -> None:
+    """No blob stays in memory; the chunks read back assemble to the checkpoint; a checkpoint
+    whose file was pruned is still served while it is recent; a damaged chunk is not served."""
+    g = make_genesis()
+    root = ChainState.initial(g)
+    torch.manual_seed(3)
+    params = [p.detach().clone() for p in torch.nn.Linear(24, 20).parameters()]  # 2,000 bytes: 9 chunks
+    chain = _chain(tmp_path, g, params, 2)
+    steps = _extend(root, 8, seed=5)
+    _one_by_one(chain, steps[:2])
+    first = chain.manifest()
+    assert first is not None and first.round == 2 and len(first.chunks) >= 8
+    assert not hasattr(chain.checkpoint, "blob")
+
+    def served(m: object) -> bytes | None:
+        chunks = [chain.chunk(m.state, i) for i in range(len(m.chunks))]  # type: ignore[attr-defined]
+        return None if any(c is None for c in chunks) else assemble(m, chunks)  # type: ignore[arg-type]
+
+    want = params
+    for st, rec in steps[:2]:
+        want = [p.clone() for p in want]
+        apply_record_(want, st, rec)
+    blob = served(first)
+    assert blob is not None
+    assert all(torch.equal(a, b) for a, b in zip(decode_params(blob, params)[2], want, strict=True))
+
+    _one_by_one(chain, steps[2:6])  # checkpoints of rounds 4 and 6: round 2's file is deleted
+    files = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt"))
+    assert len(files) == 2 and not any(f.startswith("0000000002-") for f in files)
+    assert served(first) == blob  # still recent: served from the open file
+    assert chain.chunk(first.state, len(first.chunks)) is None
+
+    _one_by_one(chain, steps[6:8])  # round 8: round 2 is no longer recent
+    assert chain.chunk(first.state, 0) is None
+    newest = chain.manifest()
+    assert newest is not None and newest.round == 8 and served(newest) is not None
+
+    path = next((tmp_path / "checkpoints").glob("0000000008-*.ckpt"))
+    with open(path, "r+b") as f:  # damage chunk 3 of the file being served, in place
+        f.seek(3 * 256 + 10)
+        byte = f.read(1)
+        f.seek(3 * 256 + 10)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert chain.chunk(newest.state, 3) is None
+    assert chain.chunk(newest.state, 2) is not None
+    chain.close()
+    assert chain.chunk(newest.state, 2) is None
 
 
 def test_the_node_setting_defaults_to_the_chains_budget() -> None:

@@ -342,6 +342,7 @@ class Daemon(OffLoopWork):
         self.state = "stopped"
         if hasattr(self, "chain"):
             status_mod.write_status_file(self)
+            self.chain.close()
         if self._rounds_log is not None:
             self._rounds_log.close()
         if hasattr(self, "data_lock"):
