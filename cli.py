@@ -24,6 +24,7 @@ BENCHES: dict[str, str] = {
     "sybil": "a flood of join requests from fresh keys against a small open swarm",
     "chaos": "real node processes under crashes, partitions and hostile peers",
     "fuzz": "malformed and hostile messages against a real node process",
+    "lm_memory": "peak memory of zeroth-order, first-order and Adam steps on a 57M-parameter GPT",
 }
 
 
