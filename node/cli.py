@@ -197,6 +197,10 @@ NODE_OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--log-level", {"metavar": "LEVEL", "help": "DEBUG, INFO, WARNING or ERROR"}),
     ("--checkpoint-every", {"type": int, "help": "write a model checkpoint every N rounds for joining nodes (0: never)"}),
     ("--checkpoint-chunk-bytes", {"type": int, "help": "size of one checkpoint download chunk"}),
+    ("--state-cache-mb", {"type": int, "metavar": "MB",
+                          "help": "memory for recent model states kept to undo rounds after a fork switch (each is a "
+                                  "full copy of the parameters; at least 2 are kept; a deeper switch replays from a "
+                                  "checkpoint)"}),
     ("--shard-index", {"type": int, "help": "which data shard this node trains on (-1: derived from its key)"}),
     ("--shard-count", {"type": int, "help": "how many shards the training data is cut into"}),
     ("--halt-at", {"type": int, "help": "stop taking duties at this round and keep serving peers (0: never)"}),
@@ -277,7 +281,8 @@ def cmd_node(args: argparse.Namespace) -> int:
         file_values = load_toml(args.config) if args.config else {}
         cli = {k: getattr(args, k) for k in ("genesis", "data_dir", "listen", "announce", "bootstrap", "device",
                                              "metrics_port", "metrics_host", "log_format", "log_level",
-                                             "checkpoint_every", "checkpoint_chunk_bytes", "shard_index",
+                                             "checkpoint_every", "checkpoint_chunk_bytes", "state_cache_mb",
+                                             "shard_index",
                                              "shard_count", "halt_at", "eval_every", "sync_wait_s", "min_peers")}
         cfg = build_config(file_values, cli)
     except ConfigError as e:

@@ -48,6 +48,14 @@ from seedswarm.sim.chainview import ChainIndex, SimHistory
 
 Attack = Callable[["SimNode", list[float], "Simulation"], list[float] | None]
 
+STATE_BUDGET_BYTES = 4 << 30
+"""Memory for the model states the simulator keeps (shared by all its nodes: up to 64 heads).
+
+A state is a full parameter copy, so 64 of a 100M-parameter model would be 25 GB; within
+4 GiB a model up to 16M parameters keeps all 64 and a 100M one 10. A node whose base state
+fell out is replayed from the nearest kept ancestor (``ChainIndex.materialize``).
+"""
+
 
 def identities(n: int, seed: int, offset: int = 0) -> list[Identity]:
     """Deterministic simulated identities (a run replays exactly from its seed)."""
@@ -128,7 +136,7 @@ class Simulation:
         model = task.build_model()
         root = ChainState.initial(genesis)
         params = [p.detach() for p in model.parameters()]
-        states = ModelStates(root, params, keep=64)
+        states = ModelStates(root, params, keep=64, budget_bytes=STATE_BUDGET_BYTES)
         index = ChainIndex(root, params, checkpoint_every, checkpoint_chunk_bytes)
         sim = cls(genesis=genesis, task=task, nodes=[], net=net, rng=rng, states=states, index=index,
                   core_config=core_config or CoreConfig(), model=model)

@@ -29,6 +29,11 @@ class ConfigError(ValueError):
 
 
 DEVICES = ("auto", "cpu", "cuda")
+
+DEFAULT_STATE_CACHE_MB = 1024
+"""Memory for the model states a node keeps for fork switches (``localchain.STATE_BUDGET_BYTES``
+says why the count of states alone is not enough): 16 states up to 16M float32 parameters,
+never fewer than 2."""
 LOG_FORMATS = ("auto", "json", "text")
 
 
@@ -50,6 +55,9 @@ class NodeConfig:
     checkpoint_every: int = 10
     checkpoint_chunk_bytes: int = 64 * 1024
     checkpoints_kept: int = 2
+    #: MiB for the recent model states kept to undo rounds after a fork switch (each is a full
+    #: parameter copy; at least 2 are kept whatever this says)
+    state_cache_mb: int = DEFAULT_STATE_CACHE_MB
     #: data shard: index/count of the task's training set (default: derived from the key)
     shard_index: int = -1
     shard_count: int = 16
@@ -89,6 +97,8 @@ class NodeConfig:
             problems.append("checkpoint_every >= 0, checkpoint_chunk_bytes >= 256, checkpoints_kept >= 1")
         if self.shard_count < 1 or self.shard_index >= self.shard_count:
             problems.append("shard_index must be below shard_count (or -1 for automatic)")
+        if self.state_cache_mb < 0:
+            problems.append("state_cache_mb must be >= 0")
         if self.halt_at < 0 or self.eval_every < 0 or self.max_peers < 1:
             problems.append("halt_at and eval_every must be >= 0, max_peers >= 1")
         if problems:

@@ -182,7 +182,13 @@ class Daemon(OffLoopWork):
         self.shard = self.task.shard(index, count)
         self.rng = np.random.default_rng([int.from_bytes(self.identity.public[:8], "big"), int(time.time_ns() & 0xFFFFFFFF)])
         ckdir = CheckpointDir(data / "checkpoints", self.run_id, cfg.checkpoint_chunk_bytes, cfg.checkpoints_kept)
-        self.chain = LocalChain(g, store, ckdir, [p.to(self.device) for p in genesis_params], cfg.checkpoint_every)
+        self.chain = LocalChain(g, store, ckdir, [p.to(self.device) for p in genesis_params], cfg.checkpoint_every,
+                                state_budget_bytes=cfg.state_cache_mb << 20)
+        # Until their first use, the two working models point at the genesis parameters (only
+        # ever read: estimators and evaluation never write a parameter) instead of each holding
+        # a full copy of its own (400 MB apiece at 100M float32 parameters).
+        bind_(self._work_model, self.chain.genesis_params)
+        bind_(self._eval_model, self.chain.genesis_params)
         self.peer_id = peer_id_of(self.identity.public)
         log.info("node %s: run %s, local chain at round %d (model from round %d), data dir %s",
                  self.peer_id, self.run_id.hex()[:16], self.chain.head.round, self.chain.base_round, data)
@@ -341,6 +347,7 @@ class Daemon(OffLoopWork):
         self.state = "stopped"
         if hasattr(self, "chain"):
             status_mod.write_status_file(self)
+            self.chain.close()
         if self._rounds_log is not None:
             self._rounds_log.close()
         if hasattr(self, "data_lock"):

@@ -28,7 +28,8 @@ from seedswarm.gossip.wire import CheckpointManifest, Record, WireError, decode_
 from seedswarm.node.core.chain import ChainState, RecordError, checked_next_state, record_hash
 from seedswarm.node.core.effects import Apply, InstallCheckpoint
 from seedswarm.node.core.genesis import Genesis
-from seedswarm.node.daemon.store import ChainStore, CheckpointDir
+from seedswarm.node.daemon.config import DEFAULT_STATE_CACHE_MB
+from seedswarm.node.daemon.store import ChainStore, CheckpointDir, StoredCheckpoint
 from seedswarm.node.learn.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -39,10 +40,23 @@ from seedswarm.node.learn.replay import ModelStates
 
 log = logging.getLogger("seedswarm.daemon")
 
+STATE_BUDGET_BYTES = DEFAULT_STATE_CACHE_MB << 20
+"""Default memory for the kept model states (``ModelStates``), whatever the model's size.
+
+Each kept state is a full parameter copy: 16 of them (``keep_states``) are 54 MB for the
+default ``lm`` model but 6.4 GB at 100M float32 parameters, so the count alone does not bound
+a node's memory. With this budget a model up to 16M parameters keeps all 16 and a 100M one
+keeps 2 (never fewer). A fork switch deeper than what is kept replays from the newest local
+checkpoint (``rebuild``): slower, same bits. ``seedswarm node --state-cache-mb`` overrides it.
+"""
+
 
 class LocalChain:
+    states: ModelStates  # parameters of recent heads (set by rebuild)
+
     def __init__(self, genesis: Genesis, store: ChainStore, ckdir: CheckpointDir,
-                 genesis_params: Sequence[torch.Tensor], checkpoint_every: int, keep_states: int = 16) -> None:
+                 genesis_params: Sequence[torch.Tensor], checkpoint_every: int, keep_states: int = 16,
+                 state_budget_bytes: int | None = STATE_BUDGET_BYTES) -> None:
         self.genesis = genesis
         self.run_id = genesis.run_id
         self.store = store
@@ -50,8 +64,10 @@ class LocalChain:
         self.genesis_params = list(genesis_params)
         self.checkpoint_every = checkpoint_every
         self.keep_states = keep_states
-        self.recent: OrderedDict[bytes, Checkpoint] = OrderedDict()  # checkpoints we serve, by blob hash
-        self.checkpoint: Checkpoint | None = None  # the newest on our chain
+        self.state_budget_bytes = state_budget_bytes
+        # checkpoints we serve, by blob hash: manifests in memory, chunks read from their files
+        self.recent: OrderedDict[bytes, StoredCheckpoint] = OrderedDict()
+        self.checkpoint: StoredCheckpoint | None = None  # the newest on our chain
         self.heads: list[bytes] = []
         self.head = ChainState.initial(genesis)
         self.base_round = 0
@@ -76,23 +92,34 @@ class LocalChain:
                 break
             decoded.append(rec)
         self.heads = [s.head for s in states]
-        base, params = 0, [p.clone() for p in self.genesis_params]
-        self.checkpoint = None
-        for ck in self.ckdir.load_all():
-            if ck.round < len(self.heads) and self.heads[ck.round] == ck.head:
-                try:
-                    _, _, params = decode_params(ck.blob, self.genesis_params)
-                except CheckpointError as e:
-                    log.warning("local checkpoint of round %d unusable: %s", ck.round, e)
-                    continue
-                base, self.checkpoint = ck.round, ck
-                self._remember(ck)
-                break
+        if getattr(self, "states", None) is not None:
+            self.states.clear()  # drop the old kept states before making new ones (peak memory)
+        base, params = self._local_checkpoint()
         self.base_round = base
-        self.states = ModelStates(states[base], params, keep=self.keep_states)
+        self.states = ModelStates(states[base], params, keep=self.keep_states,  # a copy of params
+                                  budget_bytes=self.state_budget_bytes)
+        del params
         self.states.advance(states[base], [(states[i], decoded[i]) for i in range(base, len(decoded))])
         self.head = states[-1]
         self.dirty = False
+
+    def _local_checkpoint(self) -> tuple[int, Sequence[torch.Tensor]]:
+        """The newest local checkpoint on our chain (round, parameters), kept for serving as
+        ``self.checkpoint``; (0, the genesis parameters) when there is none."""
+        self.checkpoint = None
+        for ck, blob in self.ckdir.load_each():
+            if ck.round < len(self.heads) and self.heads[ck.round] == ck.head:
+                try:
+                    _, _, params = decode_params(blob, self.genesis_params)
+                except CheckpointError as e:
+                    log.warning("local checkpoint of round %d unusable: %s", ck.round, e)
+                    ck.close()
+                    continue
+                self.checkpoint = ck
+                self._remember(ck)
+                return ck.round, params
+            ck.close()
+        return 0, self.genesis_params
 
     def params(self, head: bytes) -> list[torch.Tensor] | None:
         """The parameters at ``head`` (rebuilt first if records were stored without the model)."""
@@ -149,7 +176,7 @@ class LocalChain:
         except CheckpointError as err:
             log.warning("downloaded checkpoint of round %d unusable (%s): replaying instead", e.round, err)
             return False
-        self.ckdir.save(ck)
+        self.ckdir.save(ck).close()  # served once the rebuild loads it
         self.dirty = True
         return True
 
@@ -159,19 +186,29 @@ class LocalChain:
             return
         ck = Checkpoint.from_blob(self.run_id, encode_params(r, self.head.head, params), self.ckdir.chunk_bytes)
         try:
-            self.ckdir.save(ck)
+            stored = self.ckdir.save(ck)
         except OSError as err:
             log.warning("cannot save the checkpoint of round %d: %s", r, err)
             return
-        self.checkpoint = ck
-        self._remember(ck)
+        self.checkpoint = stored
+        self._remember(stored)
 
-    def _remember(self, ck: Checkpoint) -> None:
+    def _remember(self, ck: StoredCheckpoint) -> None:
         # Any recent checkpoint is served, not only the newest: a joiner that got a manifest a
-        # moment ago keeps fetching its chunks while we write the next one.
+        # moment ago keeps fetching its chunks while we write the next one. Each holds an open
+        # file (its chunks are read on demand), closed when it is dropped or replaced.
+        old = self.recent.pop(ck.manifest.state, None)
+        if old is not None and old is not ck:
+            old.close()
         self.recent[ck.manifest.state] = ck
         while len(self.recent) > max(2, self.ckdir.keep + 1):
-            self.recent.popitem(last=False)
+            self.recent.popitem(last=False)[1].close()
+
+    def close(self) -> None:
+        """Close the files of the checkpoints we serve (the process's end does it too)."""
+        for ck in self.recent.values():
+            ck.close()
+        self.recent.clear()
 
     def archive_after(self, fork_round: int) -> Path | None:
         """Move the stored records after ``fork_round`` to a side file (nothing is deleted), cut

@@ -44,8 +44,12 @@ import logging
 import os
 import struct
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
+from seedswarm.gossip.wire import CheckpointManifest
+from seedswarm.node.core.joinplan import check_chunk
 from seedswarm.node.files import atomic_write
 from seedswarm.node.learn.checkpoint import Checkpoint, CheckpointError
 
@@ -328,6 +332,54 @@ class ChainStore:
         self._end = end
 
 
+class StoredCheckpoint:
+    """A checkpoint served from its file: the manifest in memory, each chunk read when asked.
+
+    Serving used to keep every recent checkpoint's whole blob in memory (three full parameter
+    copies with the default ``checkpoints_kept``; 1.2 GB at 100M float32 parameters). The file
+    is opened once and read with ``os.pread`` (no shared file position), and the open file keeps
+    the bytes readable after :meth:`CheckpointDir.save` prunes or replaces it (POSIX: an unlinked
+    file lives until its last descriptor closes), so a joiner that got the manifest a moment ago
+    still gets every chunk, as when the blob was in memory. Each chunk is checked against the
+    manifest before it leaves (one hash of ``chunk_bytes``): a file damaged on disk makes
+    :meth:`chunk` answer None (the joiner asks another peer), never serve bad bytes.
+    """
+
+    def __init__(self, manifest: CheckpointManifest, chunk_bytes: int, file: BinaryIO) -> None:
+        self.manifest = manifest
+        self.chunk_bytes = chunk_bytes
+        self._file: BinaryIO | None = file
+        self._warned = False  # one warning per checkpoint, however often a bad chunk is asked for
+
+    @property
+    def round(self) -> int:
+        return self.manifest.round
+
+    @property
+    def head(self) -> bytes:
+        return self.manifest.head
+
+    def chunk(self, index: int) -> bytes | None:
+        """Chunk ``index`` as the manifest lists it, or None (no such chunk, file unreadable or damaged)."""
+        f = self._file
+        if f is None or not 0 <= index < len(self.manifest.chunks):
+            return None
+        try:
+            data = os.pread(f.fileno(), self.chunk_bytes, index * self.chunk_bytes)
+            check_chunk(self.manifest, index, data)
+        except (OSError, ValueError, CheckpointError) as e:
+            if not self._warned:
+                self._warned = True
+                log.warning("cannot serve chunk %d of the checkpoint of round %d: %s", index, self.round, e)
+            return None
+        return data
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 class CheckpointDir:
     """``<data dir>/checkpoints``: ``<round>-<head>.ckpt`` files written atomically, newest kept."""
 
@@ -341,21 +393,36 @@ class CheckpointDir:
     def _name(self, round_: int, head: bytes) -> Path:
         return self.path / f"{round_:010d}-{head.hex()[:16]}.ckpt"
 
-    def save(self, ckpt: Checkpoint) -> None:
-        atomic_write(self._name(ckpt.round, ckpt.head), ckpt.blob, mode=0o600)
+    def save(self, ckpt: Checkpoint) -> StoredCheckpoint:
+        """Write ``ckpt`` and return it opened for serving (the caller closes it); older files
+        beyond ``keep`` are deleted after it is open, so even one older than those kept (an
+        abandoned fork's newer rounds still on disk) can be served."""
+        path = self._name(ckpt.round, ckpt.head)
+        atomic_write(path, ckpt.blob, mode=0o600)
+        stored = StoredCheckpoint(ckpt.manifest, ckpt.chunk_bytes, open(path, "rb"))  # noqa: SIM115
         files = sorted(self.path.glob("*.ckpt"))
         for old in files[: max(0, len(files) - self.keep)]:
             old.unlink(missing_ok=True)
+        return stored
 
-    def load_all(self) -> list[Checkpoint]:
-        """Every readable checkpoint, newest first (a corrupt file is skipped with a warning)."""
-        out: list[Checkpoint] = []
+    def load_each(self) -> Iterator[tuple[StoredCheckpoint, bytes]]:
+        """Every readable checkpoint, newest first, opened for serving, with its blob (one at a
+        time: a caller that stops at the first usable one reads no other whole file; it closes
+        the ones it does not keep). A corrupt file is skipped with a warning."""
         for f in sorted(self.path.glob("*.ckpt"), reverse=True):
             try:
-                out.append(Checkpoint.from_blob(self.run, f.read_bytes(), self.chunk_bytes))
-            except (OSError, CheckpointError) as e:
+                file = open(f, "rb")  # noqa: SIM115  (closed by the caller, or below)
+            except OSError as e:
                 log.warning("skipping checkpoint %s: %s", f, e)
-        return out
+                continue
+            try:
+                blob = file.read()
+                ck = Checkpoint.from_blob(self.run, blob, self.chunk_bytes)
+            except (OSError, CheckpointError) as e:
+                file.close()
+                log.warning("skipping checkpoint %s: %s", f, e)
+                continue
+            yield StoredCheckpoint(ck.manifest, ck.chunk_bytes, file), blob
 
-    def remove(self, ckpt: Checkpoint) -> None:
+    def remove(self, ckpt: Checkpoint | StoredCheckpoint) -> None:
         self._name(ckpt.round, ckpt.head).unlink(missing_ok=True)

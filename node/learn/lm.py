@@ -47,7 +47,7 @@ from seedswarm.node.learn.taskcommon import (
 )
 from seedswarm.node.learn.taskspec import TaskError
 
-__all__ = ["LM_DEFAULTS", "LMTask", "cache_dir", "pretrained"]
+__all__ = ["LM_DEFAULTS", "LMTask", "cache_dir", "next_byte_loss", "pretrained"]
 
 _MODEL, _PRETRAIN, _SHARD = 21, 22, 23  # purpose tags of the task's random streams
 _CACHE_VERSION = 1  # bump when the pretraining procedure changes: old files are then ignored
@@ -67,6 +67,14 @@ LM_DEFAULTS: dict[str, Any] = {
     "min_shard": 16,  # windows per node at least (shards wrap and overlap beyond that)
     "cache": True,  # read and write the pretraining cache (cache_dir())
 }
+
+
+def next_byte_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """The task's loss: mean cross-entropy of each next byte, nats per byte, over a batch
+    ``(inputs, targets)`` of int64 ``(B, T)`` byte windows (``LMTask.loss``; the memory bench
+    calls it on a model built without the task's data)."""
+    x, y = batch
+    return F.cross_entropy(model(x).reshape(-1, VOCAB), y.reshape(-1))
 
 
 def cache_dir() -> Path:
@@ -260,8 +268,7 @@ class LMTask:
         return w[:, :-1], w[:, 1:]
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        x, y = batch
-        return F.cross_entropy(model(x).reshape(-1, VOCAB), y.reshape(-1))
+        return next_byte_loss(model, batch)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         total, correct, count = 0.0, 0, 0

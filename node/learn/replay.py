@@ -43,20 +43,48 @@ def apply_record_(params: Sequence[torch.Tensor], parent: ChainState, rec: Recor
         add_directions_(params, [s for s, _ in keep], [c for _, c in keep])
 
 
-class ModelStates:
-    """Parameters by chain head (an LRU of immutable parameter lists)."""
+def params_bytes(params: Sequence[torch.Tensor]) -> int:
+    """Bytes of one full copy of ``params`` (what each kept state costs)."""
+    return sum(p.numel() * p.element_size() for p in params)
 
-    def __init__(self, root: ChainState, params: Sequence[torch.Tensor], keep: int = 16) -> None:
+
+class ModelStates:
+    """Parameters by chain head (an LRU of immutable parameter lists).
+
+    Each kept state is a full copy of the parameters, so the number kept is bounded twice: by
+    ``keep`` and, when ``budget_bytes`` is given, by how many copies fit in it (at least 2: the
+    head and the state being computed from it). At 100M float32 parameters a copy is 400 MB, so
+    a fixed count alone (16 in the daemon) would take gigabytes. Fewer kept states cost time,
+    never correctness: a caller that finds a base state missing replays it (the daemon from its
+    newest checkpoint, the simulator from the nearest kept ancestor).
+    """
+
+    def __init__(self, root: ChainState, params: Sequence[torch.Tensor], keep: int = 16,
+                 budget_bytes: int | None = None) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1, not {keep}")
         self._by_head: OrderedDict[bytes, Params] = OrderedDict()
-        self._keep = keep
+        self.copy_bytes = params_bytes(params)
+        if budget_bytes is not None:
+            if budget_bytes < 0:
+                raise ValueError(f"budget_bytes must be >= 0, not {budget_bytes}")
+            keep = max(2, min(keep, budget_bytes // max(1, self.copy_bytes)))
+        self.keep = keep  # states kept at most
         self._put(root.head, [p.detach().clone() for p in params])
         self.applied = 0  # records applied (work done, shared or not)
 
     def _put(self, head: bytes, params: Params) -> None:
         self._by_head[head] = params
         self._by_head.move_to_end(head)
-        while len(self._by_head) > self._keep:
+        while len(self._by_head) > self.keep:
             self._by_head.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._by_head)
+
+    def clear(self) -> None:
+        """Forget every kept state (a caller about to rebuild them frees the memory first)."""
+        self._by_head.clear()
 
     def put(self, head: bytes, params: Params) -> None:
         """Keep ``params`` as the parameters of ``head`` (a checkpoint, or the genesis again)."""
