@@ -102,13 +102,15 @@ def adam_curve(b: LMBench, lr: float) -> list[tuple[int, float]]:
         torch.set_num_threads(threads)
 
 
-def _sim(b: LMBench, protocol: str, target: float, out: Path) -> dict[str, Any]:
+def _sim(b: LMBench, protocol: str, target: float, out: Path, params: int) -> dict[str, Any]:
     cfg = SimConfig(task="lm", task_options=dict(b.task_options), nodes=b.nodes, seed=b.seed, protocol=protocol,
                     trainers=b.trainers, batch_size=b.batch_size, local_steps=b.local_steps, local_lr=b.local_lr,
                     eval_every=b.eval_every, target=target, quiet=True, out=str(out))
     if protocol == "seedswarm":
         cfg.rounds, cfg.estimator, cfg.directions, cfg.groups = b.rounds, b.estimator, b.directions, b.groups
         cfg.lr, cfg.aggregator = b.lr, b.aggregator
+        # Room for every group's direction matrix (they alternate between trainers), up to 8 GiB.
+        cfg.direction_cache_mb = max(cfg.direction_cache_mb, min(8192, (b.groups * b.directions * params * 8 >> 20) + 1))
     else:
         cfg.rounds, cfg.estimator, cfg.stop_at_target = b.modest_rounds or b.rounds, "fo", True
     out.mkdir(parents=True, exist_ok=True)
@@ -126,13 +128,34 @@ def _sim(b: LMBench, protocol: str, target: float, out: Path) -> dict[str, Any]:
     return row
 
 
-def measure(b: LMBench, log: Any = sys.stderr) -> dict[str, Any]:
-    """Run the three arms and compare them (see the module docstring)."""
+ADAM_KEYS = ("task_options", "rounds", "eval_every", "seed")
+
+
+def adam_reusable(b: LMBench, saved: dict[str, Any]) -> dict[str, Any]:
+    """The Adam curves of a saved result that ran on exactly this task, data and sample budget.
+
+    Adam's arm depends only on these, not on the swarm's settings, and it is deterministic: a
+    sweep over swarm settings need not rerun it (it costs as much as the swarm at this size)."""
+    old = saved.get("bench", {})
+    if any(old.get(k) != v for k, v in asdict(b).items() if k in ADAM_KEYS) or \
+            saved.get("samples_per_round") != b.samples_per_round:
+        raise ValueError("--adam-from: that result ran Adam on other settings (task options, rounds, "
+                         "eval_every, seed or samples per round differ)")
+    return dict(saved.get("adam_curves", {}))
+
+
+def measure(b: LMBench, log: Any = sys.stderr, reuse: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the three arms and compare them (see the module docstring); ``reuse``: Adam curves by
+    learning rate from :func:`adam_reusable`, not recomputed."""
     task = load_task("lm", b.task_options, seed=b.seed)
     params = param_count(task.build_model())
     t0 = time.monotonic()
     adam: dict[str, Any] = {}
+    saved = reuse or {}
     for lr in b.adam_lrs:
+        if f"{lr:g}" in saved:
+            adam[f"{lr:g}"] = saved[f"{lr:g}"]
+            continue
         print(f"bench lm: Adam at lr {lr:g}, {b.rounds} steps of {b.samples_per_round} windows", file=log)
         adam[f"{lr:g}"] = adam_curve(b, lr)
     best = min(adam, key=lambda k: adam[k][-1][1])
@@ -146,7 +169,7 @@ def measure(b: LMBench, log: Any = sys.stderr) -> dict[str, Any]:
         for p in protocols:
             print(f"bench lm: {p}, {b.nodes} nodes, up to {b.modest_rounds or b.rounds if p == 'modest' else b.rounds} "
                   f"rounds", file=log)
-            out[p] = _sim(b, p, target, Path(tmp) / p)
+            out[p] = _sim(b, p, target, Path(tmp) / p, params)
     ss = out["seedswarm"]
     gain = initial - adam_final
     out["share_of_adam"] = (initial - ss["final_metric"]) / gain if gain > 0 else None
@@ -222,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="Adam learning rates to try; the best final loss is the reference (default: %(default)s)")
     ap.add_argument("--modest-rounds", type=int, default=None, help="MoDeST's round cap (default: --rounds)")
     ap.add_argument("--no-modest", action="store_true", help="skip the MoDeST arm")
+    ap.add_argument("--adam-from", default=None, metavar="FILE",
+                    help="take Adam's curves from a saved --out result with the same task options, rounds, "
+                         "eval-every, seed and samples per round instead of recomputing them (default: none)")
     ap.add_argument("--target", type=float, default=None,
                     help="loss target (default: halfway from the initial loss to Adam's final)")
     args = ap.parse_args(argv)
@@ -235,7 +261,13 @@ def main(argv: list[str] | None = None) -> int:
                 modest=not args.no_modest, **{**(QUICK_RUN if args.quick else {}), **given})
     if min(b.nodes, b.rounds, b.trainers, b.batch_size, b.directions, b.eval_every) < 1 or not math.isfinite(b.lr):
         ap.error("nodes, rounds, trainers, batch size, directions and eval-every must be positive")
-    result = measure(b)
+    reuse = None
+    if args.adam_from:
+        try:
+            reuse = adam_reusable(b, json.loads(Path(args.adam_from).read_text()))
+        except (OSError, ValueError) as e:
+            ap.error(str(e))
+    result = measure(b, reuse=reuse)
     result["command"] = "seedswarm bench lm " + " ".join(sys.argv[3:] if argv is None else argv)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

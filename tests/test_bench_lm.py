@@ -53,6 +53,15 @@ def test_bench_lm_quick_compares_three_arms(tmp_path: Path, capsys: pytest.Captu
         assert r["modest_bytes_ratio"] == pytest.approx(md["bytes_to_target"] / ss["bytes_to_target"])
     text = bench_lm.report(r)
     assert "share of Adam's loss reduction" in text and "K+160" in text
+    # A sweep over the swarm's settings reuses Adam's deterministic curves instead of rerunning them.
+    capsys.readouterr()
+    assert bench_lm.main(argv[:-3] + ["--directions", "32", "--no-modest", "--json", "--adam-from", str(out)]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["adam_curves"] == r["adam_curves"] and "modest" not in again
+    assert again["bench"]["directions"] == 32 and again["trainer_bytes_budget"] == 32 + 160
+    with pytest.raises(SystemExit):
+        bench_lm.main(argv[:-3] + ["--rounds", "3", "--adam-from", str(out)])  # Adam ran 6 steps there
+    assert "other settings" in capsys.readouterr().err
 
 
 def test_bench_lm_refuses_bad_settings(capsys: pytest.CaptureFixture[str]) -> None:
