@@ -51,7 +51,7 @@ from typing import BinaryIO
 from seedswarm.gossip.wire import CheckpointManifest
 from seedswarm.node.core.joinplan import check_chunk
 from seedswarm.node.files import atomic_write
-from seedswarm.node.learn.checkpoint import Checkpoint, CheckpointError
+from seedswarm.node.learn.checkpoint import Checkpoint, CheckpointError, ManifestNamed
 
 log = logging.getLogger("seedswarm.store")
 
@@ -332,7 +332,7 @@ class ChainStore:
         self._end = end
 
 
-class StoredCheckpoint:
+class StoredCheckpoint(ManifestNamed):
     """A checkpoint served from its file: the manifest in memory, each chunk read when asked.
 
     Serving used to keep every recent checkpoint's whole blob in memory (three full parameter
@@ -350,14 +350,6 @@ class StoredCheckpoint:
         self.chunk_bytes = chunk_bytes
         self._file: BinaryIO | None = file
         self._warned = False  # one warning per checkpoint, however often a bad chunk is asked for
-
-    @property
-    def round(self) -> int:
-        return self.manifest.round
-
-    @property
-    def head(self) -> bytes:
-        return self.manifest.head
 
     def chunk(self, index: int) -> bytes | None:
         """Chunk ``index`` as the manifest lists it, or None (no such chunk, file unreadable or damaged)."""

@@ -61,13 +61,10 @@ def decode_params(blob: bytes, like: Sequence[torch.Tensor]) -> tuple[int, bytes
     return round_, head, out
 
 
-@dataclass(frozen=True)
-class Checkpoint:
-    """A checkpoint held in memory (blob + manifest), ready to serve chunks."""
+class ManifestNamed:
+    """Round and head of a checkpoint, read from its manifest (in memory or served from a file)."""
 
     manifest: CheckpointManifest
-    blob: bytes
-    chunk_bytes: int
 
     @property
     def round(self) -> int:
@@ -76,6 +73,15 @@ class Checkpoint:
     @property
     def head(self) -> bytes:
         return self.manifest.head
+
+
+@dataclass(frozen=True)
+class Checkpoint(ManifestNamed):
+    """A checkpoint held in memory (blob + manifest), ready to serve chunks."""
+
+    manifest: CheckpointManifest
+    blob: bytes
+    chunk_bytes: int
 
     def chunk(self, index: int) -> bytes:
         if not 0 <= index < len(self.manifest.chunks):
