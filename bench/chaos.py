@@ -168,7 +168,10 @@ class Chaos(ChaosFaults, ChaosChecks, ChaosReport):
             if len(up) == cfg.nodes and all(i in st for i in up):
                 live = self.live_statuses()
                 rounds = [int(live[i]["round"]) for i in up if i in live]
-                if len(rounds) == cfg.nodes and max(rounds) - min(rounds) <= 2:  # a round may close mid-poll
+                # A round may close mid-poll; a node that has just caught up from records stored
+                # ahead of its model reports no digest until its next live round rebuilds it.
+                modelled = all(live[i].get("model_digest") for i in up if i in live)
+                if len(rounds) == cfg.nodes and max(rounds) - min(rounds) <= 2 and modelled:
                     settled = True
                     break
             if now - last > 5:

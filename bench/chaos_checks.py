@@ -40,11 +40,12 @@ class ChaosChecks(ChaosObserver):
         return got
 
     def snapshot(self) -> tuple[dict[int, dict[str, Any]], str]:
-        """Every node's live ``GET /status``, until all report the same round (bounded)."""
+        """Every node's live ``GET /status``, until all report the same round with a model (bounded)."""
         last: dict[int, dict[str, Any]] = {}
         for _ in range(60):
             last = self.live_statuses()
-            if len(last) == len(self.nodes) and len({int(s["round"]) for s in last.values()}) == 1:
+            if (len(last) == len(self.nodes) and len({int(s["round"]) for s in last.values()}) == 1
+                    and all(s.get("model_digest") for s in last.values())):
                 return last, "same-round /status snapshot"
             time.sleep(0.3)
         return last, "latest /status (rounds differed in every attempt)"

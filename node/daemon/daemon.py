@@ -206,7 +206,9 @@ class Daemon(OffLoopWork):
         head = self.core.head.head if self.core is not None else self.chain.head.head
         if self._digest[0] != head:
             params = self.chain.states.get(head) if not self.chain.dirty else None
-            self._digest = (head, model_digest(params).hex() if params is not None else "")
+            if params is None:
+                return ""  # the model waits for a checkpoint or the next live round: ask again later
+            self._digest = (head, model_digest(params).hex())
         return self._digest[1]
 
     def status(self) -> dict[str, Any]:
