@@ -37,6 +37,7 @@ import torch
 
 from seedswarm.bench.protocols import _bytes
 from seedswarm.clihelp import parser
+from seedswarm.node.files import OutPathError, atomic_write, check_out_file
 from seedswarm.node.learn.initial import parse_task_options
 from seedswarm.node.learn.tasks import load_task, param_count
 from seedswarm.sim.runner import SimConfig, run
@@ -227,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="a 22k-parameter GPT, 12 nodes, 20 rounds: a smoke run of a minute, not a figure")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
-    ap.add_argument("--out", default=None, metavar="FILE", help="also write the JSON result here (default: none)")
+    ap.add_argument("--out", default=None, metavar="FILE",
+                    help="also write the JSON result here (default: none; an existing file needs --force)")
+    ap.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     ap.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
                     help="an lm task option (repeatable), e.g. width=160 (default: the task's)")
     for name, kind, what in (("nodes", int, "simulated nodes"), ("rounds", int, "rounds (Adam: steps)"),
@@ -261,6 +264,11 @@ def main(argv: list[str] | None = None) -> int:
                 modest=not args.no_modest, **{**(QUICK_RUN if args.quick else {}), **given})
     if min(b.nodes, b.rounds, b.trainers, b.batch_size, b.directions, b.eval_every) < 1 or not math.isfinite(b.lr):
         ap.error("nodes, rounds, trainers, batch size, directions and eval-every must be positive")
+    if args.out:
+        try:
+            check_out_file(args.out, force=args.force)  # before an hour of work, not after
+        except OutPathError as e:
+            ap.error(str(e))
     reuse = None
     if args.adam_from:
         try:
@@ -270,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     result = measure(b, reuse=reuse)
     result["command"] = "seedswarm bench lm " + " ".join(sys.argv[3:] if argv is None else argv)
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        atomic_write(Path(args.out), (json.dumps(result, indent=1) + "\n").encode())
     print(json.dumps(result, indent=1) if args.json else report(result))
     return 0
 

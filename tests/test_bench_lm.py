@@ -62,6 +62,9 @@ def test_bench_lm_quick_compares_three_arms(tmp_path: Path, capsys: pytest.Captu
     with pytest.raises(SystemExit):
         bench_lm.main(argv[:-3] + ["--rounds", "3", "--adam-from", str(out)])  # Adam ran 6 steps there
     assert "other settings" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # an earlier result is never overwritten without --force
+        bench_lm.main(argv)
+    assert "exists" in capsys.readouterr().err and json.loads(out.read_text()) == r
 
 
 def test_bench_lm_refuses_bad_settings(capsys: pytest.CaptureFixture[str]) -> None:
