@@ -19,7 +19,7 @@ from seedswarm.node.core.genesis import GenesisOptions
 from seedswarm.node.core.protocol import CoreConfig
 from seedswarm.node.learn.initial import build_genesis
 from seedswarm.node.learn.replay import bind_
-from seedswarm.node.learn.tasks import load_task, task_metric
+from seedswarm.node.learn.tasks import load_task, param_count, task_metric
 from seedswarm.progress import Progress
 from seedswarm.sim.engine import NetConfig, Simulation, identities
 from seedswarm.sim.runlog import RunLog
@@ -50,7 +50,8 @@ class SimConfig(GenesisOptions):
     checkpoint_chunk_bytes: int = 1 << 16
     max_wall: float = math.inf
     # Direction matrices kept for the round's other trainers (crypto.projection.set_direction_cache):
-    # at most this many MiB; only projections above 2 MiB (lm, large digits models) use it.
+    # at most this many MiB, used only when every group's matrix fits (direction_budget), and only
+    # by projections above 2 MiB (lm, large digits models).
     direction_cache_mb: int = 2048
     out: str | None = None
     quiet: bool = False
@@ -119,11 +120,20 @@ def run(cfg: SimConfig, log: TextIO | None = None) -> dict[str, Any]:
             from seedswarm.sim.baselines import run_baseline
 
             return run_baseline(cfg, log, progress=progress)
-        old = set_direction_cache(cfg.direction_cache_mb << 20)
+        old = set_direction_cache(0)  # _run sets the budget once it knows the model's size
         try:
             return _run(cfg, progress)
         finally:
             set_direction_cache(old)
+
+
+def direction_budget(cfg: SimConfig, params: int) -> int:
+    """Room for all of a round's direction matrices (one per group), or none at all.
+
+    Trainers of different groups take turns, so a budget that holds fewer matrices than groups
+    would evict and regenerate one for almost every trainer: slower than keeping none."""
+    budget = cfg.direction_cache_mb << 20
+    return budget if cfg.groups * cfg.directions * params * 8 <= budget else 0
 
 
 def _run(cfg: SimConfig, progress: Progress) -> dict[str, Any]:
@@ -131,6 +141,7 @@ def _run(cfg: SimConfig, progress: Progress) -> dict[str, Any]:
     sim = build(cfg)
     setup_seconds = time.monotonic() - wall0
     assert sim.model is not None
+    set_direction_cache(direction_budget(cfg, param_count(sim.model)))
     out_dir = Path(cfg.out) if cfg.out else None
     runlog = RunLog(out_dir, cfg.target, cfg.eval_every, cfg.rounds, progress=progress,
                     metric=task_metric(sim.task))

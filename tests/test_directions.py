@@ -493,3 +493,13 @@ def test_direction_cache_gives_the_same_projections_and_respects_its_budget() ->
     assert not projection._blocks and projection.project(g, streams) == plain
     with pytest.raises(ValueError):
         projection.set_direction_cache(-1)
+
+
+def test_simulator_keeps_every_groups_direction_matrix_or_none() -> None:
+    from seedswarm.sim.runner import SimConfig, direction_budget
+
+    cfg = SimConfig(directions=256, groups=4, direction_cache_mb=2048)
+    one = 256 * 842_496 * 8  # one group's float64 matrix: 1.7 GB
+    assert direction_budget(cfg, 842_496) == 0  # four of them do not fit: keeping one would thrash
+    assert direction_budget(SimConfig(directions=256, groups=1, direction_cache_mb=2048), 842_496) == 2048 << 20
+    assert direction_budget(SimConfig(directions=256, groups=4, direction_cache_mb=8192), 842_496) >= 4 * one
