@@ -13,13 +13,8 @@ from pathlib import Path
 import pytest
 
 from seedswarm.bench import lm as bench_lm
-from seedswarm.node.learn import lm
 
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SEEDSWARM_CACHE", str(tmp_path / "cache"))
-    lm.pretrained.cache_clear()
+pytestmark = pytest.mark.usefixtures("private_cache")  # tests/conftest.py
 
 
 def test_bench_lm_quick_compares_three_arms(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -20,12 +20,7 @@ TINY: dict[str, Any] = {"layers": 1, "width": 32, "heads": 2, "context": 32, "pr
                         "code_bytes": 100_000, "eval_windows": 16}
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Every test gets its own cache folder (never the user's ~/.cache) and a cold in-process cache."""
-    monkeypatch.setenv("SEEDSWARM_CACHE", str(tmp_path / "cache"))
-    lm.pretrained.cache_clear()
-    return tmp_path / "cache"
+pytestmark = pytest.mark.usefixtures("private_cache")  # tests/conftest.py
 
 
 def digest(model: torch.nn.Module) -> bytes:

@@ -13,7 +13,6 @@ import torch
 from seedswarm.crypto.directions import fill_normal
 from seedswarm.crypto.hashing import stream_seed
 from seedswarm.crypto.projection import add_directions_, project
-from seedswarm.node.learn import lm
 from seedswarm.node.learn.checkpoint import decode_params, encode_params
 from seedswarm.node.learn.estimators import fo_project, zo_spsa
 from seedswarm.node.learn.replay import ModelStates, model_digest
@@ -24,10 +23,7 @@ TINY: dict[str, Any] = {"layers": 2, "width": 32, "heads": 2, "context": 32, "pr
                         "code_bytes": 100_000, "eval_windows": 16}
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SEEDSWARM_CACHE", str(tmp_path / "cache"))
-    lm.pretrained.cache_clear()
+pytestmark = pytest.mark.usefixtures("private_cache")  # tests/conftest.py
 
 
 def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
