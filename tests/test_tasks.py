@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from seedswarm.node.learn import tasks
+from seedswarm.node.learn import digits
 from seedswarm.node.learn.tasks import (
     BaseTask,
     DigitsTask,
@@ -55,7 +55,7 @@ def test_digits_shapes_split_and_params(task: DigitsTask) -> None:
 def test_digits_arrays_equal_scikit_learns_loader() -> None:
     from sklearn.datasets import load_digits
 
-    pixels, labels = tasks.digits_arrays()
+    pixels, labels = digits.digits_arrays()
     ref = load_digits()
     assert pixels.dtype == np.float64 and labels.dtype == np.int64
     assert np.array_equal(pixels, ref.data) and np.array_equal(labels, ref.target)
@@ -151,10 +151,10 @@ def test_pretrained_model() -> None:
 def test_pretraining_independent_of_thread_count() -> None:
     threads = torch.get_num_threads()
     try:
-        tasks._digits_pretrained.cache_clear()
+        digits._digits_pretrained.cache_clear()
         torch.set_num_threads(2)
         a = raw(DigitsTask({"pretrain": True, "hidden": 48}).build_model())
-        tasks._digits_pretrained.cache_clear()
+        digits._digits_pretrained.cache_clear()
         torch.set_num_threads(1)
         b = raw(DigitsTask({"pretrain": True, "hidden": 48}).build_model())
     finally:
