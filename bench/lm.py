@@ -39,6 +39,7 @@ from seedswarm.bench.protocols import _bytes
 from seedswarm.clihelp import parser
 from seedswarm.node.files import OutPathError, atomic_write, check_out_file
 from seedswarm.node.learn.initial import parse_task_options
+from seedswarm.node.learn.precondition import PRECONDITION_OPTIONS
 from seedswarm.node.learn.tasks import load_task, param_count
 from seedswarm.sim.runner import SimConfig, run
 
@@ -137,8 +138,11 @@ def adam_reusable(b: LMBench, saved: dict[str, Any]) -> dict[str, Any]:
 
     Adam's arm depends only on these, not on the swarm's settings, and it is deterministic: a
     sweep over swarm settings need not rerun it (it costs as much as the swarm at this size)."""
-    old = saved.get("bench", {})
-    if any(old.get(k) != v for k, v in asdict(b).items() if k in ADAM_KEYS) or \
+    old = dict(saved.get("bench", {}))
+    now = asdict(b)
+    for d in (old, now):  # the direction scale changes the swarm's directions, not Adam's arm
+        d["task_options"] = {k: v for k, v in (d.get("task_options") or {}).items() if k not in PRECONDITION_OPTIONS}
+    if any(old.get(k) != v for k, v in now.items() if k in ADAM_KEYS) or \
             saved.get("samples_per_round") != b.samples_per_round:
         raise ValueError("--adam-from: that result ran Adam on other settings (task options, rounds, "
                          "eval_every, seed or samples per round differ)")

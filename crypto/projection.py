@@ -85,18 +85,26 @@ def _segments(tensors: Sequence[torch.Tensor], wdt_of: Any) -> list[tuple[int, l
 
 
 def add_directions_(
-    params: Sequence[torch.Tensor], streams: Sequence[int], coeffs: Sequence[float]
+    params: Sequence[torch.Tensor], streams: Sequence[int], coeffs: Sequence[float],
+    scale: Sequence[torch.Tensor] | None = None,
 ) -> None:
-    """In place: ``params += sum_k coeffs[k] * z_k`` over the flat concatenation of ``params``.
+    """In place: ``params += sum_k coeffs[k] * (s * z_k)`` over the flat concatenation of ``params``.
 
     Parameter ``j`` covers flat offsets ``[off_j, off_j + numel_j)`` of every stream, with
     ``off_j`` the total size of the parameters before it (in each tensor's logical row-major
     order). The order of operations is fixed (module docstring): identical inputs give
     bit-identical parameters, however the vector is split into tensors, on CPU and CUDA alike.
+
+    ``scale`` (None: all ones) is one tensor per parameter, of its size, holding powers of two
+    (``node/learn/precondition.py`` makes them): each product ``fl(c_k z_k)`` is multiplied by
+    its element's scale, which is exact in binary floating point (it only moves the exponent),
+    so the scaled sum is as bit-identical as the plain one. A scale that is not a power of two
+    would still give a deterministic result on one device, but is not what replay promises.
     """
     stream_list = _check_streams(streams)
     if len(stream_list) != len(coeffs):
         raise ValueError(f"{len(stream_list)} streams but {len(coeffs)} coefficients")
+    scale_of = _scale_map(params, scale)
     coeff_list = [float(c) for c in coeffs]
     for c in coeff_list:
         if not math.isfinite(c):
@@ -116,22 +124,23 @@ def add_directions_(
                 # with all directions generated in one pass.
                 work = torch.cat([t.detach().reshape(-1).to(wdt) for t in run])
                 z = fill_many(stream_list, offset, work.numel(), work.device, wdt)
+                sc = _run_scale(run, scale_of, work.device)
                 for k, c in enumerate(rounded[wdt]):
-                    work.add_(z[k] * c)
+                    work.add_(z[k] * c if sc is None else (z[k] * c).mul_(sc))
                 pos = 0
                 for t in run:
                     n = t.numel()
                     t.detach().copy_(work[pos : pos + n].view(t.shape))
                     pos += n
                 continue
-            wdt = _working_dtype(run[0].dtype)
+            sc = _run_scale(run, scale_of, run[0].device)
             if len(run) == 1 and run[0].dtype == wdt and run[0].is_contiguous():
                 # The common case: a float32 (or float64) tensor updated in place.
-                _apply_flat(run[0].detach().view(-1), offset, stream_list, rounded[wdt])
+                _apply_flat(run[0].detach().view(-1), offset, stream_list, rounded[wdt], sc)
                 continue
             # Otherwise a working copy in the working dtype, rounded back once at the end.
             work = torch.cat([t.detach().reshape(-1).to(wdt) for t in run])
-            _apply_flat(work, offset, stream_list, rounded[wdt])
+            _apply_flat(work, offset, stream_list, rounded[wdt], sc)
             pos = 0
             for t in run:
                 n = t.numel()
@@ -139,14 +148,40 @@ def add_directions_(
                 pos += n
 
 
+def _scale_map(params: Sequence[torch.Tensor], scale: Sequence[torch.Tensor] | None) -> dict[int, torch.Tensor] | None:
+    """Each parameter's scale by ``id`` (None: no scale), checked for count and sizes."""
+    if scale is None:
+        return None
+    if len(scale) != len(params):
+        raise ValueError(f"{len(scale)} scale tensors for {len(params)} parameters")
+    out: dict[int, torch.Tensor] = {}
+    for j, (p, sc) in enumerate(zip(params, scale, strict=True)):
+        if sc.numel() != p.numel() or not sc.dtype.is_floating_point:
+            raise ValueError(f"scale {j} has {sc.numel()} {sc.dtype} elements for a parameter of {p.numel()}")
+        out[id(p)] = sc
+    return out
+
+
+def _run_scale(run: list[torch.Tensor], scale_of: dict[int, torch.Tensor] | None,
+               device: torch.device) -> torch.Tensor | None:
+    """The flat scale of a run of parameters, on ``device`` (None: no scale)."""
+    if scale_of is None:
+        return None
+    parts = [scale_of[id(t)].detach().reshape(-1) for t in run]
+    flat = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return flat.to(device)
+
+
 def _round_to(c: float, dtype: torch.dtype) -> float:
     """``c`` rounded once (IEEE round-to-nearest-even) to ``dtype``; exact as a Python float."""
     return float(torch.tensor(c, dtype=torch.float64).to(dtype).item())
 
 
-def _apply_flat(flat: torch.Tensor, offset: int, streams: list[int], coeffs: list[float]) -> None:
-    """``flat[i] = fl(flat[i] + fl(c_k * z_k[offset + i]))`` for k in order; ``flat`` is a
-    contiguous 1-D tensor of the working dtype and ``coeffs`` are already rounded to it."""
+def _apply_flat(flat: torch.Tensor, offset: int, streams: list[int], coeffs: list[float],
+                dscale: torch.Tensor | None = None) -> None:
+    """``flat[i] = fl(flat[i] + fl(c_k * z_k[offset + i]) * dscale[i])`` for k in order (the scale
+    product is exact: powers of two); ``flat`` is a contiguous 1-D tensor of the working dtype
+    and ``coeffs`` are already rounded to it."""
     wdt = flat.dtype
     dev = flat.device
     table = _table(dev, wdt)
@@ -165,6 +200,7 @@ def _apply_flat(flat: torch.Tensor, offset: int, streams: list[int], coeffs: lis
         acc = flat[cs : cs + m]
         w = wbuf[:m]
         adds = [(acc[a:b], w[a:b]) for a, b in _pieces(m, ws.piece)]
+        muls = [] if dscale is None else [(w[a:b], dscale[cs + a : cs + b]) for a, b in _pieces(m, ws.piece)]
         scale = [(table[a:b], stbuf[a:b]) for a, b in _pieces(_TABLE_SIZE, ws.piece)]
         scale_table = m >= _SCALE_TABLE_MIN
         for s, c in zip(streams, cts, strict=True):
@@ -177,6 +213,8 @@ def _apply_flat(flat: torch.Tensor, offset: int, streams: list[int], coeffs: lis
             else:
                 torch.index_select(table, 0, idx, out=w)
                 w.mul_(c)
+            for dst, sc in muls:
+                dst.mul_(sc)
             for dst, src in adds:
                 dst.add_(src)
 

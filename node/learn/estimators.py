@@ -30,6 +30,7 @@ from torch.overrides import TorchFunctionMode
 
 from seedswarm.crypto.directions import fill_normal
 from seedswarm.crypto.projection import project
+from seedswarm.node.learn.replay import direction_scale
 
 __all__ = ["fo_project", "zo_spsa"]
 
@@ -47,6 +48,20 @@ def _flat_layout(model: nn.Module) -> tuple[list[nn.Parameter], dict[int, int]]:
         offsets[id(p)] = off
         off += p.numel()
     return params, offsets
+
+
+def _scales(model: nn.Module, params: list[nn.Parameter]) -> dict[int, torch.Tensor] | None:
+    """Each parameter's direction scale by ``id`` (None: plain directions), on its device.
+
+    The scale (``node/learn/precondition.py``) holds powers of two, so ``fl(z * s)`` is exact and
+    a trainer measures exactly the directions ``add_directions_`` later applies.
+    """
+    scale = direction_scale(model)
+    if scale is None:
+        return None
+    if len(scale) != len(params):
+        raise ValueError(f"the model's direction scale has {len(scale)} tensors for {len(params)} parameters")
+    return {id(p): s.to(device=p.device).reshape(p.shape) for p, s in zip(params, scale, strict=True)}
 
 
 def _check_streams(streams: Sequence[int]) -> list[int]:
@@ -95,13 +110,15 @@ module runs (peak extra memory: one layer), at twice the generation cost."""
 
 
 def _perturbed(
-    p: torch.Tensor, stream: int, offset: int, coeff: float, zflat: torch.Tensor | None = None
+    p: torch.Tensor, stream: int, offset: int, coeff: float, zflat: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """A new tensor ``p + coeff * z`` (``z`` the slice of ``stream`` at ``offset``); ``p`` is only read.
+    """A new tensor ``p + coeff * (s * z)`` (``z`` the slice of ``stream`` at ``offset``, ``s`` the
+    parameter's direction scale, 1 when None); ``p`` is only read.
 
-    ``z`` comes from ``zflat`` (the whole direction, pre-generated) or is generated into a fresh
-    buffer that then becomes the result; the arithmetic (``fl(fl(coeff * z) + p)``) is the same
-    either way, so both give the same bits.
+    ``z`` comes from ``zflat`` (the whole direction, pre-generated and already scaled) or is
+    generated into a fresh buffer that then becomes the result; the arithmetic
+    (``fl(fl(coeff * fl(s * z)) + p)``) is the same either way, so both give the same bits.
     """
     n = p.numel()
     if zflat is not None:
@@ -110,6 +127,8 @@ def _perturbed(
         z = fill_normal(stream, offset, n, device=p.device)
         if p.dtype != torch.float32:
             z = z.to(p.dtype)
+        if scale is not None:
+            z.mul_(scale.reshape(-1))
     z.mul_(coeff).add_(p.detach().reshape(-1))
     return z.view(p.shape)
 
@@ -162,8 +181,10 @@ class _ModuleSwap:
     layer and its ancestors' own parameters, if any) exist in perturbed form.
     """
 
-    def __init__(self, model: nn.Module, offsets: dict[int, int]) -> None:
+    def __init__(self, model: nn.Module, offsets: dict[int, int],
+                 scales: dict[int, torch.Tensor] | None = None) -> None:
         self.offsets = offsets
+        self.scales = scales
         self.owners: list[tuple[nn.Module, list[tuple[str, nn.Parameter]]]] = []
         for mod in model.modules():
             own = [(n, p) for n, p in mod._parameters.items() if p is not None]
@@ -213,7 +234,8 @@ class _ModuleSwap:
         try:
             for name, p in self.own[key]:
                 mod._parameters[name] = _perturbed(  # type: ignore[assignment]
-                    p, self.stream, self.offsets[id(p)], self.coeff, self.zflat
+                    p, self.stream, self.offsets[id(p)], self.coeff, self.zflat,
+                    None if self.scales is None else self.scales[id(p)],
                 )
         finally:
             if self.watch is not None:
@@ -322,30 +344,37 @@ def zo_spsa(
         raise ValueError(f"mode must be 'module', 'functional' or 'auto', not {mode!r}")
     stream_list = _check_streams(streams)
     params, offsets = _flat_layout(model)
+    scales = _scales(model, params)
     if not stream_list:
         return []
     with torch.no_grad(), _preserved_buffers(model):
         if mode != "functional":
             try:
-                return _zo_module(model, loss_fn, stream_list, e, params, offsets)
+                return _zo_module(model, loss_fn, stream_list, e, params, offsets, scales)
             except _PerModuleUnsafe as err:
                 if mode == "module":
                     raise ValueError(str(err)) from None
-        return _zo_functional(model, loss_fn, stream_list, e, params, offsets)
+        return _zo_functional(model, loss_fn, stream_list, e, params, offsets, scales)
 
 
-def _zflat(params: list[nn.Parameter], stream: int) -> torch.Tensor | None:
+def _zflat(params: list[nn.Parameter], stream: int, scales: dict[int, torch.Tensor] | None) -> torch.Tensor | None:
     total = sum(p.numel() for p in params)
-    return fill_normal(stream, 0, total, device=params[0].device) if total <= _Z_CACHE_ELEMS else None
+    if total > _Z_CACHE_ELEMS:
+        return None
+    z = fill_normal(stream, 0, total, device=params[0].device)
+    if scales is not None:
+        z.mul_(torch.cat([scales[id(p)].reshape(-1) for p in params]))
+    return z
 
 
 def _zo_module(model: nn.Module, loss_fn: Callable[[nn.Module], Any], streams: list[int], e: float,
-               params: list[nn.Parameter], offsets: dict[int, int]) -> list[float]:
+               params: list[nn.Parameter], offsets: dict[int, int],
+               scales: dict[int, torch.Tensor] | None) -> list[float]:
     out: list[float] = []
-    with _ModuleSwap(model, offsets) as swap:
+    with _ModuleSwap(model, offsets, scales) as swap:
         for i, s in enumerate(streams):
             swap.stream = s
-            swap.zflat = _zflat(params, s)
+            swap.zflat = _zflat(params, s, scales)
             swap.coeff = e
             if i == 0:
                 with _StoredReads(params) as watch:
@@ -374,15 +403,17 @@ def _zo_module(model: nn.Module, loss_fn: Callable[[nn.Module], Any], streams: l
 
 
 def _zo_functional(model: nn.Module, loss_fn: Callable[[nn.Module], Any], streams: list[int], e: float,
-                   params: list[nn.Parameter], offsets: dict[int, int]) -> list[float]:
+                   params: list[nn.Parameter], offsets: dict[int, int],
+                   scales: dict[int, torch.Tensor] | None) -> list[float]:
     names = ["inner." + n for n, _ in model.named_parameters()]  # one name per distinct parameter
     call = _Call(model, loss_fn)
     out: list[float] = []
     for i, s in enumerate(streams):
-        zflat = _zflat(params, s)
+        zflat = _zflat(params, s, scales)
         losses = []
         for c in (e, -e):
-            pert = {n: _perturbed(p, s, offsets[id(p)], c, zflat) for n, p in zip(names, params, strict=True)}
+            pert = {n: _perturbed(p, s, offsets[id(p)], c, zflat, None if scales is None else scales[id(p)])
+                    for n, p in zip(names, params, strict=True)}
             if i == 0 and c > 0:
                 with _StoredReads(params) as watch:
                     losses.append(_loss_value(torch.func.functional_call(call, pert, ())))
@@ -460,6 +491,10 @@ def fo_project(
     if steps > 1:
         for a in total:
             a.div_(steps)
+    scales = _scales(model, params)
+    if scales is not None:  # <v, s * z> = <s * v, z>, exactly (s: powers of two)
+        for a, p in zip(total, params, strict=True):
+            a.mul_(scales[id(p)])
     return project(total, stream_list)
 
 

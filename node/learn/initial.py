@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from seedswarm.node.core.genesis import Genesis
-from seedswarm.node.learn.replay import model_digest
+from seedswarm.node.learn.replay import initial_digest
 from seedswarm.node.learn.tasks import TaskError, load_task
 
 
@@ -50,4 +50,4 @@ def build_genesis(members: Iterable[bytes], task: str = "digits", task_options: 
     except Exception as e:  # a plug-in's bug: one line for the command line, not a traceback
         raise TaskError(f"task {task!r}: build_model() failed: {type(e).__name__}: {e}") from e
     return Genesis(task=task, task_options=options, seed=seed, members=tuple(members),
-                   model_digest=model_digest(list(model.parameters())), **fields)
+                   model_digest=initial_digest(model), **fields)

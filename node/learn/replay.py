@@ -31,8 +31,27 @@ def model_digest(params: Sequence[torch.Tensor]) -> bytes:
     return h(b"seedswarm/model", *parts)
 
 
-def apply_record_(params: Sequence[torch.Tensor], parent: ChainState, rec: Record) -> None:
-    """θ ← θ − η_r · scale_r · Σ_k (a_k / 256) z_k / (G·K), in place, in a fixed order."""
+SCALE_ATTR = "seedswarm_direction_scale"
+"""Root-module attribute: the per-parameter direction scale (``model.parameters()`` order), set by
+``node/learn/precondition.py``; absent for plain ``N(0, I)`` directions."""
+
+
+def direction_scale(model: torch.nn.Module) -> tuple[torch.Tensor, ...] | None:
+    """The scale the model's directions are drawn with (None: plain ``N(0, I)``)."""
+    scale: tuple[torch.Tensor, ...] | None = getattr(model, SCALE_ATTR, None)
+    return scale
+
+
+def initial_digest(model: torch.nn.Module) -> bytes:
+    """What the genesis commits to: the initial parameters, and the direction scale if any (a node
+    whose scale differs then refuses the genesis instead of replaying other updates)."""
+    return model_digest(list(model.parameters()) + list(direction_scale(model) or ()))
+
+
+def apply_record_(params: Sequence[torch.Tensor], parent: ChainState, rec: Record,
+                  scale: Sequence[torch.Tensor] | None = None) -> None:
+    """θ ← θ − η_r · scale_r · Σ_k (a_k / 256) (s ⊙ z_k) / (G·K), in place, in a fixed order
+    (``s``: the direction scale, all ones when None)."""
     agg = decode_aggregate(rec.aggregate)
     if not any(agg):
         return
@@ -40,7 +59,7 @@ def apply_record_(params: Sequence[torch.Tensor], parent: ChainState, rec: Recor
     coeffs = parent.update_coefficients(agg)
     keep = [(s, c) for s, c in zip(streams, coeffs, strict=True) if c != 0.0]
     with torch.no_grad():
-        add_directions_(params, [s for s, _ in keep], [c for _, c in keep])
+        add_directions_(params, [s for s, _ in keep], [c for _, c in keep], scale)
 
 
 def params_bytes(params: Sequence[torch.Tensor]) -> int:
@@ -57,10 +76,13 @@ class ModelStates:
     a fixed count alone (16 in the daemon) would take gigabytes. Fewer kept states cost time,
     never correctness: a caller that finds a base state missing replays it (the daemon from its
     newest checkpoint, the simulator from the nearest kept ancestor).
+
+    ``scale`` is the direction scale every record is applied with (the initial model's,
+    :func:`direction_scale`; moved to the parameters' device once here).
     """
 
     def __init__(self, root: ChainState, params: Sequence[torch.Tensor], keep: int = 16,
-                 budget_bytes: int | None = None) -> None:
+                 budget_bytes: int | None = None, scale: Sequence[torch.Tensor] | None = None) -> None:
         if keep < 1:
             raise ValueError(f"keep must be at least 1, not {keep}")
         self._by_head: OrderedDict[bytes, Params] = OrderedDict()
@@ -70,6 +92,7 @@ class ModelStates:
                 raise ValueError(f"budget_bytes must be >= 0, not {budget_bytes}")
             keep = max(2, min(keep, budget_bytes // max(1, self.copy_bytes)))
         self.keep = keep  # states kept at most
+        self.scale = None if scale is None else tuple(s.to(params[0].device) for s in scale)
         self._put(root.head, [p.detach().clone() for p in params])
         self.applied = 0  # records applied (work done, shared or not)
 
@@ -111,7 +134,7 @@ class ModelStates:
             nxt = self.get(child)
             if nxt is None:
                 nxt = [p.clone() for p in cur]
-                apply_record_(nxt, parent, rec)
+                apply_record_(nxt, parent, rec, self.scale)
                 self.applied += 1
                 self._put(child, nxt)
             cur = nxt

@@ -125,3 +125,37 @@ def draw(shard: Shard, rng: np.random.Generator, size: int) -> np.ndarray:
     if n == 0:
         raise ValueError(f"shard {shard.index}/{shard.count} is empty")
     return shard.indices.copy() if size >= n else shard.indices[rng.choice(n, size, replace=False)]
+
+
+class TaskWrapper:
+    """A task that changes how the initial model is built and delegates everything else.
+
+    ``load_task`` wraps a task in one for the options every task understands (a trainable
+    subset, ``trainable.py``; a direction scale, ``precondition.py``). Attributes the wrapper does
+    not define (``metric``, ``num_train``, a task's own fields) are the inner task's.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.name: str = inner.name
+
+    def __getattr__(self, key: str) -> Any:
+        if key == "inner":  # not set yet (copy, pickle): no recursion
+            raise AttributeError(key)
+        return getattr(self.inner, key)
+
+    def build_model(self) -> Any:
+        return self.inner.build_model()
+
+    def shard(self, index: int, count: int) -> Any:
+        return self.inner.shard(index, count)
+
+    def batch(self, shard: Any, rng: Any, size: int) -> Any:
+        return self.inner.batch(shard, rng, size)
+
+    def loss(self, model: Any, batch: Any) -> Any:
+        return self.inner.loss(model, batch)
+
+    def evaluate(self, model: Any) -> dict[str, float]:
+        result: dict[str, float] = self.inner.evaluate(model)
+        return result

@@ -24,6 +24,7 @@ from typing import Any
 
 from seedswarm.node.learn.basetask import BaseTask, Task, param_count
 from seedswarm.node.learn.digits import DigitsTask, digits_param_count
+from seedswarm.node.learn.precondition import PreconditionedTask, split_precondition_options
 from seedswarm.node.learn.taskcommon import Metric, Shard, task_metric
 from seedswarm.node.learn.taskcommon import check_seed as _check_seed
 from seedswarm.node.learn.taskspec import TaskError, import_task_module, is_file_spec
@@ -71,7 +72,9 @@ def load_task(spec: str, options: dict[str, Any] | None = None, seed: int = 0) -
     with the options as given (the command line's ``--task-option`` values JSON-typed) and the
     run's seed; the result must satisfy :class:`Task`. The options ``trainable``, ``lora``,
     ``lora_targets`` and ``lora_alpha`` are every task's: the factory never sees them, and the
-    task comes back wrapped in a :class:`~.trainable.SubsetTask` that applies them. Every problem
+    task comes back wrapped in a :class:`~.trainable.SubsetTask` that applies them; so are
+    ``precondition``, ``precondition_batch`` and ``precondition_floor``
+    (:class:`~.precondition.PreconditionedTask`). Every problem
     raises :class:`TaskError` with a message naming the spec, except a ValueError the factory
     raises itself (its message is about the options), which passes through unchanged.
     """
@@ -105,6 +108,7 @@ def load_task(spec: str, options: dict[str, Any] | None = None, seed: int = 0) -
             raise TaskError(f"task factory {spec!r} is not callable")
     seed = _check_seed(seed)
     opts, subset = split_subset_options(opts)  # trainable=, lora=: for every task (trainable.py)
+    opts, precondition = split_precondition_options(opts)  # precondition=: every task's (precondition.py)
     try:
         task = factory(opts, seed)
     except ValueError:
@@ -123,4 +127,8 @@ def load_task(spec: str, options: dict[str, Any] | None = None, seed: int = 0) -
         raise TaskError(
             f"task factory {spec!r} returned {type(task).__name__}, which is not a Task ({what})"
         )
-    return task if subset is None else SubsetTask(task, subset, seed)
+    if subset is not None:
+        task = SubsetTask(task, subset, seed)
+    if precondition is not None:  # after the subset: the scale covers exactly the trainable parameters
+        task = PreconditionedTask(task, precondition, seed)
+    return task

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seedswarm.node.learn.taskcommon import task_rng
+from seedswarm.node.learn.taskcommon import TaskWrapper, task_rng
 from seedswarm.node.learn.taskspec import TaskError
 
 __all__ = ["FROZEN_ATTR", "SUBSET_OPTIONS", "LoRA", "Subset", "SubsetTask", "apply_subset",
@@ -261,37 +261,15 @@ def trainable_summary(model: nn.Module) -> dict[str, int]:
             "lora_layers": len(getattr(model, "seedswarm_lora", ()))}
 
 
-class SubsetTask:
-    """A task whose ``build_model`` applies a :class:`Subset`; everything else is the inner task's.
-
-    ``load_task`` returns one when the options name a subset. Attributes the wrapper does not
-    define (``metric``, ``num_train``, a task's own fields) are the inner task's.
+class SubsetTask(TaskWrapper):
+    """A task whose ``build_model`` applies a :class:`Subset`; everything else is the inner task's
+    (:class:`~.taskcommon.TaskWrapper`). ``load_task`` returns one when the options name a subset.
     """
 
     def __init__(self, inner: Any, subset: Subset, seed: int) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.subset = subset
         self.seed = seed
-        self.name: str = inner.name
-
-    def __getattr__(self, key: str) -> Any:
-        if key == "inner":  # not set yet (copy, pickle): no recursion
-            raise AttributeError(key)
-        return getattr(self.inner, key)
 
     def build_model(self) -> nn.Module:
         return apply_subset(self.inner.build_model(), self.subset, self.seed)
-
-    def shard(self, index: int, count: int) -> Any:
-        return self.inner.shard(index, count)
-
-    def batch(self, shard: Any, rng: Any, size: int) -> Any:
-        return self.inner.batch(shard, rng, size)
-
-    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        result: torch.Tensor = self.inner.loss(model, batch)
-        return result
-
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        result: dict[str, float] = self.inner.evaluate(model)
-        return result
