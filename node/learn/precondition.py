@@ -26,9 +26,10 @@ the simulator build the initial model more than once).
 
 Options, understood for every task (``load_task`` takes them off before the task's own factory
 sees them): ``precondition`` (batches; 0, the default, is off), ``precondition_batch`` (samples
-per batch, 16) and ``precondition_floor`` (1e-3, relative to the mean rms; it bounds the scale
+per batch, 16), ``precondition_floor`` (1e-3, relative to the mean rms; it bounds the scale
 of coordinates whose gradient is zero at the initial model, such as LoRA's ``A`` while ``B``
-is zero).
+is zero) and ``precondition_power`` (1: ``D = (rms + floor)^-power``; -1 spends the directions'
+variance where the gradients are large instead, as sparse zeroth-order methods do).
 
 Limit: the batches come from ``task.shard(0, 1)``, the task's whole training split as the task
 defines it. That is public in the built-in tasks (every node can read the corpus; the shards
@@ -53,7 +54,7 @@ from seedswarm.node.learn.taskspec import TaskError
 __all__ = ["PRECONDITION_OPTIONS", "SCALE_ATTR", "Precondition", "PreconditionedTask", "compute_scale",
            "direction_scale", "initial_digest", "split_precondition_options"]  # the last two: replay.py's
 
-PRECONDITION_OPTIONS = ("precondition", "precondition_batch", "precondition_floor")
+PRECONDITION_OPTIONS = ("precondition", "precondition_batch", "precondition_floor", "precondition_power")
 _PRECOND = 51  # purpose tag of the batches' random stream
 _MAX_EXP = 16  # |log2 s| at most: products stay far from float32's overflow and subnormals
 
@@ -63,6 +64,7 @@ class Precondition:
     batches: int
     batch_size: int = 16
     floor: float = 1e-3
+    power: float = 1.0  # D = (rms + floor)^-power: 1 is Adam's normalisation, -1 favours large gradients
 
 
 def split_precondition_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], Precondition | None]:
@@ -78,12 +80,15 @@ def split_precondition_options(options: Mapping[str, Any]) -> tuple[dict[str, An
     floor = options.get("precondition_floor", 1e-3)
     if isinstance(floor, bool) or not isinstance(floor, int | float) or not (math.isfinite(floor) and floor > 0):
         raise TaskError(f"option 'precondition_floor' must be a positive number, not {floor!r}")
+    power = options.get("precondition_power", 1.0)
+    if isinstance(power, bool) or not isinstance(power, int | float) or not (math.isfinite(power) and -2 <= power <= 2):
+        raise TaskError(f"option 'precondition_power' must be a number in [-2, 2], not {power!r}")
     if not batches:
-        if "precondition_batch" in options or "precondition_floor" in options:
-            raise TaskError("options 'precondition_batch' and 'precondition_floor' need 'precondition' "
-                            "(the number of batches)")
+        if any(k in options for k in PRECONDITION_OPTIONS[1:]):
+            raise TaskError("options 'precondition_batch', 'precondition_floor' and 'precondition_power' need "
+                            "'precondition' (the number of batches)")
         return rest, None
-    return rest, Precondition(batches, size, float(floor))
+    return rest, Precondition(batches, size, float(floor), float(power))
 
 
 def compute_scale(task: Any, model: nn.Module, spec: Precondition, seed: int) -> tuple[torch.Tensor, ...]:
@@ -123,7 +128,7 @@ def compute_scale(task: Any, model: nn.Module, spec: Precondition, seed: int) ->
     mean_rms = float(sum(r.sum() for r in rms)) / max(1, total)
     if not (math.isfinite(mean_rms) and mean_rms > 0):
         return tuple(torch.ones(p.shape, dtype=torch.bfloat16) for p in params)  # no signal: no scale
-    d = [1.0 / (r + spec.floor * mean_rms) for r in rms]
+    d = [(r + spec.floor * mean_rms) ** -spec.power for r in rms]
     mean_d = float(sum(x.sum() for x in d)) / total
     return tuple(torch.exp2(torch.round(torch.log2((x / mean_d).sqrt())).clamp(-_MAX_EXP, _MAX_EXP))
                  .to(torch.bfloat16) for x in d)
