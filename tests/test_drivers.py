@@ -140,18 +140,27 @@ async def _until(pred: Callable[[], bool], limit: float, what: str) -> None:
     raise AssertionError(f"not within {limit} virtual seconds: {what}")
 
 
+async def _founders_at(founders: list[Daemon], round_: int) -> list[asyncio.Task[int]]:
+    """Start the founders, connect them all to each other, and wait until round ``round_``."""
+    tasks = [asyncio.create_task(d.run()) for d in founders]
+    await _until(lambda: all(d.transport is not None for d in founders), 10, "founders listening")
+    for a in founders:
+        for b in founders:
+            if a is not b:
+                await a.transport.connect(b.transport.listen_addrs[0])  # type: ignore[union-attr]
+    await _until(lambda: founders[0].core is not None and founders[0].core.round >= round_, 600, f"round {round_}")
+    return tasks
+
+
+BOOT = f"/memory/{peer_id_of(FOUNDERS[0].public)}/p2p/{peer_id_of(FOUNDERS[0].public)}"
+
+
 def _daemon_join(tmp: Path, g: Genesis) -> list[Any]:
     seen: list[Any] = []
 
     async def script(ds: list[Daemon], net: MemoryNetwork) -> list[Any]:
         founders, joiner = ds[:3], ds[3]
-        tasks = [asyncio.create_task(d.run()) for d in founders]
-        await _until(lambda: all(d.transport is not None for d in founders), 10, "founders listening")
-        for a in founders:
-            for b in founders:
-                if a is not b:
-                    await a.transport.connect(b.transport.listen_addrs[0])  # type: ignore[union-attr]
-        await _until(lambda: founders[0].core is not None and founders[0].core.round >= JOIN_AT, 600, f"round {JOIN_AT}")
+        tasks = await _founders_at(founders, JOIN_AT)
         handle = joiner.handle
 
         def spy(effects: list[Any]) -> None:
@@ -167,8 +176,7 @@ def _daemon_join(tmp: Path, g: Genesis) -> list[Any]:
         assert codes == [0, 0, 0, 0]
         return seen
 
-    boot = f"/memory/{peer_id_of(FOUNDERS[0].public)}/p2p/{peer_id_of(FOUNDERS[0].public)}"
-    return _run_daemons(tmp, g, script, [*FOUNDERS, JOINER], {3: {"bootstrap": (boot,)}})  # type: ignore[no-any-return]
+    return _run_daemons(tmp, g, script, [*FOUNDERS, JOINER], {3: {"bootstrap": (BOOT,)}})  # type: ignore[no-any-return]
 
 
 @pytest.mark.slow
@@ -179,6 +187,34 @@ def test_one_join_through_both_drivers_takes_the_same_protocol_steps(tmp_path: P
     assert sim_steps == ["ask-chain", "ask-manifest", "apply", "ask-chunk", f"install@{EVERY * (JOIN_AT // EVERY)}",
                          "join"], sim_steps
     assert daemon_steps == sim_steps
+
+
+def test_a_joiner_into_a_halted_swarm_gets_its_model_without_another_round(tmp_path: Path) -> None:
+    """The founders take no duties from round JOIN_AT on (``halt_at``) but keep serving. A joiner
+    catches up from their checkpoint and records, and its model reaches their head when the
+    download ends (the core's empty ``Apply``), with their digest, though no round follows."""
+    g = _genesis()
+
+    async def script(ds: list[Daemon], net: MemoryNetwork) -> tuple[str, str, int, int]:
+        founders, joiner = ds[:3], ds[3]
+        tasks = await _founders_at(founders, JOIN_AT)
+        await _until(lambda: all(d.digest_hex() for d in founders), 600, "the founders' models")
+        tasks.append(asyncio.create_task(joiner.run()))
+        await _until(lambda: joiner.core is not None and joiner.core.round >= JOIN_AT and bool(joiner.digest_hex()),
+                     600, "the joiner's model at the founders' head")
+        out = (founders[0].digest_hex(), joiner.digest_hex(), founders[0].core.round,  # type: ignore[union-attr]
+               joiner.chain.base_round)
+        for d in ds:
+            d.request_stop()
+        assert await asyncio.gather(*tasks) == [0, 0, 0, 0]
+        return out
+
+    extra: dict[int, dict[str, Any]] = {i: {"halt_at": JOIN_AT} for i in range(3)}
+    extra[3] = {"bootstrap": (BOOT,)}
+    want, got, head, base = _run_daemons(tmp_path, g, script, [*FOUNDERS, JOINER], extra)
+    assert head == JOIN_AT  # halted: no round after the join
+    assert base == JOIN_AT  # from the checkpoint the founders wrote when they halted
+    assert got == want
 
 
 def test_a_hostile_peer_cannot_cut_the_daemons_store_beyond_max_undo(tmp_path: Path) -> None:

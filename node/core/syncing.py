@@ -19,6 +19,7 @@ from seedswarm.gossip.wire import (
 )
 from seedswarm.node.core.chain import ChainState
 from seedswarm.node.core.effects import (
+    Apply,
     Effect,
     InstallCheckpoint,
     Notice,
@@ -229,6 +230,7 @@ class SyncMixin(_Core):
         if plan.manifest is None and not plan.choose(now, self._on_chain):
             if plan.done:
                 out.append(Notice("checkpoint", f"replaying instead: {plan.failed}"))
+                out.append(Apply(self.tree.head, (), self.tree.head))  # replay what was stored meanwhile
             return out
         out += [Send(p, req) for p, req in plan.requests(now)]
         blob = plan.blob()
@@ -239,6 +241,9 @@ class SyncMixin(_Core):
             self._count("checkpoints.failed")
             out.append(Notice("checkpoint", f"replaying instead: {plan.failed}"))
         if plan.done:
+            # The model waited for this checkpoint (``Apply.catching_up``): move it to the head now,
+            # not at the next live round, which a halted or stalled swarm may never have.
+            out.append(Apply(self.tree.head, (), self.tree.head))
             out += self._enter_round(now) + self._maybe_join(now)
         return out
 

@@ -475,7 +475,7 @@ class Daemon(OffLoopWork):
                 ev = self.task.evaluate(bind_(self._eval_model, params))
                 self.evaluation = {k: float(v) for k, v in ev.items()}
                 evaluated = True
-        if self.transport is not None:
+        if self.transport is not None and e.steps:  # not for the model catching up to its head
             row = dashboard.round_row(self, r, now, len(e.head.members), evaluated)
             self.history.add(row)
             if self._rounds_log is not None:
