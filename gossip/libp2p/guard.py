@@ -175,9 +175,11 @@ class GuardedPubsub(Pubsub):
     """libp2p's Pubsub, made to survive and report hostile input (see the module docstring)."""
 
     def __init__(self, *args: Any, on_drop: DropHook, frame_stall_s: float, frame_min_rate: float,
-                 embedded_keys_only: bool = True, precheck_signatures: bool = True, **kwargs: Any) -> None:
+                 embedded_keys_only: bool = True, precheck_signatures: bool = True,
+                 on_rpc_sent: Callable[[rpc_pb2.RPC], None] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._on_drop = on_drop
+        self._on_rpc_sent = on_rpc_sent
         self._frame_stall_s = frame_stall_s
         self._frame_min_rate = frame_min_rate
         self._embedded_keys_only = embedded_keys_only
@@ -188,6 +190,17 @@ class GuardedPubsub(Pubsub):
             self._on_drop(peer, reason, list(topics), exc)
         except Exception:
             log.exception("pubsub drop hook failed")
+
+    async def write_msg(self, stream: INetStream, rpc_msg: rpc_pb2.RPC) -> bool:
+        """Pubsub.write_msg, then ``on_rpc_sent(rpc)`` for an RPC that was written (the byte
+        accounting splits it into data, envelope and control; every RPC passes here)."""
+        ok = await super().write_msg(stream, rpc_msg)
+        if ok and self._on_rpc_sent is not None:
+            try:
+                self._on_rpc_sent(rpc_msg)
+            except Exception:
+                log.exception("pubsub sent-RPC hook failed")
+        return ok
 
     async def continuously_read_stream(self, stream: INetStream) -> None:
         """Pubsub.continuously_read_stream (0.8.1) with every failure caught and classified.
