@@ -73,7 +73,13 @@ async def test_kinds_add_up_to_the_socket_total(hosts: list[Libp2pHost]) -> None
     sa, sb = a.stats.sent_by_kind(), b.stats.sent_by_kind()
     # a published five 308-byte payloads to its mesh (b); b forwarded them to c
     assert sa["gossip-data"] >= 5 * 308 and sb["gossip-data"] >= 5 * 308
-    assert sa["gossip-envelope"] > 0
+    # each copy's envelope: author id, seqno, topic, signature, field headers; no public key
+    # (the author id embeds it) and no signed peer record on any RPC (tuning overrides)
+    topic = len(PREFIX + "/t")
+    assert 0 < sa["gossip-envelope"] <= 5 * (124 + topic)
+    for h in hosts:
+        assert "sender-record" not in h.stats.gossip_rpc_bytes_sent
+        assert "idontwant" not in h.stats.gossip_rpc_bytes_sent
     # the request frames: 4-byte header + body; b answered both
     assert sa["stream/echo"] == 4 + 1000
     assert sb["stream/echo"] == (4 + 1 + 1000) + (4 + 1 + 50)
@@ -116,3 +122,35 @@ def test_rpc_split_matches_the_encoding() -> None:
     assert parts["data"] == 200
     # every part but the control field's own header (2 bytes here) is accounted for
     assert sum(parts.values()) == len(rpc.SerializeToString()) - 2
+
+
+async def test_yamux_window_updates_wait_for_half_the_window(hosts: list[Libp2pHost]) -> None:
+    """py-libp2p answers every read with a WINDOW_UPDATE frame; ours waits until half the window
+    (128 KiB) was read, as go-yamux does. Small requests send none; a 1 MiB one still flows."""
+    a, b, _ = hosts
+
+    async def ok(peer: str, data: bytes) -> bytes:
+        return b"k"
+
+    b.set_request_handler("ok", ok)
+    await a.connect(b.listen_addrs[0])
+    await a.request(b.peer_id, "ok", b"warm")
+    await asyncio.sleep(0.3)
+    before = b.stats
+    for _ in range(4):
+        await a.request(b.peer_id, "ok", b"q" * 1000)
+    after = b.stats
+    framing = after.sent_by_kind()["framing"] - before.sent_by_kind()["framing"]
+    # per request b writes about five Yamux frames (its stream's ACK, the multistream answer, the
+    # response, FIN; 30 bytes each on the socket), not one more per frame it read (stock: 11)
+    assert framing < 4 * 8 * 30
+    big = b"z" * (1 << 20)
+    assert await a.request(b.peer_id, "ok", big) == b"k"
+
+
+def test_the_simulator_counts_gossip_at_the_daemons_mesh_degree() -> None:
+    """``seedswarm bench bytes`` compares the sockets with the simulator's count of mesh copies."""
+    from seedswarm.gossip.libp2p.tuning import GOSSIP_DEGREE
+    from seedswarm.sim.engine import NetConfig
+
+    assert NetConfig().gossip_degree == GOSSIP_DEGREE

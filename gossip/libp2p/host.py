@@ -41,6 +41,7 @@ from seedswarm.gossip.libp2p.tuning import (
     BOOTSTRAP_BACKOFF_MIN,
     PEER_ADDR_TTL_S,
     build_libp2p_host,
+    release_window_lazily,
 )
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class _PeerNotifee(INotifee):
 
     async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
         # Called before multistream-select writes a byte on the stream (accounting.py).
+        release_window_lazily(getattr(stream, "muxed_stream", None))
         install_stream_counter(stream, self._owner._counters, self._owner._prefix)
         await trio.lowlevel.checkpoint()
 
