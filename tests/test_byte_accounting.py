@@ -154,3 +154,18 @@ def test_the_simulator_counts_gossip_at_the_daemons_mesh_degree() -> None:
     from seedswarm.sim.engine import NetConfig
 
     assert NetConfig().gossip_degree == GOSSIP_DEGREE
+
+
+def test_the_cluster_table_of_kinds() -> None:
+    from seedswarm.sim.bytestable import kind_rates, mean_rates, table
+
+    lines = [{"round": 10, "sent": 100, "sent_by_kind": {"records": 50, "framing": 50}},
+             {"round": 12, "sent": 500, "sent_by_kind": {"records": 250, "framing": 150, "ping": 100}}]
+    rates = kind_rates(lines)
+    assert rates == {"records": 100.0, "framing": 50.0, "ping": 50.0}
+    assert sum(rates.values()) == (500 - 100) / 2
+    assert kind_rates(lines[:1]) == {} and kind_rates([{"round": 1, "sent": 3}] * 2) == {}
+    assert mean_rates([rates, {"records": 300.0}, {}]) == {"records": 200.0, "framing": 25.0, "ping": 25.0}
+    text = table(rates, protocol_bytes=100.0)
+    assert text.splitlines()[1].startswith("records") and "50.0%" in text
+    assert "total / protocol = 2.00" in text
