@@ -27,6 +27,7 @@ from typing import Any
 
 from seedswarm.clihelp import parser
 from seedswarm.node.core.genesis import GenesisOptions
+from seedswarm.node.files import OutPathError, prepare_out_dir
 from seedswarm.sim.bytestable import table
 from seedswarm.sim.cluster import Cluster, ClusterConfig
 from seedswarm.sim.runner import SimConfig, run
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nodes", type=int, default=8, help="daemon processes")
     p.add_argument("--rounds", type=int, default=60, help="rounds every node runs")
     p.add_argument("--seed", type=int, default=0, help="seed of the model and data shards")
-    p.add_argument("--out", default=None, metavar="DIR", help="cluster output folder (default: a temporary one)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="cluster output folder, refused if it holds files (default: a temporary one)")
     p.add_argument("--from", dest="source", default=None, metavar="DIR",
                    help="read a finished `seedswarm cluster` run instead of starting one")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
@@ -72,7 +74,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"seedswarm bench bytes: cannot read {args.source}/summary.json: {e}", file=sys.stderr)
             return 2
     else:
-        out = args.out or tempfile.mkdtemp(prefix="seedswarm-bytes-")
+        try:  # a previous run's node data dirs would be resumed, not started afresh
+            out = str(prepare_out_dir(args.out)) if args.out else tempfile.mkdtemp(prefix="seedswarm-bytes-")
+        except OutPathError as e:
+            print(f"seedswarm bench bytes: {e}", file=sys.stderr)
+            return 2
         summary = Cluster(ClusterConfig(nodes=args.nodes, rounds=args.rounds, seed=args.seed, out=out,
                                         quiet=args.json)).run()
     kinds = summary.get("bytes_per_node_per_round_by_kind") or {}

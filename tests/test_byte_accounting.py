@@ -8,7 +8,9 @@ ratio of socket bytes to the protocol's own is a bench figure (``seedswarm bench
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
@@ -169,3 +171,25 @@ def test_the_cluster_table_of_kinds() -> None:
     text = table(rates, protocol_bytes=100.0)
     assert text.splitlines()[1].startswith("records") and "50.0%" in text
     assert "total / protocol = 2.00" in text
+
+
+def test_bench_bytes_reports_the_ratio(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """From a finished cluster run: the table's kinds, the simulator's protocol bytes for the same
+    settings, and the ratio (no cluster is started here)."""
+    from dataclasses import asdict
+
+    from seedswarm.bench import bytes as bench_bytes
+    from seedswarm.sim.cluster import ClusterConfig
+
+    kinds = {"records": 2000.0, "verification": 1500.0, "framing": 700.0}
+    cfg = asdict(ClusterConfig(nodes=3, rounds=3))
+    (tmp_path / "summary.json").write_text(json.dumps(
+        {"nodes": 3, "rounds": 3, "honest_digest_agreement": 1.0, "config": cfg,
+         "bytes_per_node_per_round_by_kind": kinds}))
+    assert bench_bytes.main(["--from", str(tmp_path), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["socket_bytes_per_node_per_round"] == 4200.0
+    assert res["protocol_bytes_per_node_per_round"] > 0
+    assert res["ratio"] == pytest.approx(4200.0 / res["protocol_bytes_per_node_per_round"])
+    assert res["protocol_by_kind"]["records"] > 0
+    assert bench_bytes.main(["--from", str(tmp_path / "missing")]) == 2
