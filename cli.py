@@ -25,6 +25,7 @@ BENCHES: dict[str, str] = {
     "chaos": "real node processes under crashes, partitions and hostile peers",
     "fuzz": "malformed and hostile messages against a real node process",
     "lm": "the swarm fine-tunes a pretrained GPT: share of centralized Adam's loss reduction, bytes against MoDeST",
+    "bytes": "bytes real daemons send at their sockets, by kind, against the protocol's own",
     "lm_memory": "peak memory of zeroth-order, first-order and Adam steps on a 57M-parameter GPT",
 }
 

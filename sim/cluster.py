@@ -33,6 +33,7 @@ from typing import Any, TextIO
 
 from seedswarm.node.core.genesis import GenesisOptions, default
 from seedswarm.progress import Progress
+from seedswarm.sim.bytestable import kind_rates, mean_rates, table
 
 
 @dataclass
@@ -293,6 +294,7 @@ class Cluster:
         # per-round times (first node to reach each round) and bytes measured at the transport
         first_t: dict[int, float] = {}
         bytes_rate: dict[int, float] = {}
+        kind_rate: list[dict[str, float]] = []
         metrics_lines = []
         for i in self.procs:
             lines = []
@@ -306,6 +308,7 @@ class Cluster:
                 first_t[r] = min(first_t.get(r, math.inf), float(x["t"]))
             if i in alive and len(lines) >= 2 and lines[-1]["round"] > lines[0]["round"]:
                 bytes_rate[i] = (lines[-1]["sent"] - lines[0]["sent"]) / (lines[-1]["round"] - lines[0]["round"])
+                kind_rate.append(kind_rates(lines))
         rs = sorted(first_t)
         lat = [first_t[r] - first_t[r - 1] for r in rs if r - 1 in first_t]
         for r in rs:
@@ -341,6 +344,8 @@ class Cluster:
             "round_latency_mean_s": statistics.fmean(lat) if lat else None,
             "bytes_per_node_per_round": statistics.fmean(bytes_rate.values()) if bytes_rate else None,
             "bytes_per_node_per_round_by_node": {f"node-{i}": round(v, 1) for i, v in sorted(bytes_rate.items())},
+            # the same bytes by what they were for (records, ..., gossip-control, framing)
+            "bytes_per_node_per_round_by_kind": {k: round(v, 1) for k, v in mean_rates(kind_rate).items()},
             "bytes_sent_per_node": {f"node-{i}": final[i].get("bytes_sent") for i in sorted(final)},
             "killed": [f"node-{i}" for i in self.killed],
             "joined": [f"node-{i}" for i in self.joined],
@@ -471,6 +476,9 @@ def run_command(args: argparse.Namespace) -> int:
     keys = ("honest_digest_agreement", "rounds", "running_nodes", "final_accuracy", "join_seconds",
             "round_latency_p50_s", "round_latency_p95_s", "bytes_per_node_per_round", "wall_seconds")
     print(json.dumps({k: summary[k] for k in keys}, indent=2))
+    if summary["bytes_per_node_per_round_by_kind"] and not args.quiet:
+        print("bytes sent per node per round at the sockets, by kind:\n"
+              + table(summary["bytes_per_node_per_round_by_kind"]), file=sys.stderr)
     print(f"wrote {out}/summary.json, metrics.jsonl, report.html; node logs in {out}/nodes/*/node.log",
           file=sys.stderr)
     if summary["interrupted"]:

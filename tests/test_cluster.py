@@ -43,6 +43,11 @@ def test_cluster_join_kill_and_agree(tmp_path: Path) -> None:
     assert summary["honest_digest_agreement"] == 1.0 and summary["distinct_heads"] == 1
     assert set(summary["join_seconds_joiners"]) == {"node-5", "node-6"}, summary["join_seconds"]
     assert summary["round_latency_p50_s"] is not None and summary["bytes_per_node_per_round"] > 0
+    # the socket bytes by kind add up to the total (each rounded to 0.1 B), and the table is printed
+    kinds = summary["bytes_per_node_per_round_by_kind"]
+    assert kinds["records"] > 0 and kinds["contributions"] > 0 and kinds["framing"] > 0, kinds
+    assert sum(kinds.values()) == pytest.approx(summary["bytes_per_node_per_round"], abs=0.1 * len(kinds) + 1e-6)
+    assert "bytes sent per node per round at the sockets, by kind" in res.stderr
     assert all(summary["exit_codes"][f"node-{i}"] == 0 for i in (0, 1, 2, 5, 6)), summary["exit_codes"]
     # the joiners caught up from a checkpoint fetched in chunks, not by replay from 0: they start at
     # round 12 or later, more than --checkpoint-every rounds behind (a joiner started within 5

@@ -15,6 +15,8 @@ Modules, from the bottom up (each imports only the ones above it):
   queue, and the host's lifecycle (start, health, bounded stop).
 - ``transport``: the TCP level: the listen-port pre-check (SO_REUSEADDR) and the transport
   byte counters, installed per host through its own upgrader (nothing is patched).
+- ``accounting``: the socket bytes by kind: each stream's payload under its protocol id, each
+  pubsub RPC we write split into data, envelope and control (``HostStats.sent_by_kind``).
 - ``tuning``: every py-libp2p default we override, each with its reason: security and
   muxers, connection and retry settings, GossipSub and peer scoring, pubsub limits, queue
   sizes, and the per-heartbeat trimming of state libp2p never frees.

@@ -136,6 +136,35 @@ class HostStats:
     #: ``wrong-run`` (our version, another run id), ``no-handler`` (our prefix, a name we do not
     #: serve).
     protocol_mismatches_by_reason: dict[str, int] = field(default_factory=dict)
+    #: Stream payload by kind (``accounting.payload_kind``: ``stream/<name>`` for ours,
+    #: ``gossipsub``, ``identify``, ``identify-push``, ``ping``, ``multistream`` for the
+    #: negotiation): what the muxed streams carried, above Yamux and Noise.
+    payload_bytes_sent: dict[str, int] = field(default_factory=dict)
+    payload_bytes_received: dict[str, int] = field(default_factory=dict)
+    #: The pubsub RPCs we wrote, by part (``accounting.rpc_split``): ``data``, ``envelope``,
+    #: ``subscriptions``, ``ihave``, ``iwant``, ``graft``, ``prune``, ``idontwant``.
+    gossip_rpc_bytes_sent: dict[str, int] = field(default_factory=dict)
+
+    def sent_by_kind(self) -> dict[str, int]:
+        """Every byte this host wrote to its sockets, by kind; the values add up to
+        ``transport_bytes_sent``.
+
+        The stream payloads by kind, with ``gossipsub`` divided into ``gossip-data`` (what was
+        published and forwarded), ``gossip-envelope`` (author, seqno, signature, topic) and
+        ``gossip-control`` (subscriptions, IHAVE, IWANT, GRAFT, PRUNE, IDONTWANT, and the RPC
+        frames); ``framing`` is the rest: Noise and Yamux frames, window updates, stream
+        open/close, and the security and muxer negotiation of each connection.
+        """
+        out = {k: v for k, v in self.payload_bytes_sent.items() if k != "gossipsub"}
+        gossip = self.payload_bytes_sent.get("gossipsub", 0)
+        rpc = self.gossip_rpc_bytes_sent
+        if gossip or rpc:
+            data, envelope = rpc.get("data", 0), rpc.get("envelope", 0)
+            out["gossip-data"] = data
+            out["gossip-envelope"] = envelope
+            out["gossip-control"] = gossip - data - envelope
+        out["framing"] = self.transport_bytes_sent - sum(out.values())
+        return out
 
 
 class Counters:
@@ -153,6 +182,9 @@ class Counters:
         "gossip_rejected",
         "gossip_dropped",
         "protocol_mismatches_by_reason",
+        "payload_bytes_sent",
+        "payload_bytes_received",
+        "gossip_rpc_bytes_sent",
     )
     _INTS = (
         "requests_sent",

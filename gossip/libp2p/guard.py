@@ -75,6 +75,8 @@ UNPENALISED: Final = frozenset({
 #: ``on_drop(peer, reason, topics, exc)``, called on the trio thread; must not raise.
 DropHook = Callable[[ID, str, Sequence[str], BaseException | None], None]
 
+#: The first byte of a peer id that embeds its public key (multihash code 0x00, "identity").
+_IDENTITY_MULTIHASH: Final = b"\x00"
 #: What reading a stream raises when the peer closed or reset it, or the connection died.
 _CLOSED: Final = (IOException, MuxedConnError, MuxedStreamError, trio.ClosedResourceError,
                   trio.BrokenResourceError, EOFError)
@@ -175,9 +177,13 @@ class GuardedPubsub(Pubsub):
     """libp2p's Pubsub, made to survive and report hostile input (see the module docstring)."""
 
     def __init__(self, *args: Any, on_drop: DropHook, frame_stall_s: float, frame_min_rate: float,
-                 embedded_keys_only: bool = True, precheck_signatures: bool = True, **kwargs: Any) -> None:
+                 embedded_keys_only: bool = True, precheck_signatures: bool = True,
+                 on_rpc_sent: Callable[[rpc_pb2.RPC], None] | None = None, send_peer_records: bool = False,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._on_drop = on_drop
+        self._on_rpc_sent = on_rpc_sent
+        self._send_peer_records = send_peer_records
         self._frame_stall_s = frame_stall_s
         self._frame_min_rate = frame_min_rate
         self._embedded_keys_only = embedded_keys_only
@@ -188,6 +194,34 @@ class GuardedPubsub(Pubsub):
             self._on_drop(peer, reason, list(topics), exc)
         except Exception:
             log.exception("pubsub drop hook failed")
+
+    async def write_msg(self, stream: INetStream, rpc_msg: rpc_pb2.RPC) -> bool:
+        """Pubsub.write_msg without the sender's signed peer record (unless
+        ``send_peer_records``), then ``on_rpc_sent(rpc)`` for an RPC that was written (the byte
+        accounting splits it into data, envelope and control; every RPC passes here).
+
+        py-libp2p attaches our signed peer record (about 200 bytes: our addresses, signed) to
+        nearly every RPC, control-only ones and each forwarded message included: at a few
+        small messages a second it was most of the GossipSub control bytes. Peers already get
+        it from identify on every new connection; go-libp2p never sends it in pubsub RPCs.
+
+        Nor with each message its author's public key (38 bytes) where the author's peer id
+        embeds it (an identity multihash, as every Ed25519 id): the signature does not cover
+        the key, and receivers (libp2p's validator, and our check, which accepts no other
+        authors) take it from the id first, as go-libp2p does.
+        """
+        if not self._send_peer_records and rpc_msg.senderRecord:
+            rpc_msg.ClearField("senderRecord")
+        for m in rpc_msg.publish:
+            if m.key and m.from_id[:1] == _IDENTITY_MULTIHASH:
+                m.ClearField("key")
+        ok = await super().write_msg(stream, rpc_msg)
+        if ok and self._on_rpc_sent is not None:
+            try:
+                self._on_rpc_sent(rpc_msg)
+            except Exception:
+                log.exception("pubsub sent-RPC hook failed")
+        return ok
 
     async def continuously_read_stream(self, stream: INetStream) -> None:
         """Pubsub.continuously_read_stream (0.8.1) with every failure caught and classified.

@@ -17,6 +17,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.tools.anyio_service import background_trio_service
 
+from seedswarm.gossip.libp2p.accounting import install_stream_counter
 from seedswarm.gossip.libp2p.api import (
     Counters,
     Event,
@@ -40,6 +41,7 @@ from seedswarm.gossip.libp2p.tuning import (
     BOOTSTRAP_BACKOFF_MIN,
     PEER_ADDR_TTL_S,
     build_libp2p_host,
+    release_window_lazily,
 )
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,9 @@ class _PeerNotifee(INotifee):
         self._owner = owner
 
     async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        # Called before multistream-select writes a byte on the stream (accounting.py).
+        release_window_lazily(getattr(stream, "muxed_stream", None))
+        install_stream_counter(stream, self._owner._counters, self._owner._prefix)
         await trio.lowlevel.checkpoint()
 
     async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
@@ -108,6 +113,7 @@ class Libp2pHost:
         self.listen_addrs: list[str] = []
 
         self._counters = Counters()
+        self._prefix = prefix + "/"  # of our protocol ids, for the byte accounting
         self._log_once = LogOnce()
         self._bridge: TrioBridge[Event] = TrioBridge(
             f"libp2p-{self.peer_id[-8:]}", config.queue_size, on_finished=self._on_finished

@@ -13,6 +13,7 @@ from typing import Any
 from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import GossipSub
 
+from seedswarm.gossip.libp2p.accounting import count_rpc
 from seedswarm.gossip.libp2p.api import (
     Counters,
     Event,
@@ -69,6 +70,7 @@ class Gossip:
             host,
             gossipsub,
             on_drop=self.on_drop,
+            on_rpc_sent=functools.partial(count_rpc, self._counters),
             frame_stall_s=self.config.io_timeout_s,
             frame_min_rate=PUBSUB_FRAME_MIN_RATE,
             **pubsub_options(self.config),

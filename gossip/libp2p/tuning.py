@@ -26,13 +26,12 @@ from libp2p.network.config import (
 from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import PROTOCOL_ID as GOSSIPSUB_V10
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11 as GOSSIPSUB_V11
-from libp2p.pubsub.gossipsub import PROTOCOL_ID_V12 as GOSSIPSUB_V12
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.score import ScoreParams, TopicScoreParams
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 
 from seedswarm.gossip.libp2p.api import Counters, HostConfig
 from seedswarm.gossip.libp2p.transport import CountingUpgrader
@@ -75,7 +74,12 @@ BOOTSTRAP_BACKOFF_MAX: Final = 30.0
 PEER_ADDR_TTL_S: Final = 3600
 #: GossipSub protocols we speak: scoring needs 1.1; 1.2 adds IDONTWANT (saves bandwidth on large
 #: messages); the 1.3+ extensions and topic observation are not needed (libp2p: up to 2.0).
-GOSSIPSUB_PROTOCOLS: Final = (GOSSIPSUB_V12, GOSSIPSUB_V11, GOSSIPSUB_V10)
+GOSSIPSUB_PROTOCOLS: Final = (GOSSIPSUB_V11, GOSSIPSUB_V10)
+#: A Yamux stream gives the bytes its reader consumed back to the sender (a WINDOW_UPDATE frame)
+#: once they reach this fraction of its window (go-yamux: half). py-libp2p sends one for every
+#: read: 30 bytes on the socket (a 12-byte header in a Noise frame) for each gossip RPC or
+#: request frame received, a third of a small request's bytes.
+YAMUX_RELEASE_DIVISOR: Final = 2
 
 
 def security_options(key_pair: KeyPair) -> TSecurityOptions:
@@ -135,6 +139,31 @@ def build_libp2p_host(key_pair: KeyPair, listen: list[multiaddr.Multiaddr], conf
     # (max_connections, checked before the handshake and when a connection is registered) stays.
     network._inbound_limiter = trio.CapacityLimiter(math.inf)
     return host
+
+
+def release_window_lazily(muxed_stream: Any) -> None:
+    """Make one Yamux stream send WINDOW_UPDATE only when half its window was read (go-yamux's
+    rule) instead of after every read (``YAMUX_RELEASE_DIVISOR``).
+
+    Installed by the host on each stream it opens or accepts, before any byte is read. The
+    window itself stays 256 KiB (the receive-window auto-tuning is skipped; a loopback or LAN
+    link fills 256 KiB anyway); flow control is unchanged: unread bytes are never released.
+    """
+    if not isinstance(muxed_stream, YamuxStream):
+        return
+    s = muxed_stream
+
+    async def release(*, bytes_read: int = 0) -> None:
+        increment = 0
+        async with s.window_lock:
+            s._pending_recv_release += bytes_read
+            if s._pending_recv_release >= s.target_recv_window // YAMUX_RELEASE_DIVISOR:
+                increment, s._pending_recv_release = s._pending_recv_release, 0
+                s.recv_window += increment
+        if increment > 0:  # never hold window_lock across the write (libp2p's rule)
+            await s.send_window_update(increment, skip_lock=True)
+
+    s._auto_tune_and_send_window_update = release  # type: ignore[method-assign]
 
 
 def score_params() -> ScoreParams:

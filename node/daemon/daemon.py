@@ -69,7 +69,7 @@ from seedswarm.node.core.effects import (
 )
 from seedswarm.node.core.genesis import Genesis
 from seedswarm.node.core.protocol import CoreConfig, NodeCore
-from seedswarm.node.daemon import dashboard
+from seedswarm.node.daemon import bytekinds, dashboard
 from seedswarm.node.daemon import status as status_mod
 from seedswarm.node.daemon.config import ConfigError, NodeConfig
 from seedswarm.node.daemon.localchain import LocalChain
@@ -479,7 +479,9 @@ class Daemon(OffLoopWork):
             row = dashboard.round_row(self, r, now, len(e.head.members), evaluated)
             self.history.add(row)
             if self._rounds_log is not None:
-                self._rounds_log.write(json.dumps({**row, "head": e.head.head.hex()[:16]}) + "\n")
+                # the byte breakdown goes to the file only (the history stays small)
+                kinds = bytekinds.sent_by_kind(self.transport.stats)
+                self._rounds_log.write(json.dumps({**row, "head": e.head.head.hex()[:16], "sent_by_kind": kinds}) + "\n")
 
     def _resync(self, e: Resync) -> None:
         """Enough peers agree on a chain that left ours deeper than max_undo: keep ours aside,

@@ -17,6 +17,7 @@ from seedswarm import PROTOCOL_VERSION
 from seedswarm.crypto.keys import Identity
 from seedswarm.gossip.transport import Transport
 from seedswarm.node.core.protocol import NodeCore
+from seedswarm.node.daemon.bytekinds import sent_by_kind
 from seedswarm.node.daemon.config import NodeConfig
 from seedswarm.node.daemon.localchain import LocalChain
 from seedswarm.node.daemon.metrics import Metrics
@@ -87,6 +88,9 @@ def status(d: Daemon) -> dict[str, Any]:
         "announce": d.announce,
         "bytes_sent": getattr(stats, "transport_bytes_sent", 0),
         "bytes_received": getattr(stats, "transport_bytes_received", 0),
+        # what the bytes sent were for (records, contributions, ..., gossip-control, framing)
+        "bytes_sent_by_kind": sent_by_kind(stats),
+        "gossip_rpc_bytes_sent": dict(getattr(stats, "gossip_rpc_bytes_sent", {})),
         "checkpoint_round": d.chain.checkpoint.round if d.chain.checkpoint else None,
         "accuracy": d.accuracy,
         "evaluation": d.evaluation,
@@ -106,6 +110,10 @@ def status(d: Daemon) -> dict[str, Any]:
                   "archived": [str(p) for p in d.chain.archived]},
         "updated_at": time.time(),
     }
+
+
+#: HostStats dicts keyed by a kind of bytes (exported with a ``kind`` label).
+_KIND_LABELLED = frozenset({"payload_bytes_sent", "payload_bytes_received", "gossip_rpc_bytes_sent"})
 
 
 def write_status_file(d: Daemon) -> None:
@@ -130,11 +138,14 @@ def update_metrics(d: Daemon) -> None:
         for f in dataclasses.fields(t.stats):
             v = getattr(t.stats, f.name)
             if isinstance(v, dict):
-                label = "topic" if f.name == "gossip_rejected" else "reason"
+                label = ("topic" if f.name == "gossip_rejected" else
+                         "kind" if f.name in _KIND_LABELLED else "reason")
                 for k, n in v.items():
                     m.set(f.name, n, label, str(k))
             elif isinstance(v, int | float):
                 m.set(f.name, v)
+        for k, n in sent_by_kind(t.stats).items():
+            m.set("bytes_sent_by_kind", n, "kind", k, help="bytes written to the sockets, by what they were for")
     if core is not None:
         for k, v in core.counters.items():
             m.set("core_events", v, "event", k)
