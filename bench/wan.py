@@ -52,6 +52,8 @@ class WanConfig:
     link: str = "auto"  # auto | netem | user
     dir: str = ""
     timeout: float = 0.0  # 0: from the nodes and rounds
+    trainers: int = ClusterConfig.trainers  # the genesis's committee size
+    round_timeout: float = ClusterConfig.round_timeout  # the genesis's cap on the aggregation deadline
     quiet: bool = False
 
 
@@ -159,7 +161,8 @@ class WanBench:
                      f"({PROFILES[cfg.profile].about}), links by {'tc netem' if mode == 'netem' else 'the user-space emulator'}")
             timeout = cfg.timeout or 90.0 + 12.0 * cfg.nodes + 8.0 * cfg.rounds
             ccfg = ClusterConfig(nodes=cfg.nodes, rounds=cfg.rounds, seed=cfg.seed, out=str(out), timeout=timeout,
-                                 eval_every=0, quiet=cfg.quiet)
+                                 eval_every=0, quiet=cfg.quiet, trainers=cfg.trainers,
+                                 round_timeout=cfg.round_timeout)
             self.cluster = cl = WanCluster(ccfg, net, devs, self.links, self.log)
             summary = cl.run()
         finally:
@@ -210,6 +213,9 @@ class WanBench:
                 "cpu_share_per_node": _mean([r["cpu_share"] for r in rows.values()]),
                 "by_node": rows,
             },
+            # members on each node's final chain: a swarm that expelled its slow trainers can
+            # still agree on one head, so agreement alone does not say the swarm held together
+            "members_final": {f"node-{i}": d.get("members") for i, d in sorted(cl.final.items())},
             "cpu_seconds_per_node": cpu,
             "cpu_seconds_per_node_mean": _mean(list(cpu.values())),
             "link_emulator": emu_stats,
@@ -232,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nodes", type=int, default=4, help="daemons, one namespace each (at least 2)")
     ap.add_argument("--rounds", type=int, default=30, help="every node stops taking duties at this round")
     ap.add_argument("--seed", type=int, default=0, help="seed of the per-host links, the model and the data shards")
+    ap.add_argument("--trainers", type=int, default=WanConfig.trainers,
+                    help="trainers per round (the genesis's committee; every one trains on the shared CPUs)")
+    ap.add_argument("--round-timeout", type=float, default=WanConfig.round_timeout,
+                    help="seconds an aggregator waits for contributions at most (caps the adaptive deadline)")
     ap.add_argument("--link", choices=LINK_MODES, default="auto",
                     help="tc netem, or the user-space emulator (auto: netem where the kernel has it)")
     ap.add_argument("--dir", default=None, metavar="DIR", help="run folder for the nodes (default: a new runs/wan-<time>)")
@@ -255,6 +265,8 @@ def run_main(args: Any) -> int:
         return fail("--nodes must be at most 250 (one /24 of namespaces)")
     if args.rounds < 1:
         return fail("--rounds must be positive")
+    if args.trainers < 1 or args.round_timeout <= 0:
+        return fail("--trainers and --round-timeout must be positive")
     if args.out and Path(args.out).exists():
         return fail(f"--out {args.out} exists: choose another file")
     try:
@@ -263,7 +275,8 @@ def run_main(args: Any) -> int:
     except (WanError, OutPathError) as e:
         return fail(str(e))
     cfg = WanConfig(profile=args.profile, nodes=args.nodes, rounds=args.rounds, seed=args.seed, link=args.link,
-                    dir=str(run_dir), timeout=args.timeout, quiet=args.quiet)
+                    dir=str(run_dir), timeout=args.timeout, quiet=args.quiet, trainers=args.trainers,
+                    round_timeout=args.round_timeout)
     bench = WanBench(cfg)
 
     def on_signal(signum: int, _frame: Any) -> None:

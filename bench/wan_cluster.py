@@ -56,6 +56,7 @@ class WanCluster(Cluster):
         self.base: dict[int, Sample] = {}
         self.end: dict[int, Sample] = {}
         self.cpu_total: dict[int, float] = {}
+        self.final: dict[int, dict[str, Any]] = {}  # each node's last status before the stop
 
     def place(self, peer_ids: list[str]) -> None:
         self.hosts = [self.net.ip(i) for i in range(len(peer_ids))]
@@ -87,6 +88,7 @@ class WanCluster(Cluster):
 
     def stop_all(self, grace: float = 10.0) -> dict[int, int | None]:
         st = super().statuses()
+        self.final.update(st)
         for i, d in st.items():
             if (s := self.sample(i, d)) is not None:
                 self.end[i] = s

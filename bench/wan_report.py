@@ -64,12 +64,14 @@ def table(s: dict[str, Any]) -> str:
     """The summary a person reads (``--json`` prints everything)."""
     w = s["window"]
     d = s["deadline"]
+    members = [m for m in s["members_final"].values() if m is not None]
     lines = [
         f"seedswarm bench wan: profile {s['profile']}, {s['nodes']} nodes, {s['rounds']} rounds, seed {s['seed']} "
         f"(links: {s['link_emulation']})",
         "",
         f"{'honest_digest_agreement':34s} {s['honest_digest_agreement']}",
         f"{'finished (all on one head)':34s} {s['finished']}",
+        f"{'members at the end (min-max)':34s} {min(members, default='-')}-{max(members, default='-')} of {s['nodes']}",
         f"{'round latency p50 / p95':34s} {_fmt(s['round_latency_p50_s'], ' s')} / {_fmt(s['round_latency_p95_s'], ' s')}",
         f"{'rounds per minute':34s} {_fmt(s['rounds_per_minute'], '', 1)}",
         f"{'link bytes sent / node / round':34s} {_fmt(w['link_bytes_sent_per_node_per_round'], ' B', 0)}"
