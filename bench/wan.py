@@ -53,7 +53,7 @@ class WanConfig:
     dir: str = ""
     timeout: float = 0.0  # 0: from the nodes and rounds
     trainers: int = ClusterConfig.trainers  # the genesis's committee size
-    round_timeout: float = ClusterConfig.round_timeout  # the genesis's cap on the aggregation deadline
+    round_timeout: float = 0.0  # the genesis's cap on the aggregation deadline (0: the profile's)
     quiet: bool = False
 
 
@@ -162,7 +162,7 @@ class WanBench:
             timeout = cfg.timeout or 90.0 + 12.0 * cfg.nodes + 8.0 * cfg.rounds
             ccfg = ClusterConfig(nodes=cfg.nodes, rounds=cfg.rounds, seed=cfg.seed, out=str(out), timeout=timeout,
                                  eval_every=0, quiet=cfg.quiet, trainers=cfg.trainers,
-                                 round_timeout=cfg.round_timeout)
+                                 round_timeout=cfg.round_timeout or PROFILES[cfg.profile].round_timeout)
             self.cluster = cl = WanCluster(ccfg, net, devs, self.links, self.log)
             summary = cl.run()
         finally:
@@ -240,8 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of the per-host links, the model and the data shards")
     ap.add_argument("--trainers", type=int, default=WanConfig.trainers,
                     help="trainers per round (the genesis's committee; every one trains on the shared CPUs)")
-    ap.add_argument("--round-timeout", type=float, default=WanConfig.round_timeout,
-                    help="seconds an aggregator waits for contributions at most (caps the adaptive deadline)")
+    ap.add_argument("--round-timeout", type=float, default=0.0,
+                    help="seconds an aggregator waits for contributions at most, the cap on the adaptive deadline "
+                         "(0: the profile's: 2 s, 4 s for world)")
     ap.add_argument("--link", choices=LINK_MODES, default="auto",
                     help="tc netem, or the user-space emulator (auto: netem where the kernel has it)")
     ap.add_argument("--dir", default=None, metavar="DIR", help="run folder for the nodes (default: a new runs/wan-<time>)")
@@ -265,8 +266,8 @@ def run_main(args: Any) -> int:
         return fail("--nodes must be at most 250 (one /24 of namespaces)")
     if args.rounds < 1:
         return fail("--rounds must be positive")
-    if args.trainers < 1 or args.round_timeout <= 0:
-        return fail("--trainers and --round-timeout must be positive")
+    if args.trainers < 1 or args.round_timeout < 0:
+        return fail("--trainers must be positive and --round-timeout not negative")
     if args.out and Path(args.out).exists():
         return fail(f"--out {args.out} exists: choose another file")
     try:

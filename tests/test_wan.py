@@ -56,6 +56,8 @@ def test_bad_profile_and_host_count() -> None:
     with pytest.raises(ProfileError, match="at least one host"):
         host_links("lan", 0)
     assert set(PROFILES) == {"lan", "continent", "world"}
+    # a swarm on world links gets a round timeout its rounds fit in (2 s cut 16 trainers off)
+    assert [p.round_timeout for p in PROFILES.values()] == [2.0, 2.0, 4.0]
 
 
 # --- the user-space link model (no TUN devices: a pipe stands in for the destination) ---------
@@ -124,6 +126,8 @@ def test_cpu_seconds_of_this_process() -> None:
     (["--nodes", "1"], "--nodes must be at least 2"),
     (["--rounds", "0"], "--rounds must be positive"),
     (["--nodes", "300"], "at most 250"),
+    (["--trainers", "0"], "--trainers must be positive"),
+    (["--round-timeout", "-1"], "--round-timeout not negative"),
 ])
 def test_bad_arguments(argv: list[str], msg: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert wan.main(argv) == 2
