@@ -21,7 +21,7 @@ Everything is read from the daemons' public surface: status.json, rounds.jsonl, 
 copy, opened with ChainStore), node.log, and the HTTP ``/status`` and ``/metrics`` endpoints.
 
 This module is the entry point and the run loop; the bench's parts live beside it:
-``chaos_cluster`` (configuration, launcher), ``chaos_netns`` (link faults), ``chaos_faults``,
+``chaos_cluster`` (configuration, launcher), ``netns`` (namespaces and link faults, shared with ``bench wan``), ``chaos_faults``,
 ``chaos_observe``, ``chaos_checks`` (the end checks) and ``chaos_report`` (summary, table).
 """
 
@@ -40,10 +40,10 @@ from seedswarm.bench.adversary import KINDS, Adversary
 from seedswarm.bench.chaos_checks import ChaosChecks
 from seedswarm.bench.chaos_cluster import ChaosCluster, ChaosConfig
 from seedswarm.bench.chaos_faults import ChaosFaults
-from seedswarm.bench.chaos_netns import Netns, netns_unavailable
 from seedswarm.bench.chaos_report import ChaosReport, table
 from seedswarm.bench.chaos_state import NodeState
 from seedswarm.bench.hostile_pubsub import RAW_PUBSUB_CASES
+from seedswarm.bench.netns import Netns, netns_unavailable
 from seedswarm.clihelp import parser
 
 

@@ -1,7 +1,7 @@
 """The chaos bench's configuration and its launcher of ``seedswarm node`` processes.
 
 :class:`ChaosCluster` is the loopback launcher of ``sim/cluster.py`` with what the chaos bench
-adds: nodes in network namespaces (:mod:`seedswarm.bench.chaos_netns`) or on loopback ports
+adds: nodes in network namespaces (:mod:`seedswarm.bench.netns`) or on loopback ports
 that survive a restart, a metrics port per node, restarts from the same data dir, and readers
 of what each daemon writes (status.json, rounds.jsonl, node.log, the HTTP endpoints).
 :class:`ChaosConfig` lives here because the launcher is built from it.
@@ -17,8 +17,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from seedswarm.bench.chaos_netns import Netns
 from seedswarm.bench.hostile_peer import Target, http_get
+from seedswarm.bench.netns import Netns
 from seedswarm.sim.cluster import Cluster, ClusterConfig
 
 NETNS_PORT = 4001

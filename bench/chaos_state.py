@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 from seedswarm.bench.adversary import Adversary
 from seedswarm.bench.chaos_cluster import ChaosCluster, ChaosConfig
-from seedswarm.bench.chaos_netns import Netns
+from seedswarm.bench.netns import Netns
 
 
 @dataclass

@@ -134,16 +134,21 @@ class Cluster:
             round_timeout=cfg.round_timeout,
         )
         self.genesis.save(self.out / "genesis.json")
-        self.ports = free_ports(total)
-        self.addrs = [f"/ip4/127.0.0.1/tcp/{p}/p2p/{peer_id_of(idents[i].public)}"
-                      for i, p in enumerate(self.ports)]
+        self.place([peer_id_of(x.public) for x in idents])
+
+    def place(self, peer_ids: list[str]) -> None:
+        """Where each node listens: free loopback ports here; ``bench wan`` puts every node
+        at its own network namespace's address instead."""
+        self.hosts = ["127.0.0.1"] * len(peer_ids)
+        self.ports = free_ports(len(peer_ids))
+        self.addrs = [f"/ip4/{h}/tcp/{p}/p2p/{pid}" for h, p, pid in zip(self.hosts, self.ports, peer_ids, strict=True)]
 
     def command(self, i: int) -> list[str]:
         cfg = self.cfg
         boot = [a for j, a in enumerate(self.addrs[:2]) if j != i] if cfg.nodes > 1 else []
         founding = i < cfg.nodes
         cmd = [sys.executable, "-m", "seedswarm", "node", "--genesis", str(self.out / "genesis.json"),
-               "--data-dir", str(self.node_dir(i)), "--listen", f"/ip4/127.0.0.1/tcp/{self.ports[i]}",
+               "--data-dir", str(self.node_dir(i)), "--listen", f"/ip4/{self.hosts[i]}/tcp/{self.ports[i]}",
                "--halt-at", str(cfg.rounds), "--shard-index", str(i), "--shard-count", str(cfg.nodes + cfg.join_nodes),
                "--checkpoint-every", str(cfg.checkpoint_every), "--checkpoint-chunk-bytes", str(cfg.checkpoint_chunk_bytes),
                "--log-format", "json", "--sync-wait-s", "30" if founding else "15",

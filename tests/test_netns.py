@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -18,24 +17,17 @@ from pathlib import Path
 
 import pytest
 
+from seedswarm.bench.netns import netns_unavailable
 from tests.test_daemon import ENV, init_swarm, wait_for
 
 A_IP, B_IP = "10.213.7.1", "10.213.7.2"
 
 
 def _skip_reason() -> str | None:
-    if not sys.platform.startswith("linux"):
-        return "network namespaces are Linux only"
-    if os.geteuid() != 0:
-        return "needs root to create network namespaces (run as root, or see docs/multihost.md)"
-    if shutil.which("ip") is None:
-        return "needs iproute2 (`ip`); .ci/run installs it when it can (apt-get install iproute2)"
-    probe = f"ssprobe{os.getpid()}"
-    r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
-    if r.returncode != 0:
-        return f"cannot create a network namespace here: {r.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    return None
+    why = netns_unavailable()  # the benches' own check (seedswarm.bench.netns)
+    if why and why.startswith("iproute2"):
+        return f"{why}; .ci/run installs it when it can (apt-get install iproute2)"
+    return f"{why} (run as root, or see docs/multihost.md)" if why else None
 
 
 def _sh(*cmd: str) -> None:
