@@ -31,7 +31,7 @@ GROUPS_HELP = "direction groups G: trainer i measures group i mod G (G x K direc
 def add_learning_options(p: argparse.ArgumentParser, d: Any) -> None:
     """The training options ``sim`` and ``cluster`` share, with defaults from their config ``d``
     (its ``estimator``, ``trainers``, ``directions``, ``groups``, ``aggregator``, ``lr``,
-    ``local_lr`` and ``batch_size``)."""
+    ``lr_half_life``, ``local_lr`` and ``batch_size``)."""
     from seedswarm.sampling.aggregators import RULES
 
     p.add_argument("--estimator", default=d.estimator, choices=["fo", "zo"], help=ESTIMATOR_HELP)
@@ -40,6 +40,8 @@ def add_learning_options(p: argparse.ArgumentParser, d: Any) -> None:
     p.add_argument("--groups", type=int, default=d.groups, help=GROUPS_HELP)
     p.add_argument("--aggregator", default=d.aggregator, choices=RULES, help=AGGREGATOR_HELP)
     p.add_argument("--lr", type=float, default=d.lr, help="learning rate of the step every node applies each round")
+    p.add_argument("--lr-half-life", type=int, default=d.lr_half_life, metavar="ROUNDS",
+                   help="the learning rate decays as lr / (1 + round / ROUNDS); 0 keeps it constant")
     p.add_argument("--local-lr", type=float, default=d.local_lr, help="fo only: a trainer's local SGD learning rate")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples in a trainer's batch")
 

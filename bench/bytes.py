@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, metavar="DIR",
                    help="cluster output folder, refused if it holds files (default: a temporary one)")
     p.add_argument("--from", dest="source", default=None, metavar="DIR",
-                   help="read a finished `seedswarm cluster` run instead of starting one")
+                   help="read a finished `seedswarm cluster` run instead of starting one (default: none, start one)")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
     args = p.parse_args(argv)
     if args.source:

@@ -64,6 +64,7 @@ class LMBench:
     directions: int = 256
     groups: int = 1
     lr: float = 0.03
+    lr_half_life: int = 0
     local_steps: int = 1
     local_lr: float = 0.1
     aggregator: str = "guarded_mean"
@@ -110,7 +111,7 @@ def _sim(b: LMBench, protocol: str, target: float, out: Path, params: int) -> di
                     eval_every=b.eval_every, target=target, quiet=True, out=str(out))
     if protocol == "seedswarm":
         cfg.rounds, cfg.estimator, cfg.directions, cfg.groups = b.rounds, b.estimator, b.directions, b.groups
-        cfg.lr, cfg.aggregator = b.lr, b.aggregator
+        cfg.lr, cfg.lr_half_life, cfg.aggregator = b.lr, b.lr_half_life, b.aggregator
         # Room for every group's direction matrix (they alternate between trainers), up to 8 GiB.
         cfg.direction_cache_mb = max(cfg.direction_cache_mb, min(8192, (b.groups * b.directions * params * 8 >> 20) + 1))
     else:
@@ -240,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, kind, what in (("nodes", int, "simulated nodes"), ("rounds", int, "rounds (Adam: steps)"),
                              ("trainers", int, "trainers per round"), ("batch-size", int, "windows per trainer batch"),
                              ("directions", int, "K, shared directions per round"), ("groups", int, "direction groups"),
-                             ("lr", float, "the swarm's step size"), ("local-steps", int, "fo: local SGD steps"),
+                             ("lr", float, "the swarm's step size"),
+                             ("lr-half-life", int, "rounds: the swarm's lr decays as lr / (1 + round / N); 0: constant"),
+                             ("local-steps", int, "fo: local SGD steps"),
                              ("local-lr", float, "fo: local SGD learning rate"),
                              ("eval-every", int, "rounds between evaluations"), ("seed", int, "seed of everything")):
         attr = name.replace("-", "_")
@@ -260,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     opts: dict[str, Any] = dict(QUICK_OPTIONS) if args.quick else {}
     opts.update(parse_task_options(args.task_option))
-    numeric = ("nodes", "rounds", "trainers", "batch_size", "directions", "groups", "lr", "local_steps", "local_lr",
-               "eval_every", "seed")
+    numeric = ("nodes", "rounds", "trainers", "batch_size", "directions", "groups", "lr", "lr_half_life", "local_steps",
+               "local_lr", "eval_every", "seed")
     given = {k: getattr(args, k) for k in numeric if getattr(args, k) is not None}
     b = LMBench(task_options=opts, estimator=args.estimator, aggregator=args.aggregator,
                 adam_lrs=tuple(args.adam_lr), modest_rounds=args.modest_rounds, target=args.target,

@@ -457,7 +457,8 @@ def run_command(args: argparse.Namespace) -> int:
     cfg = ClusterConfig(
         nodes=args.nodes, rounds=args.rounds, seed=args.seed, task=args.task, task_options=args.task_option,
         estimator=args.estimator, trainers=args.trainers, directions=args.directions, groups=args.groups,
-        aggregator=args.aggregator, lr=args.lr, local_lr=args.local_lr, batch_size=args.batch_size,
+        aggregator=args.aggregator, lr=args.lr, lr_half_life=args.lr_half_life, local_lr=args.local_lr,
+        batch_size=args.batch_size,
         round_timeout=args.round_timeout, join_nodes=args.join_nodes, join_at=args.join_at,
         kill_nodes=args.kill_nodes, kill_at=args.kill_at, checkpoint_every=args.checkpoint_every,
         checkpoint_chunk_bytes=args.checkpoint_chunk_bytes, timeout=args.timeout, out=out, quiet=args.quiet,

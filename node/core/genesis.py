@@ -75,6 +75,8 @@ class Genesis:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 problems.append(f"{name} must be a positive integer")
+        if isinstance(self.lr_half_life, bool) or not isinstance(self.lr_half_life, int) or self.lr_half_life < 0:
+            problems.append("lr_half_life must be an integer >= 0 (rounds; 0 keeps lr constant)")
         if self.directions * self.groups > 4096:
             problems.append("directions × groups must be at most 4096")
         if self.trainers > 4096:
@@ -293,6 +295,7 @@ class GenesisOptions:
     groups: int = default("groups")
     aggregator: str = default("aggregator_rule")
     lr: float = default("lr")
+    lr_half_life: int = default("lr_half_life")
     local_lr: float = default("local_lr")
     batch_size: int = default("batch_size")
     local_steps: int = default("local_steps")
