@@ -263,6 +263,8 @@ async def test_libp2p_defaults_are_overridden(make_host: MakeHost) -> None:
         assert list(upgrader.muxer_multistream.transports) == ["/yamux/1.0.0"]
         assert host.get_network().connection_config.max_connections_per_peer == 1
         assert host.mDNS is None
+        # the peerstore's expiry path may not raise (tests/test_peerstore_expiry.py)
+        assert "guard_peerstore" in host.get_peerstore().maybe_delete_peer_record.__qualname__
         gs = a._gossip.gossipsub
         assert gs is not None and gs.scorer is not None
         assert not gs.adaptive_gossip_enabled and not gs.spam_protection_enabled

@@ -144,6 +144,11 @@ class HostStats:
     #: The pubsub RPCs we wrote, by part (``accounting.rpc_split``): ``data``, ``envelope``,
     #: ``subscriptions``, ``ihave``, ``iwant``, ``graft``, ``prune``, ``idontwant``.
     gossip_rpc_bytes_sent: dict[str, int] = field(default_factory=dict)
+    #: ``PeerStoreError``s that py-libp2p's peerstore raised in a background path (its expiry
+    #: sweep, or dropping the signed record of a peer whose addresses expired) and that the
+    #: adapter caught (``tuning.guard_peerstore``, ``Libp2pHost._peerstore_cleanup``): unguarded,
+    #: each one stopped the host.
+    peerstore_errors: int = 0
 
     def sent_by_kind(self) -> dict[str, int]:
         """Every byte this host wrote to its sockets, by kind; the values add up to
@@ -197,6 +202,7 @@ class Counters:
         "events_dropped",
         "transport_bytes_sent",
         "transport_bytes_received",
+        "peerstore_errors",
     )
 
     def __init__(self) -> None:

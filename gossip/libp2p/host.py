@@ -17,6 +17,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.tools.anyio_service import background_trio_service
 
+from seedswarm.gossip.libp2p import tuning
 from seedswarm.gossip.libp2p.accounting import install_stream_counter
 from seedswarm.gossip.libp2p.api import (
     Counters,
@@ -173,7 +174,8 @@ class Libp2pHost:
 
     async def _run_host(self) -> None:
         """trio thread: build, listen, serve until stop is requested, close."""
-        host = build_libp2p_host(self._key_pair, self._listen_mas, self.config, self._counters)
+        host = build_libp2p_host(self._key_pair, self._listen_mas, self.config, self._counters,
+                                 self._peerstore_error)
         host.get_network().register_notifee(_PeerNotifee(self))
         pubsub, gossipsub = self._gossip.build(host)
         self._host = host
@@ -193,7 +195,7 @@ class Libp2pHost:
                     await pubsub.wait_until_ready()
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._maintenance)
-                        nursery.start_soon(host.get_peerstore().start_cleanup_task, 60)
+                        nursery.start_soon(self._peerstore_cleanup)
                         if self._bootstrap:
                             nursery.start_soon(self._bootstrap_keeper)
                         await self._bridge.serve(nursery, [str(a) for a in host.get_addrs()])
@@ -212,6 +214,31 @@ class Libp2pHost:
             connected = {str(p) for p in self._host.get_connected_peers()}
             connected.discard(self.peer_id)
             self._peers_snapshot = tuple(sorted(connected))
+
+    async def _peerstore_cleanup(self) -> None:
+        """libp2p's ``PeerStore.start_cleanup_task``, guarded: sweep expired peers every
+        ``tuning.PEERSTORE_CLEANUP_INTERVAL_S``; an error costs a counter and a log line.
+
+        libp2p's task runs the sweep bare in our nursery, and in 0.8.1 the sweep raised
+        ``PeerStoreError('peer ID is expired')`` for a peer with a signed record whose addresses
+        had expired, which stopped the node (``tuning.guard_peerstore`` fixes that cause). Any
+        other error of the sweep leaves the peerstore as it was, to be swept again next time.
+        """
+        assert self._host is not None
+        peerstore = self._host.get_peerstore()
+        while True:
+            await trio.sleep(tuning.PEERSTORE_CLEANUP_INTERVAL_S)
+            try:
+                peerstore._cleanup_expired_records()
+            except Exception as e:
+                self._peerstore_error("cleanup", e)
+
+    def _peerstore_error(self, where: str, e: Exception) -> None:
+        """trio thread: a peerstore error the adapter swallowed (see ``_peerstore_cleanup``)."""
+        self._counters.inc("peerstore_errors")
+        self._log_once(("peerstore", where, type(e).__name__), logging.WARNING,
+                       "py-libp2p peerstore error in %s, ignored (counted in peerstore_errors): %s",
+                       where, reason(e))
 
     async def _bootstrap_keeper(self) -> None:
         """Dial bootstrap peers now, and redial any that is not connected, with backoff."""

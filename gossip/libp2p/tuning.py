@@ -8,6 +8,7 @@ in ``logs``; the listen-port pre-check and the byte counters are in ``transport`
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, Final, cast
 
 import multiaddr
@@ -24,6 +25,7 @@ from libp2p.network.config import (
     RetryConfig,
 )
 from libp2p.peer.id import ID
+from libp2p.peer.peerstore import PeerStore, PeerStoreError
 from libp2p.pubsub.gossipsub import PROTOCOL_ID as GOSSIPSUB_V10
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11 as GOSSIPSUB_V11
 from libp2p.pubsub.gossipsub import GossipSub
@@ -72,6 +74,10 @@ BOOTSTRAP_BACKOFF_MAX: Final = 30.0
 #: How long a closed peer's addresses stay in the peerstore (libp2p default: 120 s), so that
 #: ``request()`` can redial a peer that dropped.
 PEER_ADDR_TTL_S: Final = 3600
+#: How often the host sweeps expired peers out of the peerstore (``Libp2pHost._peerstore_cleanup``,
+#: our guarded copy of libp2p's ``PeerStore.start_cleanup_task``, whose default is 300 s). Read
+#: at each sweep, so a test can shorten it.
+PEERSTORE_CLEANUP_INTERVAL_S: float = 60.0
 #: GossipSub protocols we speak: scoring needs 1.1; 1.2 adds IDONTWANT (saves bandwidth on large
 #: messages); the 1.3+ extensions and topic observation are not needed (libp2p: up to 2.0).
 GOSSIPSUB_PROTOCOLS: Final = (GOSSIPSUB_V11, GOSSIPSUB_V10)
@@ -112,8 +118,11 @@ def connection_config(config: HostConfig) -> ConnectionConfig:
 
 
 def build_libp2p_host(key_pair: KeyPair, listen: list[multiaddr.Multiaddr], config: HostConfig,
-                      counters: Counters) -> Any:
-    """``new_host()`` with our overrides. Any: callers reach BasicHost/Swarm attributes IHost lacks."""
+                      counters: Counters,
+                      on_peerstore_error: Callable[[str, Exception], None]) -> Any:
+    """``new_host()`` with our overrides. Any: callers reach BasicHost/Swarm attributes IHost lacks.
+
+    ``on_peerstore_error`` hears of each peerstore error ``guard_peerstore`` swallows."""
     security, muxers = security_options(key_pair), muxer_options()
     host: Any = new_host(
         key_pair=key_pair,
@@ -138,7 +147,37 @@ def build_libp2p_host(key_pair: KeyPair, listen: list[multiaddr.Multiaddr], conf
     # refused every new one while its peer list was empty. The cap that counts open connections
     # (max_connections, checked before the handshake and when a connection is registered) stays.
     network._inbound_limiter = trio.CapacityLimiter(math.inf)
+    guard_peerstore(host.get_peerstore(), on_peerstore_error)
     return host
+
+
+def guard_peerstore(peerstore: PeerStore, on_error: Callable[[str, Exception], None]) -> None:
+    """Make this peerstore's ``maybe_delete_peer_record`` total: it must never raise.
+
+    py-libp2p 0.8.1's version drops a peer's signed record when ``addrs(peer)`` is empty, but
+    ``addrs()`` *raises* ``PeerStoreError('peer ID is expired')`` once the peer's address TTL
+    has passed (and 'peer ID not found' when it has no entry). Its expiry sweep
+    (``_cleanup_expired_records``) calls it for exactly those peers, so the first expired peer
+    that had sent a signed record (identify and pubsub both deliver one) made the sweep raise in
+    the host's nursery and stopped the node (seen in the WAN bench, docs/networking.md). The same
+    method runs under ``get_peer_record`` (GossipSub peer exchange, Kademlia) and the record
+    limit. Expired or unknown means "no live addresses", which is the case the method exists
+    for: the record is dropped, and ``on_error`` (count it, log it once) is told.
+    """
+
+    def maybe_delete_peer_record(peer_id: ID) -> None:
+        if peer_id not in peerstore.peer_record_map:
+            return
+        try:
+            live = peerstore.addrs(peer_id)
+        except PeerStoreError as e:
+            on_error("maybe_delete_peer_record", e)
+            live = []
+        if not live:
+            peerstore.peer_record_map.pop(peer_id, None)
+
+    # An instance attribute shadows the method for every caller, libp2p's own included.
+    peerstore.maybe_delete_peer_record = maybe_delete_peer_record  # type: ignore[method-assign]
 
 
 def release_window_lazily(muxed_stream: Any) -> None:
