@@ -297,9 +297,12 @@ def cmd_node(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(1)  # small models; eight daemons share two cores
+    torch_at = time.time()
     from seedswarm.node.daemon.daemon import Daemon
 
     daemon = Daemon(cfg, genesis, started_at=started)
+    # the import phases, for `seedswarm bench join` (the daemon marks the rest)
+    daemon.phases.update(main=started, torch_import=torch_at, modules_import=time.time())
     try:
         daemon.prepare()
     except ConfigError as e:
