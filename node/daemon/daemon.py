@@ -185,8 +185,7 @@ class Daemon(OffLoopWork):
         if g.model_digest and initial_digest(initial) != g.model_digest:
             raise ConfigError("this build's initial model does not match the genesis model digest "
                               "(different seedswarm/torch version or task options)")
-        del initial
-        self._work_model = self.task.build_model().to(self.device)
+        self._work_model = initial.to(self.device)  # no second build: bound to the genesis below
         self._eval_model = self.task.build_model().to(self.device)
         count = cfg.shard_count
         index = cfg.shard_index if cfg.shard_index >= 0 else \
