@@ -8,9 +8,10 @@ times the daemon records in its status file (``phases``):
     interpreter      spawn -> `seedswarm node` entered (Python, the CLI and its imports)
     torch_import     -> torch imported
     modules_import   -> the daemon's modules (numpy, the core, learn, daemon) imported
+    libp2p_import    -> libp2p imported (by the CLI; where the daemon is started otherwise, when
+                        its transport is built)
     identity         -> data dir locked, identity loaded or created
     model            -> task built, initial model checked against the genesis, local chain opened
-    libp2p_import    -> libp2p imported and the host built (the transport is built lazily)
     listening        -> host started, listening, topic subscribed
     first_peer       -> first connection to a peer
     chain_fetched    -> first answer to a chain request (the records)
@@ -50,7 +51,7 @@ from seedswarm.node.files import OutPathError, prepare_out_dir
 from seedswarm.sim.cluster import Cluster, ClusterConfig
 
 #: The joiner's phases in the order a join passes them (the daemon's ``phases`` keys).
-PHASES = ("main", "torch_import", "modules_import", "identity", "model", "libp2p_import", "listening",
+PHASES = ("main", "torch_import", "modules_import", "libp2p_import", "identity", "model", "listening",
           "first_peer", "chain_fetched", "checkpoint", "first_apply", "join_sent", "member", "first_contribution")
 #: How each phase is shown: ``main`` is when the interpreter reached `seedswarm node`.
 LABELS = {"main": "interpreter"}
@@ -109,7 +110,8 @@ class JoinBench:
         # --halt-at far beyond the measurement: the swarm must still be training when the joiner arrives
         self.cluster = Cluster(ClusterConfig(nodes=nodes, rounds=rounds_before + 100_000, join_nodes=1,
                                              join_at=rounds_before, task_options=task_options,
-                                             checkpoint_every=checkpoint_every, out=out, quiet=quiet, eval_every=0))
+                                             checkpoint_every=checkpoint_every, out=out, quiet=quiet, eval_every=0,
+                                             checkpoint_chunk_bytes=64 * 1024))  # the node's default
         self.joiner = nodes
 
     def _wait(self, what: str, cond: Any, deadline: float) -> dict[int, dict[str, Any]]:
