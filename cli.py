@@ -27,6 +27,7 @@ BENCHES: dict[str, str] = {
     "fuzz": "malformed and hostile messages against a real node process",
     "lm": "the swarm fine-tunes a pretrained GPT: share of centralized Adam's loss reduction, bytes against MoDeST",
     "bytes": "bytes real daemons send at their sockets, by kind, against the protocol's own",
+    "join": "one joiner into a running swarm: its start-up and join, phase by phase, and idle memory",
     "lm_memory": "peak memory of zeroth-order, first-order and Adam steps on a 57M-parameter GPT",
 }
 
@@ -65,10 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:
         return _bench(argv[1:])
     from seedswarm.clihelp import HelpFormatter
-    from seedswarm.node import taskcheck
-    from seedswarm.sim import cli as sim_cli
-    from seedswarm.sim import cluster
 
+    # `init`, `node` and `status` need only their own parsers: building the others imports the
+    # simulator (and torch through it) before a node has even read its settings (measured with
+    # `seedswarm bench join`). Any other first word gets the full parser, its help and its errors.
+    light = argv[:1] in (["init"], ["node"], ["status"])
     parser = argparse.ArgumentParser(
         prog="seedswarm", formatter_class=HelpFormatter,
         description="Decentralized training by seeds and one-byte gradients: simulate a swarm, run real "
@@ -79,14 +81,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=version_text(),
                         help="print the package version and the protocol version, and exit")
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-    sim_cli.add_parser(sub)
-    commands = {"sim": sim_cli.run_command}
-    commands.update(node_cli.add_parsers(sub))
-    cluster.add_parser(sub)
-    commands["cluster"] = cluster.run_command
-    taskcheck.add_parser(sub)
-    commands["task"] = taskcheck.run_command
-    sub.add_parser("bench", help="benchmarks: seedswarm bench --help lists them")
+    if light:
+        commands = node_cli.add_parsers(sub)
+    else:
+        from seedswarm.node import taskcheck
+        from seedswarm.sim import cli as sim_cli
+        from seedswarm.sim import cluster
+
+        sim_cli.add_parser(sub)
+        commands = {"sim": sim_cli.run_command}
+        commands.update(node_cli.add_parsers(sub))
+        cluster.add_parser(sub)
+        commands["cluster"] = cluster.run_command
+        taskcheck.add_parser(sub)
+        commands["task"] = taskcheck.run_command
+        sub.add_parser("bench", help="benchmarks: seedswarm bench --help lists them")
     args = parser.parse_args(argv)
     return int(commands[args.cmd](args))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -294,18 +295,21 @@ def cmd_node(args: argparse.Namespace) -> int:
     if (err := _check_ports_free(cfg.listen)) is not None:
         return _fail("node", err)
     setup_logging(cfg.log_format, cfg.log_level)
-    import torch
-
-    torch.set_num_threads(1)  # small models; eight daemons share two cores
-    from seedswarm.node.daemon.daemon import Daemon
-
-    daemon = Daemon(cfg, genesis, started_at=started)
+    # No cyclic GC while torch, libp2p and the model load: they make hundreds of thousands of
+    # objects that live as long as the process, and each collection walks them all again
+    # (see `seedswarm bench join`). Frozen once prepared, they are never scanned again.
+    gc.disable()
     try:
-        daemon.prepare()
-    except ConfigError as e:
-        if (lock := getattr(daemon, "data_lock", None)) is not None:
-            lock.release()  # an in-process caller may start another node on this data dir
-        return _fail("node", str(e))
+        daemon = _load_daemon(cfg, genesis, started)
+        try:
+            daemon.prepare()
+        except ConfigError as e:
+            if (lock := getattr(daemon, "data_lock", None)) is not None:
+                lock.release()  # an in-process caller may start another node on this data dir
+            return _fail("node", str(e))
+    finally:
+        gc.freeze()
+        gc.enable()
     rc = asyncio.run(_serve(daemon))
     # Everything is flushed and fsynced by now; skip the interpreter's teardown, which frees
     # torch's and libp2p's objects one by one and took seconds on a loaded machine: a stop
@@ -314,6 +318,23 @@ def cmd_node(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(rc)
+
+
+def _load_daemon(cfg: Any, genesis: Any, started: float) -> Any:
+    """Import what a node runs on (torch, our modules, libp2p) and make its daemon, noting when
+    each import finished (the daemon marks the later phases) for `seedswarm bench join`."""
+    import torch
+
+    torch.set_num_threads(1)  # small models; eight daemons share two cores
+    torch_at = time.time()
+    from seedswarm.node.daemon import netstack
+    from seedswarm.node.daemon.daemon import Daemon
+
+    daemon = Daemon(cfg, genesis, started_at=started)
+    modules_at = time.time()
+    netstack.load_libp2p()  # here rather than when the host starts: imported with the GC off
+    daemon.phases.update(main=started, torch_import=torch_at, modules_import=modules_at, libp2p_import=time.time())
+    return daemon
 
 
 async def _serve(daemon: Any) -> int:

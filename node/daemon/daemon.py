@@ -49,6 +49,7 @@ from seedswarm.gossip.wire import (
     ChainRequest,
     CheckpointRequest,
     ContributionsRequest,
+    Join,
     Message,
     WireError,
 )
@@ -69,7 +70,7 @@ from seedswarm.node.core.effects import (
 )
 from seedswarm.node.core.genesis import Genesis
 from seedswarm.node.core.protocol import CoreConfig, NodeCore
-from seedswarm.node.daemon import bytekinds, dashboard
+from seedswarm.node.daemon import bytekinds, dashboard, lifecycle
 from seedswarm.node.daemon import status as status_mod
 from seedswarm.node.daemon.config import ConfigError, NodeConfig
 from seedswarm.node.daemon.localchain import LocalChain
@@ -111,6 +112,9 @@ class Daemon(OffLoopWork):
         self.first_apply_wall: float | None = None
         self.member_since_wall: float | None = None
         self.synced_wall: float | None = None
+        # Wall time at which each start-up phase first completed (``seedswarm bench join`` reads
+        # them from status.json to break a join down; the CLI adds its import phases).
+        self.phases: dict[str, float] = {}
         self._stop = asyncio.Event()
         self._rearm = asyncio.Event()
         self._timer_at = math.inf
@@ -131,6 +135,10 @@ class Daemon(OffLoopWork):
 
     def now(self) -> float:
         return asyncio.get_running_loop().time()
+
+    def mark(self, phase: str) -> None:
+        """Record when ``phase`` first completed (later calls keep the first time)."""
+        self.phases.setdefault(phase, time.time())
 
     # ------------------------------------------------------------------ local state
     def prepare(self) -> None:
@@ -159,6 +167,7 @@ class Daemon(OffLoopWork):
             store = ChainStore(data / "chain.log", self.run_id)
         except (KeyFileError, StoreError) as e:
             raise ConfigError(str(e)) from None
+        self.mark("identity")
         run_file = data / "run_id"
         if not run_file.exists():
             run_file.write_text(self.run_id.hex() + "\n")
@@ -176,8 +185,7 @@ class Daemon(OffLoopWork):
         if g.model_digest and initial_digest(initial) != g.model_digest:
             raise ConfigError("this build's initial model does not match the genesis model digest "
                               "(different seedswarm/torch version or task options)")
-        del initial
-        self._work_model = self.task.build_model().to(self.device)
+        self._work_model = initial.to(self.device)  # no second build: bound to the genesis below
         self._eval_model = self.task.build_model().to(self.device)
         count = cfg.shard_count
         index = cfg.shard_index if cfg.shard_index >= 0 else \
@@ -193,6 +201,7 @@ class Daemon(OffLoopWork):
         bind_(self._work_model, self.chain.genesis_params)
         bind_(self._eval_model, self.chain.genesis_params)
         self.peer_id = peer_id_of(self.identity.public)
+        self.mark("model")
         log.info("node %s: run %s, local chain at round %d (model from round %d), data dir %s",
                  self.peer_id, self.run_id.hex()[:16], self.chain.head.round, self.chain.base_round, data)
 
@@ -300,6 +309,7 @@ class Daemon(OffLoopWork):
 
             self._make_transport = libp2p_transport
         t = self._make_transport(self.identity, self.cfg, self.run_id)
+        self.mark("libp2p_import")  # the transport is built: libp2p is imported
         for name in REQUESTS:
             t.set_request_handler(name, self.traffic.server(name))
         try:
@@ -315,6 +325,7 @@ class Daemon(OffLoopWork):
                                lambda: self.core.round if self.core is not None else self.chain.head.round,
                                lambda: self.announce, self.traffic.on_peer, self.reject_peer_id,
                                lambda k: self.metrics.inc(f"{k}_total"))
+        self.mark("listening")
         log.info("listening on %s", " ".join(self.announce))
 
     def _dial_bootstrap(self) -> None:
@@ -326,7 +337,7 @@ class Daemon(OffLoopWork):
     async def _shutdown(self, main: list[asyncio.Task[Any]]) -> None:
         self.state = "stopping"
         # Bounds the whole stop, _close included: a hung transport cannot keep the process alive.
-        self._watchdog = threading.Timer(self.cfg.shutdown_timeout_s, _watchdog_exit, args=(self.cfg.shutdown_timeout_s,))
+        self._watchdog = threading.Timer(self.cfg.shutdown_timeout_s, lifecycle.watchdog_exit, args=(self.cfg.shutdown_timeout_s,))
         self._watchdog.daemon = True
         self._watchdog.start()
         t, core = self.transport, self.core
@@ -365,21 +376,7 @@ class Daemon(OffLoopWork):
         return self.metrics.render()
 
     async def _periodic(self) -> None:
-        """Status file and metrics; peer exchange; bootstrap peers when we have none."""
-        tick = 0
-        while True:
-            await asyncio.sleep(self.cfg.status_every_s)
-            tick += 1
-            core, t, peering = self.core, self.transport, self.peering
-            if core is not None and self.synced_wall is None and core.in_sync(self.now()):
-                self.synced_wall = time.time()
-            status_mod.update_metrics(self)
-            status_mod.write_status_file(self)
-            if peering is not None and t is not None:
-                if not t.peers():
-                    self._dial_bootstrap()
-                if tick % 15 == 0:
-                    peering.exchange()
+        await lifecycle.periodic(self)
 
     # ------------------------------------------------------------------ timers and effects
     def _arm(self) -> None:
@@ -410,6 +407,8 @@ class Daemon(OffLoopWork):
             if isinstance(e, Apply):
                 self._apply(e)
             elif isinstance(e, Publish):
+                if isinstance(e.msg, Join):
+                    self.mark("join_sent")
                 self.spawn(self.traffic.publish(e.msg), "publish")
             elif isinstance(e, Send):
                 self.spawn(self.traffic.send(e.to, e.msg), f"send-{type(e.msg).__name__}")
@@ -423,6 +422,7 @@ class Daemon(OffLoopWork):
                 self._ban(e)
             elif isinstance(e, InstallCheckpoint):
                 if self.chain.install(e, self.cfg.checkpoint_chunk_bytes):
+                    self.mark("checkpoint")
                     self.metrics.inc("checkpoints_downloaded_total")
                     log.info("downloaded the checkpoint of round %d (%d bytes)", e.round, len(e.blob))
             elif isinstance(e, Resync):
@@ -457,12 +457,7 @@ class Daemon(OffLoopWork):
     def _apply(self, e: Apply) -> None:
         params = self.chain.apply(e)
         now = time.time()
-        if self.first_apply_wall is None and e.steps:
-            self.first_apply_wall = now
-            log.info("first round applied %.2f s after start (round %d)", now - self.started_wall, e.head.round)
-        if self.member_since_wall is None and self.identity.public in e.head.members:
-            self.member_since_wall = now
-            log.info("member of the swarm from round %d", e.head.round)
+        lifecycle.note_apply(self, e, now)
         r = e.head.round
         self.metrics.inc("rounds_applied_total", len(e.steps), help="records applied")
         if e.base.round < r - len(e.steps):
@@ -497,11 +492,3 @@ class Daemon(OffLoopWork):
             effects += self.core.on_peer(now, v, self.chain.head.round + 1)
         self._timer_at = math.inf
         self.handle(effects)
-
-    # ------------------------------------------------------------------ inbound
-
-
-def _watchdog_exit(timeout: float) -> None:
-    log.error("shutdown did not finish within %.1f s: exiting now", timeout)
-    logging.shutdown()
-    os._exit(1)

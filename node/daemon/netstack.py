@@ -43,6 +43,12 @@ def announce_addrs(listen_addrs: Sequence[str], configured: Sequence[str], peer_
     return out
 
 
+def load_libp2p() -> None:
+    """Import libp2p (about a second of start-up) before the transport is built, so that the
+    caller chooses when: `seedswarm node` does it while its garbage collector is off."""
+    import seedswarm.gossip.libp2p  # noqa: F401
+
+
 def libp2p_transport(identity: Identity, node: NodeConfig, run_id: bytes) -> tp.Transport:
     from seedswarm.gossip.libp2p import HostConfig, HostError, Libp2pHost
 

@@ -48,6 +48,10 @@ class OffLoopWork:
     _stop: asyncio.Event
     _solving: bool = False
 
+    def mark(self, phase: str) -> None:
+        """Defined by the daemon: when a start-up phase first completed."""
+        raise NotImplementedError
+
     def handle(self, effects: list[Effect]) -> None:
         raise NotImplementedError  # the daemon's
 
@@ -66,6 +70,7 @@ class OffLoopWork:
         values = await self._off_loop(functools.partial(self._compute_estimate, params, e.streams))
         if self.core is not None:
             self.metrics.inc("estimates_total", help="local estimates computed (committee duty)")
+            self.mark("first_contribution")
             self.handle(self.core.on_estimate(self.now(), e.round, e.head, values))
 
     def _compute_estimate(self, params: list[torch.Tensor], streams: tuple[int, ...]) -> list[float]:

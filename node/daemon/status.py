@@ -42,6 +42,7 @@ class Daemon(Protocol):
     synced_wall: float | None
     first_apply_wall: float | None
     member_since_wall: float | None
+    phases: dict[str, float]
 
     @property
     def accuracy(self) -> float | None: ...
@@ -98,6 +99,7 @@ def status(d: Daemon) -> dict[str, Any]:
         "synced_at": d.synced_wall,
         "first_apply_at": d.first_apply_wall,
         "member_since": d.member_since_wall,
+        "phases": dict(d.phases),  # start-up phase -> wall time it first completed
         "rejected": {v: int(n) for (name, _, v), n in d.metrics.counters.items() if name == "rejected_total"},
         "sync": {
             "forks_switched": counters.get("heads.switched", 0),

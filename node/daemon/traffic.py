@@ -92,6 +92,8 @@ class _Node(Protocol):
 
     def reject_peer_id(self, peer: str, reason: Reason, detail: str = "") -> None: ...
 
+    def mark(self, phase: str) -> None: ...
+
 
 class Traffic:
     def __init__(self, node: _Node) -> None:
@@ -128,9 +130,12 @@ class Traffic:
         except WireError as e:
             self.d.reject_peer_id(pid, Reason.BAD_RESPONSE, str(e))
             return
+        if proto == PROTO_CHAIN:
+            self.d.mark("chain_fetched")
         self.d.handle(self.d.core.on_message(self.d.now(), answer, to))
 
     def on_peer(self, peer: str, length: int) -> None:
+        self.d.mark("first_peer")
         key = key_of(peer)
         if self.d.core is not None and key is not None:
             self.d.handle(self.d.core.on_peer(self.d.now(), key, length))

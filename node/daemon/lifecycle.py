@@ -1,0 +1,71 @@
+"""The daemon's life around its main loop: start-up milestones, the periodic chores, the stop
+watchdog.
+
+Kept apart from :mod:`seedswarm.node.daemon.daemon` so that the driver stays about moving
+effects. The milestones (``Daemon.phases``, ``synced_at``, ``first_apply_at``, ``member_since``
+in the status file) are what ``seedswarm cluster`` reports as ``join_seconds`` and what
+``seedswarm bench join`` breaks a join down with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Protocol
+
+from seedswarm.node.core.effects import Apply
+from seedswarm.node.daemon import status as status_mod
+from seedswarm.node.daemon.peering import Peering
+
+log = logging.getLogger("seedswarm.daemon")
+
+
+class _Node(status_mod.Daemon, Protocol):
+    peering: Peering | None
+
+    def mark(self, phase: str) -> None: ...
+
+    def _dial_bootstrap(self) -> None: ...
+
+
+def note_apply(d: _Node, e: Apply, now: float) -> None:
+    """Milestones an applied round can reach: in sync, first round applied, member."""
+    core = d.core
+    if core is not None and d.synced_wall is None and core.in_sync(d.now()):
+        d.synced_wall = now
+    if d.first_apply_wall is None and e.steps:
+        d.mark("first_apply")
+        d.first_apply_wall = now
+        log.info("first round applied %.2f s after start (round %d)", now - d.started_wall, e.head.round)
+    if d.member_since_wall is None and d.identity.public in e.head.members:
+        d.member_since_wall = now
+        d.mark("member")
+        log.info("member of the swarm from round %d", e.head.round)
+
+
+async def periodic(d: _Node) -> None:
+    """Status file and metrics; peer exchange; bootstrap peers when we have none."""
+    tick = 0
+    while True:
+        await asyncio.sleep(d.cfg.status_every_s)
+        tick += 1
+        core, t, peering = d.core, d.transport, d.peering
+        if core is not None and d.synced_wall is None and core.in_sync(d.now()):
+            d.synced_wall = time.time()
+        status_mod.update_metrics(d)
+        status_mod.write_status_file(d)
+        if peering is not None and t is not None:
+            if not t.peers():
+                d._dial_bootstrap()
+            if tick % 15 == 0:
+                peering.exchange()
+
+
+def watchdog_exit(timeout: float) -> None:
+    """The stop watchdog's end: a hung transport cannot keep the process alive."""
+    log.error("shutdown did not finish within %.1f s: exiting now", timeout)
+    logging.shutdown()
+    os._exit(1)
+
