@@ -482,9 +482,8 @@ def run_command(args: argparse.Namespace) -> int:
     keys = ("honest_digest_agreement", "rounds", "running_nodes", "final_accuracy", "join_seconds",
             "round_latency_p50_s", "round_latency_p95_s", "bytes_per_node_per_round", "wall_seconds")
     print(json.dumps({k: summary[k] for k in keys}, indent=2))
-    if summary["bytes_per_node_per_round_by_kind"] and not args.quiet:
-        print("bytes sent per node per round at the sockets, by kind:\n"
-              + table(summary["bytes_per_node_per_round_by_kind"]), file=sys.stderr)
+    if (kinds := summary.get("bytes_per_node_per_round_by_kind")) and not args.quiet:
+        print("bytes sent per node per round at the sockets, by kind:\n" + table(kinds), file=sys.stderr)
     print(f"wrote {out}/summary.json, metrics.jsonl, report.html; node logs in {out}/nodes/*/node.log",
           file=sys.stderr)
     if summary["interrupted"]:
