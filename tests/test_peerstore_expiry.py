@@ -111,7 +111,7 @@ async def test_running_host_survives_a_peer_whose_addresses_expired(
     """End to end, as in the WAN bench: a peer connects (identify hands over its signed record),
     leaves, its addresses expire, the host's own sweep runs. Unguarded, the host stopped."""
     monkeypatch.setattr(tuning, "PEERSTORE_CLEANUP_INTERVAL_S", 0.1)
-    async with asyncio.timeout(30):
+    async with asyncio.timeout(180):  # generous: a loaded 2-core machine
         a, b = await make_host(1), await make_host(2)
         assert a._host is not None
         ps: PeerStore = a._host.get_peerstore()
@@ -121,7 +121,7 @@ async def test_running_host_survives_a_peer_whose_addresses_expired(
         async def has_record() -> bool:
             return b_id in ps.peer_record_map
 
-        await _wait_until(has_record)  # identify delivered b's signed record
+        await _wait_until(has_record, timeout=60)  # identify delivered b's signed record
 
         async def expire_soon() -> None:  # on a's trio thread, where the peerstore lives
             ps.peer_data_map[b_id].set_ttl(1)
@@ -130,17 +130,16 @@ async def test_running_host_survives_a_peer_whose_addresses_expired(
         await b.stop()
 
         async def swept_or_stopped() -> bool:
-            return b_id not in ps.peer_data_map or not a.running
+            return (b_id not in ps.peer_data_map and a.stats.peerstore_errors >= 1) or not a.running
 
-        await _wait_until(swept_or_stopped, timeout=10)
-        await asyncio.sleep(0.3)  # a few more sweeps
+        await _wait_until(swept_or_stopped, timeout=60)
         assert a.running, "the host stopped on a peer whose addresses expired"
         assert a.stats.peerstore_errors >= 1
         c = await make_host(3)
         assert await a.connect(c.listen_addrs[0]) == c.peer_id  # and it still works
 
 
-async def _wait_until(pred: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
+async def _wait_until(pred: Callable[[], Awaitable[bool]], timeout: float = 30.0) -> None:
     async with asyncio.timeout(timeout):
         while not await pred():
             await asyncio.sleep(0.05)

@@ -17,7 +17,6 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.tools.anyio_service import background_trio_service
 
-from seedswarm.gossip.libp2p import tuning
 from seedswarm.gossip.libp2p.accounting import install_stream_counter
 from seedswarm.gossip.libp2p.api import (
     Counters,
@@ -42,6 +41,7 @@ from seedswarm.gossip.libp2p.tuning import (
     BOOTSTRAP_BACKOFF_MIN,
     PEER_ADDR_TTL_S,
     build_libp2p_host,
+    peerstore_cleanup_interval,
     release_window_lazily,
 )
 
@@ -227,7 +227,7 @@ class Libp2pHost:
         assert self._host is not None
         peerstore = self._host.get_peerstore()
         while True:
-            await trio.sleep(tuning.PEERSTORE_CLEANUP_INTERVAL_S)
+            await trio.sleep(peerstore_cleanup_interval())
             try:
                 peerstore._cleanup_expired_records()
             except Exception as e:

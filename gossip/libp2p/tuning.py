@@ -78,6 +78,11 @@ PEER_ADDR_TTL_S: Final = 3600
 #: our guarded copy of libp2p's ``PeerStore.start_cleanup_task``, whose default is 300 s). Read
 #: at each sweep, so a test can shorten it.
 PEERSTORE_CLEANUP_INTERVAL_S: float = 60.0
+
+
+def peerstore_cleanup_interval() -> float:
+    """:data:`PEERSTORE_CLEANUP_INTERVAL_S`, read at call time (tests shorten it)."""
+    return PEERSTORE_CLEANUP_INTERVAL_S
 #: GossipSub protocols we speak: scoring needs 1.1; 1.2 adds IDONTWANT (saves bandwidth on large
 #: messages); the 1.3+ extensions and topic observation are not needed (libp2p: up to 2.0).
 GOSSIPSUB_PROTOCOLS: Final = (GOSSIPSUB_V11, GOSSIPSUB_V10)
