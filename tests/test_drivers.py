@@ -25,6 +25,7 @@ from seedswarm.gossip.wire import (
     CheckpointRequest,
     Hello,
     Join,
+    Record,
     decode_as,
     protocol_prefix,
 )
@@ -316,3 +317,49 @@ def test_the_daemon_bans_a_peer_that_keeps_sending_garbage_and_stops_cleanly(tmp
     refused, bans, dropped, stop_s = _run_daemons(tmp_path, g, script, [FOUNDERS[0]])
     assert refused >= 5 and bans == 1 and dropped
     assert stop_s < 5.0
+
+
+def test_preconditioned_directions_replay_the_same_on_the_daemon_driver(tmp_path: Path) -> None:
+    """Three daemons on a genesis with a direction scale (``precondition``) halt at one head with
+    one model digest, and an independent replay of their stored records with the initial model's
+    scale gives exactly that model (without the scale it does not)."""
+    from seedswarm.node.learn.replay import (
+        ModelStates,
+        direction_scale,
+        initial_digest,
+        model_digest,
+    )
+    from seedswarm.node.learn.tasks import load_task
+
+    opts = {**TASK, "precondition": 2}
+    g = build_genesis([i.public for i in FOUNDERS], task="digits", task_options=opts, seed=3, trainers=3,
+                      directions=16, round_timeout=1.0, min_round_time=0.1, join_pow_bits=6, lr=0.3)
+    halt = 8
+
+    async def script(ds: list[Daemon], net: MemoryNetwork) -> tuple[set[str], set[int], list[bytes]]:
+        tasks = await _founders_at(ds, halt)
+        await _until(lambda: all(d.core is not None and d.core.round == halt and d.digest_hex() for d in ds),
+                     600, "every founder's model at the halt")
+        out = ({d.digest_hex() for d in ds}, {d.chain.head.round for d in ds}, ds[0].chain.store.records())
+        for d in ds:
+            d.request_stop()
+        assert await asyncio.gather(*tasks) == [0, 0, 0]
+        return out
+
+    digests, rounds, records = _run_daemons(tmp_path, g, script, FOUNDERS, {i: {"halt_at": halt} for i in range(3)})
+    assert rounds == {halt} and len(digests) == 1 and len(records) == halt
+    model = load_task(g.task, dict(g.task_options), seed=g.seed).build_model()
+    assert initial_digest(model) == g.model_digest
+    scale = direction_scale(model)
+    assert scale is not None
+    steps, st = [], ChainState.initial(g)
+    for data in records:
+        rec = decode_as(data, Record, g.run_id)
+        steps.append((st, rec))
+        st = checked_next_state(st, rec)
+    params = [p.detach().clone() for p in model.parameters()]
+    root = ChainState.initial(g)
+    replayed = ModelStates(root, params, scale=scale).advance(root, steps)
+    assert model_digest(replayed).hex() in digests
+    plain = ModelStates(root, params).advance(root, steps)
+    assert model_digest(plain).hex() not in digests
