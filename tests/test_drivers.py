@@ -363,3 +363,23 @@ def test_preconditioned_directions_replay_the_same_on_the_daemon_driver(tmp_path
     assert model_digest(replayed).hex() in digests
     plain = ModelStates(root, params).advance(root, steps)
     assert model_digest(plain).hex() not in digests
+
+
+def test_an_evaluation_that_raises_costs_a_counter_not_the_node(tmp_path: Path) -> None:
+    """A task whose evaluate() raises (a plug-in's bug, or a diverged model overflowing): the
+    daemon counts it and keeps training; it used to stop the node."""
+    g = _genesis()
+
+    async def script(ds: list[Daemon], net: MemoryNetwork) -> tuple[float, int]:
+        def broken(_model: Any) -> dict[str, float]:
+            raise OverflowError("math range error")
+
+        ds[0].task.evaluate = broken  # type: ignore[method-assign]
+        tasks = await _founders_at(ds, 6)
+        for d in ds:
+            d.request_stop()
+        assert await asyncio.gather(*tasks) == [0, 0, 0]
+        return ds[0].metrics.get("evaluation_errors_total"), ds[0].chain.head.round
+
+    errors, head = _run_daemons(tmp_path, g, script, FOUNDERS, {i: {"eval_every": 1} for i in range(3)})
+    assert errors >= 3 and head >= 6

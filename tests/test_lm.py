@@ -4,6 +4,7 @@ and a small end-to-end simulation."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -131,3 +132,13 @@ def test_task_check_passes_and_names_the_loss_metric() -> None:
     assert [c.status for c in checks] == [OK] * len(checks) and len(checks) == 8
     ev = next(c for c in checks if c.name == "evaluate")
     assert "compared with loss (lower is better" in ev.detail
+
+
+def test_a_diverged_model_evaluates_to_an_infinite_perplexity_not_an_error() -> None:
+    task = load_task("lm", TINY, seed=0)
+    model = task.build_model()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1e4)  # logits in the millions: a loss far past exp's range
+    ev = task.evaluate(model)
+    assert ev["loss"] > 709 and ev["perplexity"] == math.inf

@@ -467,9 +467,14 @@ class Daemon(OffLoopWork):
         if params is not None:
             self.chain.maybe_checkpoint(params, force=halting)
             if (self.cfg.eval_every and r % self.cfg.eval_every == 0) or halting:
-                ev = self.task.evaluate(bind_(self._eval_model, params))
-                self.evaluation = {k: float(v) for k, v in ev.items()}
-                evaluated = True
+                try:
+                    ev = self.task.evaluate(bind_(self._eval_model, params))
+                    self.evaluation = {k: float(v) for k, v in ev.items()}
+                    evaluated = True
+                except Exception as err:  # noqa: BLE001 - a task's bug or a diverged model never stops the node
+                    self.metrics.inc("evaluation_errors_total", help="evaluations that raised (the round still counts)")
+                    self.log_once("evaluation", type(err).__name__, "evaluation at round %d failed: %s: %s", r,
+                                  type(err).__name__, err)
         if self.transport is not None and e.steps:  # not for the model catching up to its head
             row = dashboard.round_row(self, r, now, len(e.head.members), evaluated)
             self.history.add(row)

@@ -280,5 +280,7 @@ class LMTask:
                 correct += int((logits.argmax(dim=1) == y).sum())
                 count += int(y.numel())
         loss = total / count
-        return {"loss": loss, "perplexity": math.exp(loss), "bits_per_byte": loss / math.log(2),
+        # exp overflows past 709 nats: a diverged model has an infinite perplexity, not an error
+        return {"loss": loss, "perplexity": math.exp(loss) if loss < 709.0 else math.inf,
+                "bits_per_byte": loss / math.log(2),
                 "accuracy": correct / count}
