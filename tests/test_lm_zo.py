@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from seedswarm.crypto.directions import stream_seed
-from seedswarm.node.learn import estimators
+from seedswarm.node.learn import estimators, perturb
 from seedswarm.node.learn.estimators import fo_project, local_estimate, zo_spsa
 from seedswarm.node.learn.gpt import GPT, GPTConfig, build_gpt
 
@@ -60,7 +60,7 @@ def old_per_module(model: torch.nn.Module, lf, streams: list[int], eps: float) -
     """The per-module path as it was (no check of reads outside a module's forward)."""
     params, offsets = estimators._flat_layout(model)
     out = []
-    with torch.no_grad(), estimators._ModuleSwap(model, offsets) as swap:
+    with torch.no_grad(), perturb.ModuleSwap(model, offsets) as swap:
         for s in streams:
             swap.stream, swap.zflat = s, None
             losses = []

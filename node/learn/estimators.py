@@ -26,10 +26,10 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from seedswarm.crypto.directions import fill_normal
 from seedswarm.crypto.projection import project
+from seedswarm.node.learn.perturb import ModuleSwap, StoredReads, perturbed
 from seedswarm.node.learn.replay import direction_scale
 
 __all__ = ["fo_project", "zo_spsa"]
@@ -109,150 +109,6 @@ as one flat tensor reused for both signs; larger ones generate each module's sli
 module runs (peak extra memory: one layer), at twice the generation cost."""
 
 
-def _perturbed(
-    p: torch.Tensor, stream: int, offset: int, coeff: float, zflat: torch.Tensor | None = None,
-    scale: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """A new tensor ``p + coeff * (s * z)`` (``z`` the slice of ``stream`` at ``offset``, ``s`` the
-    parameter's direction scale, 1 when None); ``p`` is only read.
-
-    ``z`` comes from ``zflat`` (the whole direction, pre-generated and already scaled) or is
-    generated into a fresh buffer that then becomes the result; the arithmetic
-    (``fl(fl(coeff * fl(s * z)) + p)``) is the same either way, so both give the same bits.
-    """
-    n = p.numel()
-    if zflat is not None:
-        z = zflat[offset : offset + n].to(device=p.device, dtype=p.dtype, copy=True)
-    else:
-        z = fill_normal(stream, offset, n, device=p.device)
-        if p.dtype != torch.float32:
-            z = z.to(p.dtype)
-        if scale is not None:
-            z.mul_(scale.reshape(-1))
-    z.mul_(coeff).add_(p.detach().reshape(-1))
-    return z.view(p.shape)
-
-
-class _StoredReads(TorchFunctionMode):
-    """Notes every torch operation that takes a *stored* parameter object as an argument.
-
-    During a perturbed pass no operation of the forward should ever see a stored parameter: in
-    module mode each module's own parameters are swapped out while its ``forward`` runs, in
-    functional mode all of them are. One that does read a stored parameter (a tied head written
-    ``F.linear(x, self.tok.weight)`` in a parent, whose ``tok`` ran earlier; a weight captured
-    by ``loss_fn``; ``nn.MultiheadAttention``'s ``out_proj.weight``) used it unperturbed, which
-    biases ``g`` without any error: the per-module estimate of a GPT with such a head was 31 %
-    off (correlation 0.95 with the exact projection). Active only on the first pass of a call:
-    it costs a Python call per operation.
-    """
-
-    def __init__(self, params: Sequence[nn.Parameter]) -> None:
-        super().__init__()
-        self.ids = {id(p) for p in params}
-        self.seen: set[int] = set()
-        self.paused = 0
-
-    def _scan(self, obj: Any) -> None:
-        if isinstance(obj, torch.Tensor):
-            if id(obj) in self.ids:
-                self.seen.add(id(obj))
-        elif isinstance(obj, list | tuple):
-            for x in obj:
-                self._scan(x)
-        elif isinstance(obj, dict):
-            for x in obj.values():
-                self._scan(x)
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if not self.paused:
-            self._scan(args)
-            if kwargs:
-                self._scan(kwargs)
-        return func(*args, **(kwargs or {}))
-
-
-class _ModuleSwap:
-    """Substitute perturbed tensors for each module's own parameters during its forward only.
-
-    A forward pre-hook puts ``p + c * z`` into ``module._parameters[name]`` (a plain tensor that
-    ``module.weight`` then returns); a forward hook (``always_call``, so also on an exception)
-    puts the original ``Parameter`` object back. The stored parameters are never written, and at
-    any instant at most the parameters of the modules currently inside ``forward`` (one leaf
-    layer and its ancestors' own parameters, if any) exist in perturbed form.
-    """
-
-    def __init__(self, model: nn.Module, offsets: dict[int, int],
-                 scales: dict[int, torch.Tensor] | None = None) -> None:
-        self.offsets = offsets
-        self.scales = scales
-        self.owners: list[tuple[nn.Module, list[tuple[str, nn.Parameter]]]] = []
-        for mod in model.modules():
-            own = [(n, p) for n, p in mod._parameters.items() if p is not None]
-            if own:
-                self.owners.append((mod, own))
-        self.own = {id(m): own for m, own in self.owners}
-        self.stream = 0
-        self.coeff = 0.0
-        self.zflat: torch.Tensor | None = None
-        self.depth: dict[int, int] = {}
-        self.visited: set[int] = set()
-        self.handles: list[Any] = []
-        self.watch: _StoredReads | None = None  # paused while a hook itself reads a parameter
-
-    def __enter__(self) -> _ModuleSwap:
-        try:
-            for mod, _ in self.owners:
-                self.handles.append(mod.register_forward_pre_hook(self._pre))
-                self.handles.append(mod.register_forward_hook(self._post, always_call=True))
-        except BaseException:
-            self._remove()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._remove()
-        # Belt and braces: whatever happened inside, every original Parameter object is back.
-        for mod, own in self.owners:
-            for name, p in own:
-                mod._parameters[name] = p
-        self.depth.clear()
-
-    def _remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-
-    def _pre(self, mod: nn.Module, args: Any) -> None:
-        key = id(mod)
-        d = self.depth.get(key, 0)
-        self.depth[key] = d + 1
-        self.visited.add(key)
-        if d:  # re-entrant call of a module already inside its forward: already perturbed
-            return
-        if self.watch is not None:
-            self.watch.paused += 1
-        try:
-            for name, p in self.own[key]:
-                mod._parameters[name] = _perturbed(  # type: ignore[assignment]
-                    p, self.stream, self.offsets[id(p)], self.coeff, self.zflat,
-                    None if self.scales is None else self.scales[id(p)],
-                )
-        finally:
-            if self.watch is not None:
-                self.watch.paused -= 1
-
-    def _post(self, mod: nn.Module, args: Any, output: Any) -> None:
-        key = id(mod)
-        d = self.depth.get(key, 0) - 1
-        if d > 0:
-            self.depth[key] = d
-            return
-        self.depth.pop(key, None)
-        for name, p in self.own[key]:
-            mod._parameters[name] = p
-
-    def unvisited(self) -> list[str]:
-        return [type(m).__name__ for m, _ in self.owners if id(m) not in self.visited]
 
 
 class _Call(nn.Module):
@@ -318,7 +174,7 @@ def zo_spsa(
       Requirement: each parameter is used only inside the ``forward`` of a module owning it. The
       first pass checks it and raises ``ValueError`` (naming ``mode='functional'``) when a module
       owning parameters was not called, or when any torch operation read a stored parameter
-      (:class:`_StoredReads`: a tied head ``F.linear(x, self.tok.weight)`` in a parent, the
+      (:class:`StoredReads`: a tied head ``F.linear(x, self.tok.weight)`` in a parent, the
       pattern that made the estimate 31 % off on a GPT before this check).
     * ``mode="functional"``: ``torch.func.functional_call`` with all parameters perturbed at
       once (deduplicated by identity: a tied parameter is perturbed once, everywhere it is
@@ -371,13 +227,13 @@ def _zo_module(model: nn.Module, loss_fn: Callable[[nn.Module], Any], streams: l
                params: list[nn.Parameter], offsets: dict[int, int],
                scales: dict[int, torch.Tensor] | None) -> list[float]:
     out: list[float] = []
-    with _ModuleSwap(model, offsets, scales) as swap:
+    with ModuleSwap(model, offsets, scales) as swap:
         for i, s in enumerate(streams):
             swap.stream = s
             swap.zflat = _zflat(params, s, scales)
             swap.coeff = e
             if i == 0:
-                with _StoredReads(params) as watch:
+                with StoredReads(params) as watch:
                     swap.watch = watch
                     try:
                         lp = _loss_value(loss_fn(model))
@@ -412,10 +268,10 @@ def _zo_functional(model: nn.Module, loss_fn: Callable[[nn.Module], Any], stream
         zflat = _zflat(params, s, scales)
         losses = []
         for c in (e, -e):
-            pert = {n: _perturbed(p, s, offsets[id(p)], c, zflat, None if scales is None else scales[id(p)])
+            pert = {n: perturbed(p, s, offsets[id(p)], c, zflat, None if scales is None else scales[id(p)])
                     for n, p in zip(names, params, strict=True)}
             if i == 0 and c > 0:
-                with _StoredReads(params) as watch:
+                with StoredReads(params) as watch:
                     losses.append(_loss_value(torch.func.functional_call(call, pert, ())))
                 if watch.seen:
                     raise ValueError(

@@ -4,7 +4,7 @@ Pre-norm transformer blocks (causal self-attention, GELU MLP), learned positions
 LayerNorm and an output head tied to the token embedding, as in GPT-2 and nanoGPT. Kept to
 standard modules whose parameters are used inside their own ``forward`` (the head is an
 ``nn.Linear`` sharing the embedding's ``Parameter``), so both modes of ``zo_spsa`` see every use
-of every parameter; ``zo_spsa`` checks that itself (``estimators._StoredReads``).
+of every parameter; ``zo_spsa`` checks that itself (``perturb.StoredReads``).
 
 Initialisation draws every tensor from a seeded numpy PCG64 generator (a specified, stable
 stream) and overwrites torch's default initialisation, which runs inside ``fork_rng`` (the
