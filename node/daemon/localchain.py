@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import msgpack
@@ -51,13 +51,20 @@ checkpoint (``rebuild``): slower, same bits. ``seedswarm node --state-cache-mb``
 """
 
 
+SUPERSEDED_GRACE_S = 120.0
+"""How long a checkpoint stays served after a newer one replaced it (the joiner's download time)."""
+MAX_SERVED = 8
+"""Checkpoints served at most (open files; unlinked ones hold their disk space until closed)."""
+
+
 class LocalChain:
     states: ModelStates  # parameters of recent heads (set by rebuild)
 
     def __init__(self, genesis: Genesis, store: ChainStore, ckdir: CheckpointDir,
                  genesis_params: Sequence[torch.Tensor], checkpoint_every: int, keep_states: int = 16,
                  state_budget_bytes: int | None = STATE_BUDGET_BYTES,
-                 scale: Sequence[torch.Tensor] | None = None) -> None:
+                 scale: Sequence[torch.Tensor] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.genesis = genesis
         self.scale = scale  # the initial model's direction scale (precondition.py), None: plain
         self.run_id = genesis.run_id
@@ -69,6 +76,8 @@ class LocalChain:
         self.state_budget_bytes = state_budget_bytes
         # checkpoints we serve, by blob hash: manifests in memory, chunks read from their files
         self.recent: OrderedDict[bytes, StoredCheckpoint] = OrderedDict()
+        self._added: dict[bytes, float] = {}  # when each served checkpoint was written (clock)
+        self.clock = clock
         self.checkpoint: StoredCheckpoint | None = None  # the newest on our chain
         self.heads: list[bytes] = []
         self.head = ChainState.initial(genesis)
@@ -199,18 +208,28 @@ class LocalChain:
         # Any recent checkpoint is served, not only the newest: a joiner that got a manifest a
         # moment ago keeps fetching its chunks while we write the next one. Each holds an open
         # file (its chunks are read on demand), closed when it is dropped or replaced.
+        # A superseded checkpoint stays served for SUPERSEDED_GRACE_S (up to MAX_SERVED files):
+        # a joiner that chose it may need that long to fetch it on a slow link, and with fast
+        # rounds the count alone retired it within seconds (the joiner then had to start over).
+        now = self.clock()
         old = self.recent.pop(ck.manifest.state, None)
         if old is not None and old is not ck:
             old.close()
         self.recent[ck.manifest.state] = ck
+        self._added[ck.manifest.state] = now
         while len(self.recent) > max(2, self.ckdir.keep + 1):
-            self.recent.popitem(last=False)[1].close()
+            digests = list(self.recent)
+            if len(digests) <= MAX_SERVED and now - self._added[digests[1]] < SUPERSEDED_GRACE_S:
+                break  # the oldest was superseded only a moment ago
+            self._added.pop(digests[0], None)
+            self.recent.pop(digests[0]).close()
 
     def close(self) -> None:
         """Close the files of the checkpoints we serve (the process's end does it too)."""
         for ck in self.recent.values():
             ck.close()
         self.recent.clear()
+        self._added.clear()
 
     def archive_after(self, fork_round: int) -> Path | None:
         """Move the stored records after ``fork_round`` to a side file (nothing is deleted), cut
