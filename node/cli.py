@@ -322,17 +322,43 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 def _load_daemon(cfg: Any, genesis: Any, started: float) -> Any:
     """Import what a node runs on (torch, our modules, libp2p) and make its daemon, noting when
-    each import finished (the daemon marks the later phases) for `seedswarm bench join`."""
-    import torch
+    each import finished (the daemon marks the later phases) for `seedswarm bench join`.
+
+    libp2p is imported in a second thread while this one imports torch: the two share no
+    module (our libp2p side is torch- and numpy-free, ``tests/test_cli_imports.py``), and part of
+    each (reading files, loading shared libraries) leaves the GIL to the other, which took about
+    a second off a joiner's start on two cores. Should either side fail (importlib refuses a
+    circular import met across threads), it is retried alone, so an error surfaces as it would
+    have without the thread."""
+    import threading
+
+    from seedswarm.node.daemon import netstack
+
+    failed: list[BaseException] = []
+
+    def libp2p_import() -> None:
+        try:
+            netstack.load_libp2p()
+        except BaseException as e:  # noqa: BLE001 - retried (and raised) on the main thread
+            failed.append(e)
+
+    worker = threading.Thread(target=libp2p_import, name="seedswarm-import-libp2p", daemon=True)
+    worker.start()
+    try:
+        import torch
+    except RuntimeError:  # importlib's _DeadlockError (a circular import met across threads): alone
+        worker.join()
+        import torch
 
     torch.set_num_threads(1)  # small models; eight daemons share two cores
     torch_at = time.time()
-    from seedswarm.node.daemon import netstack
     from seedswarm.node.daemon.daemon import Daemon
 
     daemon = Daemon(cfg, genesis, started_at=started)
     modules_at = time.time()
-    netstack.load_libp2p()  # here rather than when the host starts: imported with the GC off
+    worker.join()
+    if failed:
+        netstack.load_libp2p()
     daemon.phases.update(main=started, torch_import=torch_at, modules_import=modules_at, libp2p_import=time.time())
     return daemon
 
