@@ -352,6 +352,8 @@ class Cluster:
             # the same bytes by what they were for (records, ..., gossip-control, framing)
             "bytes_per_node_per_round_by_kind": {k: round(v, 1) for k, v in mean_rates(kind_rate).items()},
             "bytes_sent_per_node": {f"node-{i}": final[i].get("bytes_sent") for i in sorted(final)},
+            # the longest any node's event loop was held (its networking waited as long)
+            "loop_lag_max_s": max((final[i].get("loop_lag_max_s") or 0.0 for i in final), default=None),
             "killed": [f"node-{i}" for i in self.killed],
             "joined": [f"node-{i}" for i in self.joined],
             "exit_codes": {f"node-{i}": c for i, c in sorted(exit_codes.items())},

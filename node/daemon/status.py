@@ -43,6 +43,7 @@ class Daemon(Protocol):
     first_apply_wall: float | None
     member_since_wall: float | None
     phases: dict[str, float]
+    loop_lag_max_s: float
 
     @property
     def accuracy(self) -> float | None: ...
@@ -92,7 +93,9 @@ def status(d: Daemon) -> dict[str, Any]:
         # what the bytes sent were for (records, contributions, ..., gossip-control, framing)
         "bytes_sent_by_kind": sent_by_kind(stats),
         "gossip_rpc_bytes_sent": dict(getattr(stats, "gossip_rpc_bytes_sent", {})),
-        "checkpoint_round": d.chain.checkpoint.round if d.chain.checkpoint else None,
+        "checkpoint_round": ck.round if (ck := d.chain.checkpoint) is not None else None,
+        # the longest the event loop was held (by a handler, or work that belongs in the worker)
+        "loop_lag_max_s": round(d.loop_lag_max_s, 4),
         "accuracy": d.accuracy,
         "evaluation": d.evaluation,
         "started_at": d.started_wall,
@@ -134,6 +137,7 @@ def update_metrics(d: Daemon) -> None:
     m.set("round", st.round, help="rounds applied (the chain head's round)")
     m.set("members", len(st.members), help="members in the chain's membership set")
     m.set("member", float(d.identity.public in st.members))
+    m.set("loop_lag_max_seconds", d.loop_lag_max_s, help="longest the event loop was late for a 100 ms timer")
     t = d.transport
     if t is not None:
         m.set("peers", len(t.peers()) if t.running else 0, help="connected peers")
