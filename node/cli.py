@@ -207,6 +207,7 @@ NODE_OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--halt-at", {"type": int, "help": "stop taking duties at this round and keep serving peers (0: never)"}),
     ("--eval-every", {"type": int, "help": "evaluate the model every N rounds, shown by `status` (0: when halting)"}),
     ("--sync-wait-s", {"type": float, "help": "seconds to wait for peers and the chain before starting alone"}),
+    ("--mdns", {"action": "store_true", "help": "find nodes of the run on the LAN with mDNS (no bootstrap needed there)"}),
     ("--min-peers", {"type": int, "help": "wait (up to --sync-wait-s) for this many peers before taking duties"}),
 ]
 # settings only a --config file sets
@@ -284,7 +285,7 @@ def cmd_node(args: argparse.Namespace) -> int:
                                              "metrics_port", "metrics_host", "log_format", "log_level",
                                              "checkpoint_every", "checkpoint_chunk_bytes", "state_cache_mb",
                                              "shard_index",
-                                             "shard_count", "halt_at", "eval_every", "sync_wait_s", "min_peers")}
+                                             "shard_count", "halt_at", "eval_every", "sync_wait_s", "min_peers", "mdns")}
         cfg = build_config(file_values, cli)
     except ConfigError as e:
         return _fail("node", str(e))
