@@ -1,21 +1,28 @@
-"""Finding the swarm beyond the bootstrap list, with real daemons (OS processes, libp2p on
-loopback): a node whose only bootstrap peer is gone finds the swarm again through the address
-book it saved (``peers.json``), and a saved book that is corrupt or of another run is ignored
-with one log line."""
+"""Finding the swarm beyond the bootstrap list, with real daemons (OS processes, real libp2p):
+
+* on loopback, a node whose only bootstrap peer is gone finds the swarm again through the address
+  book it saved (``peers.json``); a saved book that is corrupt or of another run is ignored with
+  one log line;
+* on a LAN (network namespaces on one bridge; needs root, skips and says why otherwise), ``--mdns``
+  nodes find each other with no bootstrap list, and a node of another run is refused.
+"""
 
 from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from seedswarm.bench.netns import Netns, netns_unavailable
 from seedswarm.crypto.keys import Identity, peer_id_of
 from seedswarm.node.daemon import addrbook
-from tests.test_daemon import Node, init_swarm, wait_for
+from tests.test_daemon import ENV, PY, Node, init_swarm, status_of, wait_for
 
 BOUND = 180.0  # seconds: four daemons importing torch on a busy 2-core machine
 
@@ -106,3 +113,64 @@ def test_restarted_node_finds_the_swarm_through_its_saved_book(tmp_path: Path, n
     for n in (b, c, d2):
         rc, took = n.stop(signal.SIGTERM)
         assert rc == 0, n.logs()[-3000:]
+
+
+@pytest.mark.slow
+def test_mdns_finds_the_run_on_a_lan_without_bootstrap(tmp_path: Path) -> None:
+    """Three hosts (network namespaces on one bridge), ``--mdns`` and no bootstrap list: the two
+    founders of one run find each other and train to one head; a node of another run on the same
+    LAN is heard too, dialled, and refused by the hello's run-id check."""
+    if (why := netns_unavailable()) is not None:
+        print(f"\nSKIP mDNS test: {why}")
+        pytest.skip(why)
+    data_b = tmp_path / "b"
+    data_b.mkdir(mode=0o700)
+    ident_b = Identity.generate()
+    ident_b.save(data_b / "identity.key")
+    genesis, data_a, run_id = init_swarm(tmp_path, "--min-round-time", "0.5", "--member", ident_b.public.hex())
+    other = tmp_path / "other"
+    other.mkdir()
+    genesis_z, data_z, run_z = init_swarm(other, "--min-round-time", "0.5", "--seed", "7")
+    assert run_z != run_id
+    lan = Netns(3, prefix="ssm")
+    procs: list[subprocess.Popen[bytes]] = []
+    logs = [open(tmp_path / f"{n}.log", "wb") for n in ("a", "b", "z")]  # noqa: SIM115 - closed below
+    try:
+        lan.up()
+        for i, (g, data, extra) in enumerate(((genesis, data_a, ["--min-peers", "1", "--sync-wait-s", "120"]),
+                                              (genesis, data_b, ["--min-peers", "1", "--sync-wait-s", "120"]),
+                                              (genesis_z, data_z, []))):
+            procs.append(subprocess.Popen(
+                ["ip", "netns", "exec", lan.ns(i), *PY, "node", "--genesis", str(g), "--data-dir", str(data),
+                 "--log-format", "json", "--listen", "/ip4/0.0.0.0/tcp/4001", "--mdns", "--halt-at", "40", *extra],
+                stdout=logs[i], stderr=logs[i], env=ENV))
+
+        def done() -> tuple[dict[str, Any], ...] | None:
+            a, b, z = (status_of(d) for d in (data_a, data_b, data_z))
+            if a and b and z and a["round"] >= 40 and b["round"] >= 40 and a["head"] == b["head"]:
+                return a, b, z
+            return None
+
+        a, b, z = wait_for(done, BOUND, "A and B at round 40 on one head, found through mDNS alone")
+        assert a["model_digest"] == b["model_digest"] and b["members"] == 2
+        assert a["discovery"]["mdns_found"] >= 1 and b["discovery"]["mdns_found"] >= 1
+        # Z (another run) was heard and dialled, and the hello refused it on both sides
+        wait_for(lambda: all(f"refusing peer {z['peer_id']}" in (tmp_path / f"{n}.log").read_text() for n in "ab"),
+                 BOUND, "A and B refuse the node of another run")
+        assert z["peer_id"] not in a["peer_ids"] + b["peer_ids"]
+        assert z["round"] > 0 and z["head"] != a["head"]  # Z trained alone in its own run
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        assert [p.wait(15) for p in procs] == [0, 0, 0]
+        found = [json.loads(x)["ts"] for x in (tmp_path / "b.log").read_text().splitlines()
+                 if "mDNS: found " + a["peer_id"] in x]
+        print(f"mDNS: B found A {found[0] - b['phases']['listening']:.1f} s after it listened "
+              f"({found[0] - b['started_at']:.1f} s after process start); both at round 40 on one head")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for f in logs:
+            f.close()
+        lan.down()
