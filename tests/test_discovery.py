@@ -107,8 +107,11 @@ def test_restarted_node_finds_the_swarm_through_its_saved_book(tmp_path: Path, n
     assert len(common) >= 3, (sorted(hd)[-10:], sorted(hb)[-10:])
     assert all(hd[r] == hb[r] for r in common), [(r, hd[r], hb[r]) for r in common if hd[r] != hb[r]]
     assert addr_a.rsplit("/p2p/", 1)[1] not in st["peer_ids"]
+    ph = st["phases"]
     print(f"restart with a dead bootstrap: first round applied {st['first_apply_at'] - st['started_at']:.1f} s "
-          f"after process start ({st['first_apply_at'] - t0:.1f} s after spawn); book loaded "
+          f"after process start ({st['first_apply_at'] - t0:.1f} s after spawn): listening at "
+          f"{ph['listening'] - st['started_at']:.1f} s (imports), first peer {ph['first_peer'] - ph['listening']:.2f} s "
+          f"and first round {st['first_apply_at'] - ph['listening']:.2f} s after it; book loaded "
           f"{st['discovery']['book_loaded']}, answered {st['discovery']['book_answered']}")
     for n in (b, c, d2):
         rc, took = n.stop(signal.SIGTERM)
