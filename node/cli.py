@@ -427,7 +427,9 @@ def format_status(d: dict[str, Any]) -> str:
         + (f"  loss {ev['loss']:.3f}" if isinstance(ev := d.get("evaluation"), dict) and "loss" in ev else ""),
         f"member    {'yes' if d.get('member') else 'no'} ({d.get('members')} members)  duty: {', '.join(duty) or 'none this round'}"
         + ("  [halted]" if d.get("halted") else ""),
-        f"peers     {d.get('peers')}",
+        f"peers     {d.get('peers')}" + (f"  (saved book: {disc.get('book_loaded')} loaded, {disc.get('book_answered')} "
+                                        f"answered; mDNS found {disc.get('mdns_found')})"
+                                        if isinstance(disc := d.get("discovery"), dict) else ""),
         f"bytes     sent {d.get('bytes_sent', 0) / 1e6:.2f} MB, received {d.get('bytes_received', 0) / 1e6:.2f} MB",
         f"listen    {' '.join(d.get('announce') or d.get('listen') or [])}",
     ]
