@@ -22,6 +22,7 @@ import pytest
 from seedswarm.bench.netns import Netns, netns_unavailable
 from seedswarm.crypto.keys import Identity, peer_id_of
 from seedswarm.node.daemon import addrbook
+from seedswarm.node.daemon.mdns import txt_addrs
 from tests.test_daemon import ENV, PY, Node, init_swarm, status_of, wait_for
 
 BOUND = 180.0  # seconds: four daemons importing torch on a busy 2-core machine
@@ -78,6 +79,10 @@ def test_restarted_node_finds_the_swarm_through_its_saved_book(tmp_path: Path, n
     nodes.append(d)
     wait_for(lambda: (s := d.status()) and {id_b, id_c} <= set(s["peer_ids"]) and s["round"] > 3, BOUND,
              "D connected to B and C")
+    # saved while it runs (every 10 s when changed: a SIGKILL loses little), then again at its stop
+    book_d = data_d / addrbook.BOOK_FILE
+    wait_for(lambda: book_d.exists() and {id_b, id_c} <= {e.peer_id for e in addrbook.load(book_d, bytes.fromhex(run_id), "")[0]},
+             BOUND, "D's periodic save of its book")
     rc, _ = d.stop(signal.SIGTERM)
     assert rc == 0, d.logs()[-3000:]
     saved, dropped = addrbook.load(data_d / addrbook.BOOK_FILE, bytes.fromhex(run_id), "")
@@ -177,3 +182,13 @@ def test_mdns_finds_the_run_on_a_lan_without_bootstrap(tmp_path: Path) -> None:
         for f in logs:
             f.close()
         lan.down()
+
+
+def test_mdns_txt_record_addresses() -> None:
+    """A peer's TXT record as py-libp2p writes it: ``dnsaddr``, ``dnsaddr2``, ... in that order;
+    other keys and non-text values are ignored (the LAN is untrusted)."""
+    props: dict[bytes, bytes | None] = {b"dnsaddr10": b"/ip4/10.0.0.10/tcp/1", b"dnsaddr2": b"/ip4/10.0.0.2/tcp/1",
+                                        b"dnsaddr": b"/ip4/10.0.0.1/tcp/1", b"id": b"x", b"dnsaddr3": None,
+                                        b"dnsaddr4": b"\xff\xfe"}
+    assert txt_addrs(props) == ["/ip4/10.0.0.1/tcp/1", "/ip4/10.0.0.2/tcp/1", "/ip4/10.0.0.10/tcp/1"]
+    assert txt_addrs({f"dnsaddr{i}".encode(): b"/ip4/1.1.1.1/tcp/1" for i in range(2, 40)}) == ["/ip4/1.1.1.1/tcp/1"] * 8
