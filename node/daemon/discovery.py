@@ -7,7 +7,8 @@ hello: a peer of another run (or a stale entry now used by something else) is re
 before, whichever way it was found.
 
 * At start, ``peers.json`` (:mod:`addrbook`) is loaded into the peering book and its peers are
-  dialled next to the bootstrap peers; while the node has no peer at all it redials them.
+  dialled next to the bootstrap peers; while the node has no peer at all it redials every peer it
+  knows of (saved or learned since), most recently seen first.
 * The book is saved every :data:`SAVE_EVERY_TICKS` status ticks when it changed, and at shutdown.
 * ``--mdns`` announces the node on the LAN and dials the nodes it hears (:mod:`mdns`).
 
@@ -84,13 +85,16 @@ class Discovery:
             log.info("loaded %d peers from the saved address book %s", len(entries), self.path)
         return len(entries)
 
-    def dial_saved(self) -> None:
-        """Dial the saved peers (up to ``max_peers`` connections), most recently seen first."""
+    def dial_saved(self, entries: list[addrbook.Entry] | None = None) -> None:
+        """Dial the saved peers (default: those loaded at start), most recently seen first, up to
+        ``max_peers`` connections; bootstrap peers are left to the transport that keeps them."""
         p, t = self.d.peering, self.d.transport
         if p is None or t is None:
             return
         connected = set(t.peers())
-        for e in self.loaded:
+        if getattr(t, "dials_bootstrap", False):
+            connected |= {a.rsplit("/p2p/", 1)[-1] for a in self.d.cfg.bootstrap}
+        for e in self.loaded if entries is None else entries:
             if len(connected) >= self.d.cfg.max_peers:
                 break
             if e.peer_id not in connected:
@@ -163,7 +167,7 @@ class Discovery:
         self._tick += 1
         t = self.d.transport
         if self._tick % REDIAL_EVERY_TICKS == 0 and t is not None and not t.peers():
-            self.dial_saved()
+            self.dial_saved(self.entries())  # alone: every peer we know of, saved or learned since
         if self._tick % SAVE_EVERY_TICKS == 0:
             self.save()
         m = self.d.metrics
