@@ -183,7 +183,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 # (option, argparse keywords): each is also a TOML key (``-`` read as ``_``) of node/daemon/config.py
 NODE_OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--genesis", {"metavar": "FILE", "help": "the swarm's genesis file (written by `seedswarm init`)"}),
-    ("--data-dir", {"metavar": "DIR", "help": "identity key, chain store, checkpoints, status.json"}),
+    ("--data-dir", {"metavar": "DIR", "help": "identity key, chain store, checkpoints, saved peers, status.json"}),
     ("--listen", {"action": "append", "metavar": "MULTIADDR", "help": "address to listen on (repeatable)"}),
     ("--announce", {"action": "append", "metavar": "MULTIADDR",
                     "help": "address peers should dial, e.g. behind NAT (repeatable; none: the listen addresses, "
