@@ -223,7 +223,8 @@ def _node_default(name: str) -> str:
     from seedswarm.clihelp import show_default
     from seedswarm.node.daemon.config import NodeConfig
 
-    return show_default(getattr(NodeConfig(), name)) or "none"
+    value = getattr(NodeConfig(), name)
+    return ("on" if value else "off") if isinstance(value, bool) else show_default(value) or "none"
 
 
 def config_keys_text() -> str:
