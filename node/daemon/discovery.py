@@ -176,10 +176,14 @@ class Discovery:
         m.set("book_peers_saved", self.saved, help="peers in the address book at its last save")
 
     def close(self) -> None:
-        """At shutdown, before the transport stops: save the book, stop announcing."""
-        if self._mdns is not None:
-            self._mdns.close()
-        self.save(force=True)
+        """At shutdown, before the transport stops: save the book, stop announcing. Never raises:
+        nothing here may keep the transport from closing."""
+        try:
+            if self._mdns is not None:
+                self._mdns.close()
+            self.save(force=True)
+        except Exception as e:  # noqa: BLE001 - a bug here must not turn a clean stop into a hang
+            log.error("saving the address book at shutdown failed: %r", e, exc_info=e)
 
     def status(self) -> dict[str, Any]:
         return {"book_file": str(self.path), "book_loaded": len(self.loaded), "book_answered": self.answered(),
