@@ -101,6 +101,13 @@ def test_hostile_entries_are_dropped_one_by_one(tmp_path: Path) -> None:
     assert dropped == len(peers) - 2
 
 
+def test_a_file_of_junk_costs_a_bounded_time(tmp_path: Path) -> None:
+    path = tmp_path / addrbook.BOOK_FILE
+    junk = [{"id": pid(5), "addrs": ["/ip4/1.2.3.4/tcp/1/p2p/x"] * 4}] * 3000
+    path.write_text(json.dumps({"format": 1, "run_id": RUN.hex(), "peers": [*junk, {"id": pid(6), "addrs": [addr(6)]}]}))
+    assert addrbook.load(path, RUN, ME) == ([], 3001)  # only the first 2 x 256 items are examined
+
+
 def test_unreadable_file_is_an_error_not_a_crash(tmp_path: Path) -> None:
     (tmp_path / addrbook.BOOK_FILE).mkdir()  # unreadable as a file, even for root
     with pytest.raises(BookFileError, match="cannot read"):

@@ -135,10 +135,11 @@ def decode(data: bytes, run_id: bytes, me: str, limit: int = MAX_SAVED) -> tuple
     out: list[Entry] = []
     dropped = 0
     ids: set[str] = set()
-    for item in doc["peers"]:
-        if len(out) >= limit:
-            dropped += 1
-            continue
+    items: list[object] = doc["peers"]
+    for n, item in enumerate(items):
+        if len(out) >= limit or n >= 2 * limit:  # a hostile file of junk costs a bounded time
+            dropped += len(items) - n
+            break
         pid = item.get("id") if isinstance(item, dict) else None
         addrs = item.get("addrs") if isinstance(item, dict) else None
         seen = item.get("seen", 0.0) if isinstance(item, dict) else None
