@@ -183,7 +183,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 # (option, argparse keywords): each is also a TOML key (``-`` read as ``_``) of node/daemon/config.py
 NODE_OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--genesis", {"metavar": "FILE", "help": "the swarm's genesis file (written by `seedswarm init`)"}),
-    ("--data-dir", {"metavar": "DIR", "help": "identity key, chain store, checkpoints, status.json"}),
+    ("--data-dir", {"metavar": "DIR", "help": "identity key, chain store, checkpoints, saved peers, status.json"}),
     ("--listen", {"action": "append", "metavar": "MULTIADDR", "help": "address to listen on (repeatable)"}),
     ("--announce", {"action": "append", "metavar": "MULTIADDR",
                     "help": "address peers should dial, e.g. behind NAT (repeatable; none: the listen addresses, "
@@ -207,6 +207,7 @@ NODE_OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--halt-at", {"type": int, "help": "stop taking duties at this round and keep serving peers (0: never)"}),
     ("--eval-every", {"type": int, "help": "evaluate the model every N rounds, shown by `status` (0: when halting)"}),
     ("--sync-wait-s", {"type": float, "help": "seconds to wait for peers and the chain before starting alone"}),
+    ("--mdns", {"action": "store_true", "help": "find nodes of the run on the LAN with mDNS (no bootstrap needed there)"}),
     ("--min-peers", {"type": int, "help": "wait (up to --sync-wait-s) for this many peers before taking duties"}),
 ]
 # settings only a --config file sets
@@ -222,7 +223,8 @@ def _node_default(name: str) -> str:
     from seedswarm.clihelp import show_default
     from seedswarm.node.daemon.config import NodeConfig
 
-    return show_default(getattr(NodeConfig(), name)) or "none"
+    value = getattr(NodeConfig(), name)
+    return ("on" if value else "off") if isinstance(value, bool) else show_default(value) or "none"
 
 
 def config_keys_text() -> str:
@@ -284,7 +286,7 @@ def cmd_node(args: argparse.Namespace) -> int:
                                              "metrics_port", "metrics_host", "log_format", "log_level",
                                              "checkpoint_every", "checkpoint_chunk_bytes", "state_cache_mb",
                                              "shard_index",
-                                             "shard_count", "halt_at", "eval_every", "sync_wait_s", "min_peers")}
+                                             "shard_count", "halt_at", "eval_every", "sync_wait_s", "min_peers", "mdns")}
         cfg = build_config(file_values, cli)
     except ConfigError as e:
         return _fail("node", str(e))
@@ -426,7 +428,9 @@ def format_status(d: dict[str, Any]) -> str:
         + (f"  loss {ev['loss']:.3f}" if isinstance(ev := d.get("evaluation"), dict) and "loss" in ev else ""),
         f"member    {'yes' if d.get('member') else 'no'} ({d.get('members')} members)  duty: {', '.join(duty) or 'none this round'}"
         + ("  [halted]" if d.get("halted") else ""),
-        f"peers     {d.get('peers')}",
+        f"peers     {d.get('peers')}" + (f"  (saved book: {disc.get('book_loaded')} loaded, {disc.get('book_answered')} "
+                                        f"answered; mDNS found {disc.get('mdns_found')})"
+                                        if isinstance(disc := d.get("discovery"), dict) else ""),
         f"bytes     sent {d.get('bytes_sent', 0) / 1e6:.2f} MB, received {d.get('bytes_received', 0) / 1e6:.2f} MB",
         f"listen    {' '.join(d.get('announce') or d.get('listen') or [])}",
     ]

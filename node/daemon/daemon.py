@@ -76,6 +76,7 @@ from seedswarm.node.core.protocol import CoreConfig, NodeCore
 from seedswarm.node.daemon import dashboard, lifecycle
 from seedswarm.node.daemon import status as status_mod
 from seedswarm.node.daemon.config import ConfigError, NodeConfig
+from seedswarm.node.daemon.discovery import Discovery
 from seedswarm.node.daemon.localchain import LocalChain
 from seedswarm.node.daemon.metrics import Metrics, MetricsServer
 from seedswarm.node.daemon.offloop import OffLoopWork
@@ -131,6 +132,7 @@ class Daemon(OffLoopWork):
         self._rounds_log: Any = None
         self.history = dashboard.History()  # the live dashboard's per-round rows (bounded)
         self.traffic = Traffic(self)
+        self.discovery = Discovery(self)  # the saved address book and mDNS
         self._watchdog: threading.Timer | None = None
 
     @property
@@ -211,7 +213,8 @@ class Daemon(OffLoopWork):
 
     def _new_core(self) -> NodeCore:
         cfg = self.cfg
-        wait = cfg.sync_wait_s if (cfg.bootstrap or cfg.min_peers > 0) else 0.0
+        finds = bool(self.discovery.loaded) or cfg.mdns  # may find peers as a bootstrap list would
+        wait = cfg.sync_wait_s if (cfg.bootstrap or cfg.min_peers > 0 or finds) else 0.0
         return NodeCore(self.genesis, self.identity, CoreConfig(
             halt_at=cfg.halt_at, auto_join=True, checkpoint_gap=cfg.checkpoint_every,
             model_round=self.chain.base_round, startup_wait=wait,
@@ -297,6 +300,7 @@ class Daemon(OffLoopWork):
                             tg.create_task(lifecycle.watch_loop_lag(self), name="loop-lag")]
                     self.handle(self.core.start(self.now()))
                     self._dial_bootstrap()
+                    self.discovery.start()
                     status_mod.write_status_file(self)
                     await self._stop.wait()
                     await self._shutdown(main)
@@ -330,6 +334,7 @@ class Daemon(OffLoopWork):
                                lambda: self.core.round if self.core is not None else self.chain.head.round,
                                lambda: self.announce, self.traffic.on_peer, self.reject_peer_id,
                                lambda k: self.metrics.inc(f"{k}_total"))
+        self.discovery.load()
         self.mark("listening")
         log.info("listening on %s", " ".join(self.announce))
 
@@ -360,6 +365,7 @@ class Daemon(OffLoopWork):
         t0 = time.monotonic()
         if self._metrics_server is not None:
             await self._metrics_server.stop()
+        self.discovery.close()
         if self.transport is not None:
             await self.transport.stop()
         log.debug("transport stopped in %.2f s", time.monotonic() - t0)

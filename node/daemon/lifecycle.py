@@ -17,6 +17,7 @@ from typing import Protocol
 
 from seedswarm.node.core.effects import Apply
 from seedswarm.node.daemon import status as status_mod
+from seedswarm.node.daemon.discovery import Discovery
 from seedswarm.node.daemon.peering import Peering
 
 log = logging.getLogger("seedswarm.daemon")
@@ -24,6 +25,7 @@ log = logging.getLogger("seedswarm.daemon")
 
 class _Node(status_mod.Daemon, Protocol):
     peering: Peering | None
+    discovery: Discovery
 
     def mark(self, phase: str) -> None: ...
 
@@ -61,6 +63,7 @@ async def periodic(d: _Node) -> None:
                 d._dial_bootstrap()
             if tick % 15 == 0:
                 peering.exchange()
+        d.discovery.tick()
 
 
 LAG_TICK_S = 0.1

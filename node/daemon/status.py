@@ -19,6 +19,7 @@ from seedswarm.gossip.transport import Transport
 from seedswarm.node.core.protocol import NodeCore
 from seedswarm.node.daemon.bytekinds import sent_by_kind
 from seedswarm.node.daemon.config import NodeConfig
+from seedswarm.node.daemon.discovery import Discovery
 from seedswarm.node.daemon.localchain import LocalChain
 from seedswarm.node.daemon.metrics import Metrics
 
@@ -44,6 +45,7 @@ class Daemon(Protocol):
     member_since_wall: float | None
     phases: dict[str, float]
     loop_lag_max_s: float
+    discovery: Discovery
 
     @property
     def accuracy(self) -> float | None: ...
@@ -111,6 +113,7 @@ def status(d: Daemon) -> dict[str, Any]:
             "requests": counters.get("sync.requests", 0),
             "behind": core.sync.behind(st.round, d.now()) if core is not None else 0,
         },
+        "discovery": d.discovery.status(),
         "store": {"holes": d.chain.store.holes()[:16], "damaged": d.chain.store.damaged,
                   "archived": [str(p) for p in d.chain.archived]},
         "updated_at": time.time(),
