@@ -13,7 +13,6 @@ import json
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +25,6 @@ from seedswarm.node.daemon.mdns import txt_addrs
 from tests.test_daemon import ENV, PY, Node, init_swarm, status_of, wait_for
 
 BOUND = 180.0  # seconds: four daemons importing torch on a busy 2-core machine
-
-
-@pytest.fixture
-def nodes() -> Iterator[list[Node]]:
-    started: list[Node] = []
-    yield started
-    for n in started:
-        if n.proc.poll() is None:
-            n.proc.kill()
-            n.proc.wait()
 
 
 def heads(data: Path) -> dict[int, str]:
