@@ -62,19 +62,28 @@ def _fail(cmd: str, msg: str) -> int:
 # init
 
 
-def make_genesis(args: argparse.Namespace, members: list[bytes]) -> Any:
-    """A genesis from the `init` options."""
+def make_genesis(args: argparse.Namespace, members: list[bytes]) -> tuple[Any, Any]:
+    """A genesis from the `init` options, and the measured round (None with ``--round-timeout``):
+    without that option the timeout is sized from this machine's compute per round
+    (``node/learn/calibrate.py``)."""
+    from seedswarm.node.core.genesis import default
     from seedswarm.node.learn.initial import build_genesis, parse_task_options
 
-    return build_genesis(
+    g = build_genesis(
         members, task=args.task, task_options=parse_task_options(args.task_option), seed=args.seed,
         estimator=args.estimator, batch_size=args.batch_size, local_steps=args.local_steps,
         local_lr=args.local_lr, eps=args.eps, lr=args.lr, lr_half_life=args.lr_half_life,
         scale_exp=args.scale_exp, trainers=args.trainers, aggregators=args.aggregators,
         directions=args.directions, groups=args.groups, aggregator_rule=args.aggregator,
-        join_delay=args.join_delay, expel_after=args.expel_after, round_timeout=args.round_timeout,
+        join_delay=args.join_delay, expel_after=args.expel_after,
+        round_timeout=default("round_timeout") if args.round_timeout is None else args.round_timeout,
         min_round_time=args.min_round_time, quorum=args.quorum,
     )
+    if args.round_timeout is not None:
+        return g, None
+    from seedswarm.node.learn.calibrate import sized_genesis
+
+    return sized_genesis(g, default("round_timeout"))
 
 
 def add_genesis_options(p: argparse.ArgumentParser) -> None:
@@ -109,8 +118,9 @@ def add_genesis_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eps", type=float, default=default("eps"), help="zo only: size of the SPSA perturbation")
     g.add_argument("--scale-exp", type=int, default=default("scale_exp"),
                    help="one-byte values start at scale 2**N (the scale then follows a public rule)")
-    g.add_argument("--round-timeout", type=float, default=default("round_timeout"),
-                   help="seconds an aggregator waits for contributions at most")
+    g.add_argument("--round-timeout", type=float, default=None,
+                   help="seconds an aggregator waits for contributions at most (default: 3x a trainer's round "
+                        f"as measured on this machine, at least {default('round_timeout')})")
     g.add_argument("--min-round-time", type=float, default=default("min_round_time"), help="seconds a round lasts at least")
     g.add_argument("--quorum", type=float, default=default("quorum"),
                    help="share of the trainers an aggregator waits for before its deadline")
@@ -154,7 +164,7 @@ def cmd_init(args: argparse.Namespace) -> int:
             ident = Identity.generate()
         if ident is not None and ident.public not in members:
             members.insert(0, ident.public)
-        genesis = make_genesis(args, members)
+        genesis, measured = make_genesis(args, members)
     except (GenesisError, TaskError, ValueError) as e:
         return _fail("init", str(e))
     try:
@@ -170,6 +180,10 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(genesis.run_id.hex())
     print(f"wrote {out}: task {genesis.task}, {len(members)} founding member(s), trainers {genesis.trainers}, "
           f"K {genesis.directions}, lr {genesis.lr}", file=sys.stderr)
+    if measured is not None:
+        print(f"round timeout {genesis.round_timeout} s: a trainer's round measured here takes "
+              f"{measured.estimate_s:.2f} s (estimate) + {measured.apply_s:.2f} s (apply); at least 3x that "
+              f"and 2 s (--round-timeout sets it)", file=sys.stderr)
     if ident is not None:
         print(f"founding node identity in {args.data_dir}/identity.key (peer id {peer_id_of(ident.public)})",
               file=sys.stderr)
