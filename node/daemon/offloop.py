@@ -60,6 +60,7 @@ class OffLoopWork:
     _stop: asyncio.Event
     _solving: bool = False
     cfg: NodeConfig
+    state: str
     transport: Transport | None
     evaluation: dict[str, float]
     history: dashboard.History
@@ -96,8 +97,8 @@ class OffLoopWork:
         fut = self._executor.submit(fn)
 
         def done(f: concurrent.futures.Future[_T]) -> None:
-            if f.cancelled():
-                return  # shutting down
+            if f.cancelled() or self.state == "stopped":
+                return  # shutting down: the files a callback writes may be closed
             err = f.exception()
             if err is not None:
                 self.metrics.inc("model_errors_total", help="model updates that raised in the worker thread")
