@@ -34,6 +34,7 @@ from seedswarm.gossip.libp2p.bridge import TrioBridge
 from seedswarm.gossip.libp2p.common import LogOnce, reason
 from seedswarm.gossip.libp2p.logs import install_log_policy
 from seedswarm.gossip.libp2p.pubsub import Gossip
+from seedswarm.gossip.libp2p.relay import Relay, is_circuit, is_relayed
 from seedswarm.gossip.libp2p.streams import Streams
 from seedswarm.gossip.libp2p.transport import claim_listen_port
 from seedswarm.gossip.libp2p.tuning import (
@@ -64,7 +65,11 @@ class _PeerNotifee(INotifee):
     async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
         # Called before multistream-select writes a byte on the stream (accounting.py).
         release_window_lazily(getattr(stream, "muxed_stream", None))
-        install_stream_counter(stream, self._owner._counters, self._owner._prefix)
+        # A relayed connection's bytes are already counted once, as the relay stream's payload
+        # on our connection to the relay (kind ``relay``): counting its streams too would count
+        # them twice.
+        if not is_relayed(getattr(stream, "muxed_conn", None)):
+            install_stream_counter(stream, self._owner._counters, self._owner._prefix)
         await trio.lowlevel.checkpoint()
 
     async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
@@ -121,6 +126,7 @@ class Libp2pHost:
         )
         self._streams = Streams(config, self._id, self._counters, self._bridge, self._log_once)
         self._gossip = Gossip(config, self._id, self._counters, self._emit, self._log_once)
+        self._relay = Relay(self._counters, config.relay_service, list(config.relays), self._relay_error)
 
         # trio side (only touched on the trio thread once it runs)
         self._host: Any = None
@@ -152,11 +158,13 @@ class Libp2pHost:
             listen.append(claim_listen_port(ma))
         self._listen_mas = listen
         self._bootstrap = []
-        for addr in self.config.bootstrap:
+        for addr in [*self.config.bootstrap, *self.config.relays]:
             info = _parse_peer_addr(addr)
             if info.peer_id == self._id:
                 log.debug("dropping own peer id from the bootstrap list: %s", addr)
                 continue
+            if any(b.peer_id == info.peer_id for b in self._bootstrap):
+                continue  # a relay that is also a bootstrap peer
             self._bootstrap.append(info)
         self.listen_addrs = await self._bridge.start(self._run_host, self.config.start_timeout_s)
 
@@ -178,6 +186,7 @@ class Libp2pHost:
                                  self._peerstore_error)
         host.get_network().register_notifee(_PeerNotifee(self))
         pubsub, gossipsub = self._gossip.build(host)
+        relay = self._relay.build(host)
         self._host = host
         self._streams.attach(host)
         network = host.get_network()
@@ -191,10 +200,13 @@ class Libp2pHost:
                 # The auto-connector redials every peer the peerstore ever saw (departed ones
                 # included) every 10 s while under 50 connections; we own the dial policy.
                 await network.auto_connector.stop()
-                async with background_trio_service(pubsub), background_trio_service(gossipsub):
+                async with background_trio_service(pubsub), background_trio_service(gossipsub), \
+                        background_trio_service(relay):
                     await pubsub.wait_until_ready()
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._maintenance)
+                        if self._relay.relays:
+                            nursery.start_soon(self._relay.keep_reservations)
                         nursery.start_soon(self._peerstore_cleanup)
                         if self._bootstrap:
                             nursery.start_soon(self._bootstrap_keeper)
@@ -232,6 +244,17 @@ class Libp2pHost:
                 peerstore._cleanup_expired_records()
             except Exception as e:
                 self._peerstore_error("cleanup", e)
+
+    def _relay_error(self, where: str, e: Exception) -> None:
+        """trio thread: a relay-protocol handler raised (a peer's bad input); caught."""
+        self._counters.inc("relay_errors")
+        self._log_once(("relay", where, type(e).__name__), logging.WARNING,
+                       "circuit relay %s handler error, stream reset (counted in relay_errors): %s",
+                       where, reason(e))
+
+    def relay_reservations(self) -> list[str]:
+        """Relays that hold a reservation for this host now (peer ids; a snapshot)."""
+        return self._relay.reserved()
 
     def _peerstore_error(self, where: str, e: Exception) -> None:
         """trio thread: a peerstore error the adapter swallowed (see ``_peerstore_cleanup``)."""
@@ -282,6 +305,15 @@ class Libp2pHost:
         unblock = getattr(network, "unblock_peer", None)
         if unblock is not None:
             unblock(info.peer_id)
+        circuits = [a for a in info.addrs if is_circuit(a)]
+        if circuits:
+            # The swarm skips /p2p-circuit addresses: dial through the relay ourselves.
+            if network.get_connections(info.peer_id):
+                return
+            with trio.fail_after(self.config.dial_timeout_s * 2):  # two hops: relay, then peer
+                await self._relay.dial(circuits[0].encapsulate(multiaddr.Multiaddr(f"/p2p/{info.peer_id}")),
+                                       info.peer_id)
+            return
         host.get_peerstore().add_addrs(info.peer_id, info.addrs, PEER_ADDR_TTL_S)
         with trio.fail_after(self.config.dial_timeout_s):
             await host.connect(info)
