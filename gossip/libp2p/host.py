@@ -132,6 +132,7 @@ class Libp2pHost:
         self._host: Any = None
         self._conn_counts: dict[str, int] = {}
         self._peers_snapshot: tuple[str, ...] = ()
+        self._relayed_snapshot: tuple[str, ...] = ()
         self._bootstrap: list[PeerInfo] = []
         self._listen_mas: list[multiaddr.Multiaddr] = []
 
@@ -226,6 +227,10 @@ class Libp2pHost:
             connected = {str(p) for p in self._host.get_connected_peers()}
             connected.discard(self.peer_id)
             self._peers_snapshot = tuple(sorted(connected))
+            network = self._host.get_network()
+            self._relayed_snapshot = tuple(sorted(
+                str(p) for p in self._host.get_connected_peers()
+                if (conns := network.get_connections(p)) and all(is_relayed(c) for c in conns)))
 
     async def _peerstore_cleanup(self) -> None:
         """libp2p's ``PeerStore.start_cleanup_task``, guarded: sweep expired peers every
@@ -251,6 +256,10 @@ class Libp2pHost:
         self._log_once(("relay", where, type(e).__name__), logging.WARNING,
                        "circuit relay %s handler error, stream reset (counted in relay_errors): %s",
                        where, reason(e))
+
+    def relayed_peers(self) -> list[str]:
+        """Connected peers reached only through a relay (refreshed every heartbeat)."""
+        return list(self._relayed_snapshot)
 
     def relay_reservations(self) -> list[str]:
         """Relays that hold a reservation for this host now (peer ids; a snapshot)."""
