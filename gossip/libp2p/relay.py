@@ -18,6 +18,7 @@ py-libp2p 0.8.1 ships the protocol (``libp2p.relay.circuit_v2``). What this modu
     is another circuit's streams as soon as one peer has two circuits (two NATed peers that dial
     each other at the same time do). Ours closes exactly the two streams it pumps. It also
     counts the forwarded bytes (``relay_bytes_forwarded``).
+  - a reservation made for the connection's own peer, not for whatever id the message names;
 * ``relay_limits``: the library's defaults (4 reservations per relay, 8 circuits per reserving
   peer, circuits cut after an hour or 1 GiB) suit a throwaway rendezvous, not a training swarm
   whose NATed nodes talk through the relay for the whole run.
@@ -120,6 +121,13 @@ class GuardedCircuitProtocol(CircuitV2Protocol):
                 with contextlib.suppress(Exception):
                     await stream.reset()
         return guarded
+
+    async def _handle_reserve(self, stream: INetStream, msg: Any) -> None:
+        """A reservation is always for the peer on the other end of the connection: the library
+        takes the peer id the message names, so a stranger could fill every slot with made-up
+        ids (and refresh a real peer's reservation)."""
+        msg.ClearField("peer")
+        await super()._handle_reserve(stream, msg)
 
     async def _relay_data(self, src_stream: INetStream, dst_stream: INetStream, peer_id: ID,
                           deadline: float | None = None,
