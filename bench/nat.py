@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                "sit behind their own masquerading router (iptables) and reach each other only through it. Prints "
                "head and model-digest agreement, each NATed node's time to its first round, and the share of bytes "
                "that went through the relay. Needs root, iproute2 and iptables.",
-               examples=["sudo seedswarm bench nat --nodes 3 --rounds 8 --json"])
+               examples=["seedswarm bench nat --nodes 3 --rounds 8 --json   # as root"])
     p.add_argument("--nodes", type=int, default=3, help="node processes: 1 public relay + the rest behind NAT")
     p.add_argument("--rounds", type=int, default=8, help="every node stops taking duties at this round")
     p.add_argument("--seed", type=int, default=0, help="seed of the model and the data shards")
