@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from seedswarm.bench.nat_net import NatNet, nat_unavailable
+from seedswarm.bench.nat_net import ROUTERS, NatNet, nat_unavailable
 from seedswarm.clihelp import parser
 from seedswarm.sim.cluster import Cluster, ClusterConfig
 
@@ -31,9 +31,10 @@ PORT = 4001
 class NatCluster(Cluster):
     """``seedswarm cluster``'s daemons: node 0 public and a relay, the others behind NAT."""
 
-    def __init__(self, cfg: ClusterConfig, net: NatNet, log: Any = None) -> None:
+    def __init__(self, cfg: ClusterConfig, net: NatNet, log: Any = None, hole_punch: bool = True) -> None:
         super().__init__(cfg, log)
         self.net = net
+        self.hole_punch = hole_punch
         self.final: dict[int, dict[str, Any]] = {}  # each node's last status before the stop
 
     def ns(self, i: int) -> str:
@@ -58,6 +59,8 @@ class NatCluster(Cluster):
             else:
                 cmd.append(a)
         cmd += ["--relay"] if i == 0 else ["--relay-via", self.relay_addr, "--bootstrap", self.relay_addr]
+        if not self.hole_punch:
+            cmd += ["--no-hole-punch"]
         return ["ip", "netns", "exec", self.ns(i), *cmd]
 
     def stop_all(self, grace: float = 10.0) -> dict[int, int | None]:
@@ -81,11 +84,11 @@ def relay_shares(final: dict[int, dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def run(nodes: int, rounds: int, out: Path, seed: int = 0, quiet: bool = True,
-        trainers: int = 0) -> dict[str, Any]:
+def run(nodes: int, rounds: int, out: Path, seed: int = 0, quiet: bool = True, trainers: int = 0,
+        hole_punch: bool = True, routers: str = "drop") -> dict[str, Any]:
     """Build the test bed, run the swarm in it, tear it down; the summary (``cluster``'s, plus
     ``relay_byte_share``, ``nat_join_seconds`` and ``reachability``)."""
-    net = NatNet(public=1, natted=nodes - 1)
+    net = NatNet(public=1, natted=nodes - 1, routers=routers)
     net.up()
     try:
         # the premise: NATed hosts reach the public relay, never each other nor are reached
@@ -93,11 +96,13 @@ def run(nodes: int, rounds: int, out: Path, seed: int = 0, quiet: bool = True,
         cfg = ClusterConfig(nodes=nodes, rounds=rounds, seed=seed, out=str(out), quiet=quiet, eval_every=0)
         if trainers:
             cfg.trainers = trainers
-        cluster = NatCluster(cfg, net)
+        cluster = NatCluster(cfg, net, hole_punch=hole_punch)
         t0 = time.time()
         summary = cluster.run()
         summary["transport"] = "libp2p over circuit relay v2: node 0 public relay, the others behind NAT"
         summary["reachability"] = reach
+        summary["hole_punch"] = hole_punch
+        summary["routers"] = routers
         statuses = cluster.final
         summary["relay_byte_share"] = relay_shares(statuses)
         summary["nat_join_seconds"] = {k: round(v, 2) for k, v in summary["join_seconds"].items() if k != "node-0"}
@@ -121,6 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=8, help="every node stops taking duties at this round")
     p.add_argument("--seed", type=int, default=0, help="seed of the model and the data shards")
     p.add_argument("--dir", default="", metavar="DIR", help="where the nodes' data go (default: runs/nat-<time>)")
+    p.add_argument("--routers", choices=ROUTERS, default="drop",
+                   help="how a home router answers an unsolicited connection: drop it (most home routers; "
+                        "hole punching can work) or reject it with a RST (Linux's default; it cannot)")
+    p.add_argument("--no-hole-punch", action="store_true",
+                   help="start the nodes with --no-hole-punch: every byte between NATed nodes crosses the relay")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = p.parse_args(argv)
@@ -135,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seedswarm bench nat: {why}", file=sys.stderr)
         return 2
     out = Path(args.dir or f"runs/nat-{time.strftime('%Y%m%d-%H%M%S')}")
-    s = run(args.nodes, args.rounds, out, seed=args.seed, quiet=args.quiet)
+    s = run(args.nodes, args.rounds, out, seed=args.seed, quiet=args.quiet, hole_punch=not args.no_hole_punch,
+            routers=args.routers)
     if args.json:
         print(json.dumps(s))
     else:
@@ -144,4 +155,5 @@ def main(argv: list[str] | None = None) -> int:
               f"{s['reachability']}")
         print(f"  time to first round behind NAT (s): {s['nat_join_seconds']}")
         print(f"  share of socket bytes through the relay: {s['relay_byte_share']}")
+        print(f"  relay state per node: {s['relay']}")
     return 0 if s["finished"] and s["honest_digest_agreement"] == 1.0 else 1

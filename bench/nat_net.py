@@ -10,6 +10,9 @@ The picture, as on the internet::
 * A NATed host can dial any public address: its router rewrites the source to the router's
   public address (``iptables -t nat -A POSTROUTING -o <public if> -j MASQUERADE``) and
   conntrack maps the replies back.
+* ``routers="drop"`` (the default) adds ``iptables -A INPUT -i <public if> -p tcp --syn -j DROP``
+  on each router: an unsolicited SYN is dropped, as most home routers do, instead of answered
+  with a RST; then two NATed hosts can punch a hole (DCUtR) with simultaneous TCP dials.
 * Nobody can dial a NATed host: its private subnet is known only to its own router; the public
   hosts, the other routers and the root namespace have no route to it (a dial fails at once,
   "network unreachable"), and a connection to a router's public address finds nothing
@@ -28,6 +31,12 @@ import shutil
 import subprocess
 
 from seedswarm.bench.netns import NetnsError, ip, netns_unavailable
+
+#: How a router answers a connection attempt from outside that matches no mapping: ``drop`` it
+#: silently (what most home routers do; TCP hole punching can work) or ``reject`` it with a
+#: RST (Linux's default: the first SYN of a simultaneous open is refused, and hole punching
+#: fails).
+ROUTERS = ("drop", "reject")
 
 
 def iptables_command() -> str | None:
@@ -69,8 +78,10 @@ def _free_third(prefix: str, start: int, span: int = 1) -> int:
 class NatNet:
     """``public`` hosts on a bridge and ``natted`` hosts each behind its own masquerading router."""
 
-    def __init__(self, public: int, natted: int) -> None:
-        self.public, self.natted = public, natted
+    def __init__(self, public: int, natted: int, routers: str = "drop") -> None:
+        if routers not in ROUTERS:
+            raise NetnsError(f"routers must be one of {ROUTERS}, not {routers!r}")
+        self.public, self.natted, self.routers = public, natted, routers
         self.tag = tag = os.getpid() % 100000
         self.pub_subnet = f"10.232.{_free_third('10.232', tag)}"
         self.priv_base = _free_third("10.240", tag, span=max(1, natted))
@@ -142,6 +153,8 @@ class NatNet:
                 ip("-n", host, "route", "add", "default", "via", self.router_private_ip(h))
                 self._in(r, "sysctl", "-qw", "net.ipv4.ip_forward=1")
                 self._in(r, ipt, "-t", "nat", "-A", "POSTROUTING", "-o", pub_if, "-j", "MASQUERADE")
+                if self.routers == "drop":
+                    self._in(r, ipt, "-A", "INPUT", "-i", pub_if, "-p", "tcp", "--syn", "-j", "DROP")
         except BaseException:
             self.down()
             raise

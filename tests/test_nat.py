@@ -22,7 +22,9 @@ from pathlib import Path
 import pytest
 import trio
 from libp2p.peer.id import ID
+from libp2p.relay.circuit_v2.dcutr import PROTOCOL_ID as DCUTR_PROTOCOL_ID
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage, PeerId
+from libp2p.relay.circuit_v2.pb.dcutr_pb2 import HolePunch
 from libp2p.utils.varint import encode_varint_prefixed
 
 from seedswarm.bench.nat_net import nat_unavailable
@@ -53,6 +55,9 @@ def test_relay_flags_reach_the_config() -> None:
     assert b.relay is None and b.relay_via == []
     cfg = build_config({"relay_via": [RELAY]}, {"relay": b.relay, "relay_via": b.relay_via})
     assert not cfg.relay and cfg.relay_via == (RELAY,)
+    assert not cfg.no_hole_punch  # hole punching is on unless switched off
+    c = p.parse_args(["--no-hole-punch"])
+    assert build_config({}, {"no_hole_punch": c.no_hole_punch}).no_hole_punch is True
 
 
 def test_relay_settings_from_toml_and_errors(tmp_path: Path) -> None:
@@ -66,6 +71,8 @@ def test_relay_settings_from_toml_and_errors(tmp_path: Path) -> None:
         NodeConfig(relay_via=(f"{RELAY}/p2p-circuit/p2p/{ME}",))
     with pytest.raises(ConfigError, match="relay must be true or false"):
         build_config({"relay": "yes"}, {})
+    with pytest.raises(ConfigError, match="no_hole_punch must be true or false"):
+        build_config({"no_hole_punch": 1}, {})
 
 
 def test_natted_node_announces_its_circuit_addresses_only() -> None:
@@ -106,14 +113,15 @@ async def _until(cond: object, what: str, timeout: float = 60.0) -> None:
 class Trio3:
     """A relay and two clients that hold a reservation on it."""
 
-    def __init__(self) -> None:
-        self.relay = Libp2pHost(_cfg(1, relay_service=True))
+    def __init__(self, hole_punch: bool = False) -> None:
+        self.hole_punch = hole_punch
+        self.relay = Libp2pHost(_cfg(1, relay_service=True, hole_punch=hole_punch))
 
     async def __aenter__(self) -> Trio3:
         await self.relay.start()
         self.relay_addr = f"{self.relay.listen_addrs[0]}/p2p/{self.relay.peer_id}"
-        self.a = Libp2pHost(_cfg(2, relays=[self.relay_addr]))
-        self.b = Libp2pHost(_cfg(3, relays=[self.relay_addr]))
+        self.a = Libp2pHost(_cfg(2, relays=[self.relay_addr], hole_punch=self.hole_punch))
+        self.b = Libp2pHost(_cfg(3, relays=[self.relay_addr], hole_punch=self.hole_punch))
         await self.a.start()
         await self.b.start()
         await _until(lambda: self.a.relay_reservations() and self.b.relay_reservations(), "reservations")
@@ -169,6 +177,22 @@ def test_two_clients_reach_each_other_through_the_relay() -> None:
     asyncio.run(main())
 
 
+def test_relayed_connection_is_upgraded_to_a_direct_one() -> None:
+    """With hole punching on (the default), a relayed connection between two peers that can
+    reach each other directly (here: loopback) becomes direct (DCUtR), and stays usable."""
+
+    async def main() -> None:
+        async with Trio3(hole_punch=True) as t:
+            t.a.set_request_handler("echo", _echo)
+            await t.b.connect(circuit_addr(t.relay_addr, t.a.peer_id))
+            await _until(lambda: t.b.peers() and not t.b.relayed_peers() and not t.a.relayed_peers(),
+                         "a direct connection next to the relayed one", timeout=90)
+            assert t.a.peer_id in t.b.peers()
+            assert await t.b.request(t.a.peer_id, "echo", b"direct") == b"echo:direct"
+
+    asyncio.run(main())
+
+
 def test_relay_survives_garbage_on_its_protocols() -> None:
     """Garbage on the hop protocol (the relay) and the stop protocol (a client): each is
     answered or reset, nothing stops, and circuits still work afterwards."""
@@ -205,17 +229,22 @@ def test_relay_survives_garbage_on_its_protocols() -> None:
     ]
 
     async def main() -> None:
-        async with Trio3() as t:
+        async with Trio3(hole_punch=True) as t:
+            await t.a.connect(circuit_addr(t.relay_addr, t.b.peer_id))  # DCUtR needs a connection
             for g in garbage:
                 await send_raw(t.a, t.relay.peer_id, HOP_PROTOCOL_ID, g)
                 await send_raw(t.relay, t.b.peer_id, STOP_PROTOCOL_ID, g)
+                await send_raw(t.a, t.b.peer_id, DCUTR_PROTOCOL_ID, g)
+            # a DCUtR CONNECT naming addresses that lead nowhere: answered, dialled, no harm
+            bogus = HolePunch(type=HolePunch.CONNECT, ObsAddrs=[b"\x00\x01junk", b"\xff" * 30])
+            await send_raw(t.a, t.b.peer_id, DCUTR_PROTOCOL_ID, encode_varint_prefixed(bogus.SerializeToString()))
             assert t.relay.running and t.a.running and t.b.running
             # the reservation for someone else's (made-up) id went to the connection's own peer
             assert t.relay._relay.protocol is not None
             held = {str(p) for p in t.relay._relay.protocol.resource_manager._reservations}
             assert held == {t.a.peer_id, t.b.peer_id}
-            print(f"\nrelay after garbage: relay_errors={t.relay.stats.relay_errors}, "
-                  f"client b: relay_errors={t.b.stats.relay_errors}")
+            print(f"\nafter garbage: relay: relay_errors={t.relay.stats.relay_errors}; b: relay_errors="
+                  f"{t.b.stats.relay_errors}, hole_punch_refused={t.b.stats.hole_punch_refused}")
             # then the real thing still works
             t.b.set_request_handler("echo", _echo)
             await t.a.connect(circuit_addr(t.relay_addr, t.b.peer_id))
@@ -228,14 +257,15 @@ def test_relay_survives_garbage_on_its_protocols() -> None:
 # --- as root: daemons behind NAT ------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_two_natted_daemons_train_through_a_relay(tmp_path: Path) -> None:
+def _bench_nat(tmp_path: Path, *extra: str) -> dict[str, object]:
+    """``seedswarm bench nat`` with 3 nodes (a relay and two NATed hosts); its JSON summary,
+    after the checks every run must pass."""
     reason = nat_unavailable()
     if reason:
-        print(f"\nSKIP test_two_natted_daemons_train_through_a_relay: {reason}")
+        print(f"\nSKIP: {reason}")
         pytest.skip(reason)
     cmd = [sys.executable, "-m", "seedswarm", "bench", "nat", "--nodes", "3", "--rounds", "6", "--json", "--quiet",
-           "--dir", str(tmp_path / "run")]
+           "--dir", str(tmp_path / "run"), *extra]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     try:
         out, err = p.communicate(timeout=300)
@@ -253,11 +283,35 @@ def test_two_natted_daemons_train_through_a_relay(tmp_path: Path) -> None:
     assert s["finished"] and s["honest_digest_agreement"] == 1.0 and s["rounds"] >= 6, why
     assert len(set(s["heads"].values())) == 1 and len(set(s["model_digests"].values())) == 1, why
     assert len(s["heads"]) == 3, why
-    relay = s["relay"]
     for n in ("node-1", "node-2"):
-        assert relay[n]["reserved_on"] and relay[n]["relayed_peers"] >= 1, why  # each other, through node 0
-        assert s["relay_byte_share"][n] > 0.05, why
-        assert s["nat_join_seconds"][n] > 0, why
-    assert relay["node-0"]["bytes_forwarded"] > 0, why
+        assert s["relay"][n]["reserved_on"] and s["nat_join_seconds"][n] > 0, why
+    # the NATed hosts met through the relay: it forwarded their first bytes at least
+    assert s["relay"]["node-0"]["bytes_forwarded"] > 0, why
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert f"snp{p.pid % 100000}" not in left
+    return s
+
+
+@pytest.mark.slow
+def test_two_natted_daemons_train_through_a_relay(tmp_path: Path) -> None:
+    """No hole punching: every byte between the two NATed daemons crosses the relay."""
+    s = _bench_nat(tmp_path, "--no-hole-punch")
+    relay = s["relay"]
+    assert isinstance(relay, dict)
+    shares = s["relay_byte_share"]
+    assert isinstance(shares, dict)
+    for n in ("node-1", "node-2"):
+        assert relay[n]["relayed_peers"] == 1 and relay[n]["hole_punches"] == 0, relay  # each other, via node 0
+        assert shares[n] > 0.05, shares
+
+
+@pytest.mark.slow
+def test_natted_daemons_punch_a_hole_and_train_directly(tmp_path: Path) -> None:
+    """Routers that drop unsolicited SYNs (most home routers): DCUtR, coordinated through the
+    relay, gives the two NATed daemons a direct connection."""
+    s = _bench_nat(tmp_path, "--routers", "drop", "--rounds", "12")
+    relay = s["relay"]
+    assert isinstance(relay, dict)
+    for n in ("node-1", "node-2"):
+        assert relay[n]["relayed_peers"] == 0, relay
+    assert relay["node-1"]["hole_punches"] + relay["node-2"]["hole_punches"] >= 1, relay

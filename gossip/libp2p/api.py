@@ -104,6 +104,9 @@ class HostConfig:
     #: Relays (``.../p2p/<relay id>``) to reserve a slot on, so that peers reach this host at
     #: ``<relay>/p2p-circuit/p2p/<our id>``; they are dialled and redialled like bootstrap peers.
     relays: list[str] = field(default_factory=list)
+    #: Try to replace a relayed connection with a direct one by hole punching (DCUtR), where
+    #: both NATs allow it; the relay carries the coordination.
+    hole_punch: bool = True
 
 
 # Events, validators and handlers are the transport interface's own (gossip.transport): the
@@ -162,6 +165,11 @@ class HostStats:
     relay_reservations: int = 0
     relay_reservation_failures: int = 0
     relay_errors: int = 0
+    #: DCUtR: hole punches that gave a direct connection, that did not, and inbound sessions
+    #: refused (one per peer at a time, ``relay.MAX_INBOUND_DCUTR`` in all).
+    hole_punch_successes: int = 0
+    hole_punch_failures: int = 0
+    hole_punch_refused: int = 0
 
     def sent_by_kind(self) -> dict[str, int]:
         """Every byte this host wrote to its sockets, by kind; the values add up to
@@ -220,6 +228,9 @@ class Counters:
         "relay_reservations",
         "relay_reservation_failures",
         "relay_errors",
+        "hole_punch_successes",
+        "hole_punch_failures",
+        "hole_punch_refused",
     )
 
     def __init__(self) -> None:

@@ -5,6 +5,7 @@ the host's trio main.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -126,7 +127,8 @@ class Libp2pHost:
         )
         self._streams = Streams(config, self._id, self._counters, self._bridge, self._log_once)
         self._gossip = Gossip(config, self._id, self._counters, self._emit, self._log_once)
-        self._relay = Relay(self._counters, config.relay_service, list(config.relays), self._relay_error)
+        self._relay = Relay(self._counters, config.relay_service, list(config.relays), self._relay_error,
+                            config.hole_punch)
 
         # trio side (only touched on the trio thread once it runs)
         self._host: Any = None
@@ -187,7 +189,7 @@ class Libp2pHost:
                                  self._peerstore_error)
         host.get_network().register_notifee(_PeerNotifee(self))
         pubsub, gossipsub = self._gossip.build(host)
-        relay = self._relay.build(host)
+        relay, dcutr = self._relay.build(host)
         self._host = host
         self._streams.attach(host)
         network = host.get_network()
@@ -202,7 +204,8 @@ class Libp2pHost:
                 # included) every 10 s while under 50 connections; we own the dial policy.
                 await network.auto_connector.stop()
                 async with background_trio_service(pubsub), background_trio_service(gossipsub), \
-                        background_trio_service(relay):
+                        background_trio_service(relay), \
+                        (background_trio_service(dcutr) if dcutr else contextlib.nullcontext()):
                     await pubsub.wait_until_ready()
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._maintenance)

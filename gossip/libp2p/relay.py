@@ -44,6 +44,7 @@ from libp2p.connection_types import ConnectionType
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
+from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
 from libp2p.relay.circuit_v2.protocol import STOP_PROTOCOL_ID, CircuitV2Protocol
 from libp2p.relay.circuit_v2.resources import RelayLimits
@@ -66,6 +67,10 @@ RESERVATION_TTL_S: Final = 3600
 RESERVATION_RENEW_MARGIN_S: Final = 300.0
 #: How often the reservation keeper looks at its relays.
 RESERVATION_CHECK_S: Final = 1.0
+#: DCUtR sessions a peer may open to us at once, in all.
+MAX_INBOUND_DCUTR: Final = 16
+#: After a hole punch, the relayed connection is closed this long after the direct one is up.
+RELAYED_CLOSE_GRACE_S: Final = 5.0
 #: A circuit is never cut for its age or volume (libp2p: 1 hour, 1 GiB); ``data`` must be
 #: positive (0 makes the library refuse every byte), so "unlimited" is this.
 UNLIMITED_CIRCUIT_BYTES: Final = 1 << 62
@@ -99,6 +104,22 @@ def circuit_addr(relay: str, peer_id: str) -> str:
     return f"{relay}/p2p-circuit/p2p/{peer_id}"
 
 
+Handler = Callable[[INetStream], Coroutine[Any, Any, None]]
+
+
+def guard_handler(where: str, handler: Handler, on_error: Callable[[str, Exception], None]) -> Handler:
+    """``handler`` that cannot raise: an exception is reported to ``on_error`` and the stream
+    reset (a stream handler's exception would otherwise end in libp2p's own task)."""
+    async def guarded(stream: INetStream) -> None:
+        try:
+            await handler(stream)
+        except Exception as e:
+            on_error(where, e)
+            with contextlib.suppress(Exception):
+                await stream.reset()
+    return guarded
+
+
 class GuardedCircuitProtocol(CircuitV2Protocol):
     """libp2p's circuit v2 hop/stop service, guarded, with a pump that closes only its own
     circuit and counts what it forwards (module doc)."""
@@ -108,19 +129,10 @@ class GuardedCircuitProtocol(CircuitV2Protocol):
         super().__init__(host, limits=relay_limits(), allow_hop=allow_hop)
         self._counters = counters
         self._on_error = on_error
-        self._handle_hop_stream = self._guard("hop", self._handle_hop_stream)  # type: ignore[method-assign,assignment]
-        self._handle_stop_stream = self._guard("stop", self._handle_stop_stream)  # type: ignore[method-assign,assignment]
-
-    def _guard(self, where: str, handler: Callable[[INetStream], Coroutine[Any, Any, None]]
-               ) -> Callable[[INetStream], Coroutine[Any, Any, None]]:
-        async def guarded(stream: INetStream) -> None:
-            try:
-                await handler(stream)
-            except Exception as e:
-                self._on_error(where, e)
-                with contextlib.suppress(Exception):
-                    await stream.reset()
-        return guarded
+        self._handle_hop_stream = guard_handler(  # type: ignore[method-assign,assignment]
+            "hop", self._handle_hop_stream, on_error)
+        self._handle_stop_stream = guard_handler(  # type: ignore[method-assign,assignment]
+            "stop", self._handle_stop_stream, on_error)
 
     async def _handle_reserve(self, stream: INetStream, msg: Any) -> None:
         """A reservation is always for the peer on the other end of the connection: the library
@@ -156,14 +168,58 @@ class GuardedCircuitProtocol(CircuitV2Protocol):
                 await self._close_stream(dst_stream)
 
 
+class GuardedDCUtR(DCUtRProtocol):
+    """libp2p's DCUtR (hole punching over a relayed connection), guarded and counted.
+
+    The library runs every inbound session a peer opens concurrently, and each one makes this
+    host dial the addresses the peer sent: one relayed peer could open many. Here a peer gets one
+    inbound session at a time and the host ``MAX_INBOUND_DCUTR`` in all; the rest are reset.
+    """
+
+    def __init__(self, host: Any, counters: Counters, on_error: Callable[[str, Exception], None]) -> None:
+        super().__init__(host)
+        self._counters = counters
+        self._inbound: set[ID] = set()
+        self._handle_dcutr_stream = guard_handler(  # type: ignore[method-assign,assignment]
+            "dcutr", self._limited, on_error)
+
+    async def _limited(self, stream: INetStream) -> None:
+        peer = stream.muxed_conn.peer_id
+        if peer in self._inbound or len(self._inbound) >= MAX_INBOUND_DCUTR:
+            self._counters.inc("hole_punch_refused")
+            await stream.reset()
+            return
+        self._inbound.add(peer)
+        try:
+            await DCUtRProtocol._handle_dcutr_stream(self, stream)
+        finally:
+            self._inbound.discard(peer)
+
+    def _schedule_relay_close(self, peer_id: ID) -> None:
+        """Close the relayed connection ``RELAYED_CLOSE_GRACE_S`` after the direct one is up
+        (libp2p: 60 s). Streams opened before the upgrade (GossipSub's among them) stay on the
+        connection they were opened on, so until it closes the relay keeps carrying them."""
+        if self._nursery is not None:
+            self._nursery.start_soon(self._close_relayed_conns_after_grace, peer_id, RELAYED_CLOSE_GRACE_S)
+
+    async def _perform_hole_punch(self, peer_id: ID, addrs: list[multiaddr.Multiaddr],
+                                  as_responder: bool = False) -> bool:
+        ok = await super()._perform_hole_punch(peer_id, addrs, as_responder)
+        self._counters.inc("hole_punch_successes" if ok else "hole_punch_failures")
+        if ok:
+            log.info("direct connection to %s by hole punching (DCUtR)", peer_id)
+        return ok
+
+
 class Relay:
     """One host's circuit relay v2: the service (always: a host accepts relayed connections;
     with ``hop`` it relays for others), circuit dials and the reservation keeper."""
 
     def __init__(self, counters: Counters, hop: bool, relays: list[str],
-                 on_error: Callable[[str, Exception], None]) -> None:
+                 on_error: Callable[[str, Exception], None], hole_punch: bool = True) -> None:
         self._counters = counters
         self.hop = hop
+        self.hole_punch = hole_punch
         self._on_error = on_error
         self.relays: list[PeerInfo] = []
         for a in relays:
@@ -179,13 +235,15 @@ class Relay:
         #: relay id -> (the connection the reservation was made on, when it expires)
         self._reserved: dict[ID, tuple[Any, float]] = {}
 
-    def build(self, host: Any) -> GuardedCircuitProtocol:
-        """trio thread: the protocol service to run (``background_trio_service``)."""
+    def build(self, host: Any) -> tuple[GuardedCircuitProtocol, GuardedDCUtR | None]:
+        """trio thread: the services to run (``background_trio_service``): circuit relay, and
+        DCUtR unless ``hole_punch`` is off."""
         self._host = host
         self.protocol = GuardedCircuitProtocol(host, self._counters, self.hop, self._on_error)
         # STOP only: with CLIENT the library reserves a slot on the relay at every dial.
         self._transport = CircuitV2Transport(host, self.protocol, RelayConfig(roles=RelayRole.STOP))
-        return self.protocol
+        dcutr = GuardedDCUtR(host, self._counters, self._on_error) if self.hole_punch else None
+        return self.protocol, dcutr
 
     def reserved(self) -> list[str]:
         """Relays that hold a reservation for us now (peer ids)."""
@@ -246,5 +304,5 @@ class Relay:
             log.info("reserved a slot on relay %s (expires in %.0f s)", relay, expires - time.time())
 
 
-__all__ = ["HOP_PROTOCOL_ID", "STOP_PROTOCOL_ID", "GuardedCircuitProtocol", "Relay", "circuit_addr",
-           "is_circuit", "is_relayed", "relay_limits"]
+__all__ = ["HOP_PROTOCOL_ID", "STOP_PROTOCOL_ID", "GuardedCircuitProtocol", "GuardedDCUtR", "Relay",
+           "circuit_addr", "guard_handler", "is_circuit", "is_relayed", "relay_limits"]

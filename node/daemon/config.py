@@ -51,6 +51,8 @@ class NodeConfig:
     #: relays (``.../p2p/<relay id>``) to reserve a slot on: a node behind NAT is then reached at
     #: ``<relay>/p2p-circuit/p2p/<its id>``, which it announces instead of its listen addresses
     relay_via: tuple[str, ...] = ()
+    #: never try to turn a relayed connection into a direct one by hole punching (DCUtR)
+    no_hole_punch: bool = False
     device: str = "auto"
     metrics_port: int = 0  # 0: no HTTP endpoint
     metrics_host: str = "127.0.0.1"
@@ -101,8 +103,9 @@ class NodeConfig:
         for a in self.relay_via:
             if "/p2p/" not in a or "/p2p-circuit" in a:
                 problems.append(f"relay address {a!r} must be a relay's own address ending with /p2p/<relay id>")
-        if not isinstance(self.relay, bool):
-            problems.append(f"relay must be true or false, not {self.relay!r}")
+        for name in ("relay", "no_hole_punch"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name} must be true or false, not {getattr(self, name)!r}")
         if self.checkpoint_every < 0 or self.checkpoint_chunk_bytes < 256 or self.checkpoints_kept < 1:
             problems.append("checkpoint_every >= 0, checkpoint_chunk_bytes >= 256, checkpoints_kept >= 1")
         if self.shard_count < 1 or self.shard_index >= self.shard_count:

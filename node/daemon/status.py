@@ -56,12 +56,14 @@ class Daemon(Protocol):
 
 
 def relay_status(t: Any, stats: Any) -> dict[str, Any]:
-    """Relays that hold a reservation for us, peers we reach only through a relay, and the bytes
-    we forwarded for others as a relay (zeros on a transport without relays)."""
+    """Relays that hold a reservation for us, peers we reach only through a relay, the bytes we
+    forwarded for others as a relay, and hole punches (zeros on a transport without relays)."""
     return {
         "reserved_on": t.relay_reservations() if hasattr(t, "relay_reservations") else [],
         "relayed_peers": len(t.relayed_peers()) if hasattr(t, "relayed_peers") else 0,
         "bytes_forwarded": getattr(stats, "relay_bytes_forwarded", 0),
+        "hole_punches": getattr(stats, "hole_punch_successes", 0),
+        "hole_punch_failures": getattr(stats, "hole_punch_failures", 0),
     }
 
 def status(d: Daemon) -> dict[str, Any]:
