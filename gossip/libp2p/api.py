@@ -107,6 +107,8 @@ class HostConfig:
     #: Try to replace a relayed connection with a direct one by hole punching (DCUtR), where
     #: both NATs allow it; the relay carries the coordination.
     hole_punch: bool = True
+    #: Learn whether peers can dial this host (AutoNAT, ``autonat.py``): ``Libp2pHost.reachability``.
+    autonat: bool = False
 
 
 # Events, validators and handlers are the transport interface's own (gossip.transport): the
@@ -170,6 +172,8 @@ class HostStats:
     hole_punch_successes: int = 0
     hole_punch_failures: int = 0
     hole_punch_refused: int = 0
+    #: AutoNAT dial-back requests refused (one per peer at a time, 8 in all).
+    autonat_refused: int = 0
 
     def sent_by_kind(self) -> dict[str, int]:
         """Every byte this host wrote to its sockets, by kind; the values add up to
@@ -231,6 +235,7 @@ class Counters:
         "hole_punch_successes",
         "hole_punch_failures",
         "hole_punch_refused",
+        "autonat_refused",
     )
 
     def __init__(self) -> None:

@@ -31,6 +31,7 @@ from seedswarm.gossip.libp2p.api import (
     RequestHandler,
     Validator,
 )
+from seedswarm.gossip.libp2p.autonat import UNKNOWN, FreshDialAutoNAT, Reachability
 from seedswarm.gossip.libp2p.bridge import TrioBridge
 from seedswarm.gossip.libp2p.common import LogOnce, reason
 from seedswarm.gossip.libp2p.logs import install_log_policy
@@ -135,6 +136,7 @@ class Libp2pHost:
         self._conn_counts: dict[str, int] = {}
         self._peers_snapshot: tuple[str, ...] = ()
         self._relayed_snapshot: tuple[str, ...] = ()
+        self._reachability: Reachability | None = None
         self._bootstrap: list[PeerInfo] = []
         self._listen_mas: list[multiaddr.Multiaddr] = []
 
@@ -211,6 +213,11 @@ class Libp2pHost:
                         nursery.start_soon(self._maintenance)
                         if self._relay.relays:
                             nursery.start_soon(self._relay.keep_reservations)
+                        if self.config.autonat:
+                            self._reachability = Reachability(
+                                host, FreshDialAutoNAT(host, self._counters, self._relay_error),
+                                self._on_reachability)
+                            nursery.start_soon(self._reachability.run)
                         nursery.start_soon(self._peerstore_cleanup)
                         if self._bootstrap:
                             nursery.start_soon(self._bootstrap_keeper)
@@ -259,6 +266,19 @@ class Libp2pHost:
         self._log_once(("relay", where, type(e).__name__), logging.WARNING,
                        "circuit relay %s handler error, stream reset (counted in relay_errors): %s",
                        where, reason(e))
+
+    def reachability(self) -> str:
+        """``public``, ``private`` or ``unknown``: can peers dial this host (AutoNAT)?"""
+        return self._reachability.status if self._reachability is not None else UNKNOWN
+
+    def _on_reachability(self, status: str) -> None:
+        """trio thread: AutoNAT changed its verdict."""
+        if status == "private" and not self.config.relays and not self.config.relay_service:
+            log.warning("peers cannot dial this node (AutoNAT: %s; behind NAT or a firewall?), and it has no "
+                        "relay: only peers it dials itself reach it. Use a relay (--relay-via) or open the port",
+                        status)
+        else:
+            log.info("reachability (AutoNAT): %s", status)
 
     def relayed_peers(self) -> list[str]:
         """Connected peers reached only through a relay (refreshed every heartbeat)."""

@@ -64,7 +64,7 @@ def libp2p_transport(identity: Identity, node: NodeConfig, run_id: bytes) -> tp.
     cfg = HostConfig(identity_seed=identity.seed, listen=list(node.listen), bootstrap=list(node.bootstrap),
                      protocol_prefix=protocol_prefix(run_id), max_message_bytes=MAX_MESSAGE_BYTES,
                      relay_service=node.relay, relays=list(node.relay_via),
-                     hole_punch=not node.no_hole_punch)
+                     hole_punch=not node.no_hole_punch, autonat=True)
     try:
         host = Libp2pHost(cfg)
     except HostError as e:

@@ -62,6 +62,7 @@ def relay_status(t: Any, stats: Any) -> dict[str, Any]:
         "reserved_on": t.relay_reservations() if hasattr(t, "relay_reservations") else [],
         "relayed_peers": len(t.relayed_peers()) if hasattr(t, "relayed_peers") else 0,
         "bytes_forwarded": getattr(stats, "relay_bytes_forwarded", 0),
+        "reachability": t.reachability() if hasattr(t, "reachability") else "unknown",
         "hole_punches": getattr(stats, "hole_punch_successes", 0),
         "hole_punch_failures": getattr(stats, "hole_punch_failures", 0),
     }
