@@ -26,6 +26,7 @@ from libp2p.relay.circuit_v2.dcutr import PROTOCOL_ID as DCUTR_PROTOCOL_ID
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage, PeerId
 from libp2p.relay.circuit_v2.pb.dcutr_pb2 import HolePunch
 from libp2p.utils.varint import encode_varint_prefixed
+from multiaddr import Multiaddr
 
 from seedswarm.bench.nat_net import nat_unavailable
 from seedswarm.gossip.libp2p import GossipMessage, HostConfig, HostError, Libp2pHost
@@ -99,8 +100,9 @@ def test_bad_relay_address_is_refused_by_the_host() -> None:
 
 
 def _cfg(n: int, **kw: object) -> HostConfig:
-    return HostConfig(identity_seed=bytes([n]) * 32, listen=["/ip4/127.0.0.1/tcp/0"], protocol_prefix=PREFIX,
-                      **kw)  # type: ignore[arg-type]
+    base: dict[str, object] = {"identity_seed": bytes([n]) * 32, "listen": ["/ip4/127.0.0.1/tcp/0"],
+                               "protocol_prefix": PREFIX}
+    return HostConfig(**(base | kw))  # type: ignore[arg-type]
 
 
 async def _until(cond: object, what: str, timeout: float = 60.0) -> None:
@@ -119,7 +121,8 @@ class Trio3:
 
     async def __aenter__(self) -> Trio3:
         await self.relay.start()
-        self.relay_addr = f"{self.relay.listen_addrs[0]}/p2p/{self.relay.peer_id}"
+        self.relay_addr = self.relay.listen_addrs[0]  # /ip4/127.0.0.1/tcp/P/p2p/<relay id>
+        assert self.relay_addr.endswith(f"/p2p/{self.relay.peer_id}")
         self.a = Libp2pHost(_cfg(2, relays=[self.relay_addr], hole_punch=self.hole_punch))
         self.b = Libp2pHost(_cfg(3, relays=[self.relay_addr], hole_punch=self.hole_punch))
         await self.a.start()
@@ -193,6 +196,26 @@ def test_relayed_connection_is_upgraded_to_a_direct_one() -> None:
     asyncio.run(main())
 
 
+def test_reservation_is_renewed_after_the_relay_restarts() -> None:
+    """A relay that restarts forgets every reservation: the client redials it (bootstrap keeper)
+    and reserves again on the new connection, so it stays reachable through it."""
+
+    async def main() -> None:
+        async with Trio3() as t:
+            port = Multiaddr(t.relay.listen_addrs[0]).value_for_protocol("tcp")
+            await t.relay.stop()
+            await _until(lambda: not t.a.relay_reservations(), "the client noticed the relay left")
+            t.relay = Libp2pHost(_cfg(1, relay_service=True, listen=[f"/ip4/127.0.0.1/tcp/{port}"]))
+            await t.relay.start()
+            await _until(lambda: t.a.relay_reservations() == [t.relay.peer_id] and t.b.relay_reservations(),
+                         "reserved again on the restarted relay", timeout=90)
+            t.a.set_request_handler("echo", _echo)
+            await t.b.connect(circuit_addr(t.relay_addr, t.a.peer_id))
+            assert await t.b.request(t.a.peer_id, "echo", b"after restart") == b"echo:after restart"
+
+    asyncio.run(main())
+
+
 def test_relay_survives_garbage_on_its_protocols() -> None:
     """Garbage on the hop protocol (the relay) and the stop protocol (a client): each is
     answered or reset, nothing stops, and circuits still work afterwards."""
@@ -262,12 +285,11 @@ def test_autonat_dial_back_is_a_new_connection() -> None:
     import socket
 
     from libp2p.host.autonat.pb.autonat_pb2 import Message
-    from multiaddr import Multiaddr
 
     async def main() -> None:
         x = Libp2pHost(_cfg(5, autonat=True, hole_punch=False))
         await x.start()
-        y = Libp2pHost(_cfg(6, autonat=True, hole_punch=False, bootstrap=[f"{x.listen_addrs[0]}/p2p/{x.peer_id}"]))
+        y = Libp2pHost(_cfg(6, autonat=True, hole_punch=False, bootstrap=[x.listen_addrs[0]]))
         await y.start()
         try:
             await _until(lambda: x.peer_id in y.peers(), "connected")

@@ -38,6 +38,8 @@ LIBP2P_KINDS: Final = {
     # connections that run over these streams (their own streams are not counted again)
     "/libp2p/circuit/relay/0.2.0/hop": RELAY,
     "/libp2p/circuit/relay/0.2.0/stop": RELAY,
+    "/libp2p/dcutr": "dcutr",
+    "/libp2p/autonat/1.0.0": "autonat",
 }
 #: Kind of the bytes a stream moves before its protocol is agreed.
 MULTISTREAM: Final = "multistream"
