@@ -290,6 +290,12 @@ def test_autonat_dial_back_is_a_new_connection() -> None:
         x = Libp2pHost(_cfg(5, autonat=True, hole_punch=False))
         await x.start()
         y = Libp2pHost(_cfg(6, autonat=True, hole_punch=False, bootstrap=[x.listen_addrs[0]]))
+        # z listens on 0.0.0.0 (the README's command), which is no use to a server (it dials only
+        # z's observed IP, and libp2p records no loopback observations): z must not ask, rather
+        # than be told 'private' and warn that nobody can dial it
+        z = Libp2pHost(_cfg(7, autonat=True, hole_punch=False, bootstrap=[x.listen_addrs[0]],
+                            listen=["/ip4/0.0.0.0/tcp/0"]))
+        await z.start()
         await y.start()
         try:
             await _until(lambda: x.peer_id in y.peers(), "connected")
@@ -310,7 +316,9 @@ def test_autonat_dial_back_is_a_new_connection() -> None:
             assert x.peer_id in y.peers()  # the dial-back connection was closed, not ours
             await _until(lambda: x.reachability() == "public" and y.reachability() == "public",
                          "both learn they are reachable", timeout=90)
+            assert z.reachability() == "unknown" and x.peer_id in z.peers()
         finally:
+            await z.stop()
             await y.stop()
             await x.stop()
 

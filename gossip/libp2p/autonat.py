@@ -27,7 +27,7 @@ from libp2p.peer.id import ID
 from multiaddr import Multiaddr
 
 from seedswarm.gossip.libp2p.api import Counters
-from seedswarm.gossip.libp2p.relay import guard_handler, is_relayed
+from seedswarm.gossip.libp2p.relay import guard_handler, is_circuit, is_relayed
 
 log = logging.getLogger(__name__)
 
@@ -86,15 +86,57 @@ class FreshDialAutoNAT(AutoNATService):
         return None
 
 
+def dial_back_addrs(host: Any) -> list[bytes]:
+    """The addresses we ask to be dialled back at: our listen addresses with a concrete IP, and
+    each IP peers observed us at (identify) with each listen port. A wildcard listen address
+    (``0.0.0.0``) is useless to a server, which dials only our observed IP: without the observed
+    ones a public node listening on ``0.0.0.0`` was judged private. A NATed node is observed at
+    its router's address, where nothing answers, which is the verdict it should get. (libp2p
+    records no loopback observations: on loopback a wildcard listener has nothing to send.)"""
+    listen = [a for a in host.get_addrs() if not is_circuit(a)]
+    ports: set[str] = set()
+    out: dict[str, Multiaddr] = {}
+    for a in listen:
+        try:
+            ip, port = a.value_for_protocol("ip4"), a.value_for_protocol("tcp")
+        except Exception:
+            continue
+        ports.add(port)
+        if ip != "0.0.0.0":
+            out[f"{ip}:{port}"] = Multiaddr(f"/ip4/{ip}/tcp/{port}")
+    manager = getattr(host, "_observed_addr_manager", None)
+    observed: list[Any] = []
+    if manager is not None:
+        try:
+            observed = list(manager.addrs(min_observers=1))
+        except Exception as e:
+            log.debug("no observed addresses: %s", e)
+    for o in observed:
+        try:
+            ip = o.value_for_protocol("ip4")
+        except Exception:
+            continue
+        for port in ports:
+            out.setdefault(f"{ip}:{port}", Multiaddr(f"/ip4/{ip}/tcp/{port}"))
+    return [m.to_bytes() for m in out.values()]
+
+
 class Reachability:
     """The client side: ask directly connected peers now and then; keep the verdict."""
 
-    def __init__(self, host: Any, service: FreshDialAutoNAT,
-                 on_change: Callable[[str], None]) -> None:
+    def __init__(self, host: Any, service: FreshDialAutoNAT, has_relay: bool) -> None:
         self._host = host
         self._service = service
-        self._on_change = on_change
+        self._has_relay = has_relay
         self.status = UNKNOWN
+
+    def _on_change(self, status: str) -> None:
+        if status == PRIVATE and not self._has_relay:
+            log.warning("peers cannot dial this node (AutoNAT: %s; behind NAT or a firewall?) and it has no "
+                        "relay: only peers it dials itself reach it. Use a relay (--relay-via) or open the port",
+                        status)
+        else:
+            log.info("reachability (AutoNAT): %s", status)
 
     def _servers(self) -> list[ID]:
         network = self._host.get_network()
@@ -109,9 +151,12 @@ class Reachability:
     async def check(self) -> str:
         """trio thread: one round of queries; returns (and keeps) the verdict."""
         successes = failures = 0
+        addrs = dial_back_addrs(self._host)
+        if not addrs:  # only a wildcard listen address and nothing observed yet: no question to ask
+            return self.status
         for server in self._servers():
             try:
-                status, _ = await self._service.query_server(server, timeout=QUERY_TIMEOUT_S)
+                status, _ = await self._service.query_server(server, addrs, timeout=QUERY_TIMEOUT_S)
             except Exception as e:
                 log.debug("AutoNAT query to %s failed: %s", server, e)
                 continue  # the server did not answer: no verdict about us

@@ -216,7 +216,7 @@ class Libp2pHost:
                         if self.config.autonat:
                             self._reachability = Reachability(
                                 host, FreshDialAutoNAT(host, self._counters, self._relay_error),
-                                self._on_reachability)
+                                has_relay=bool(self.config.relays) or self.config.relay_service)
                             nursery.start_soon(self._reachability.run)
                         nursery.start_soon(self._peerstore_cleanup)
                         if self._bootstrap:
@@ -270,15 +270,6 @@ class Libp2pHost:
     def reachability(self) -> str:
         """``public``, ``private`` or ``unknown``: can peers dial this host (AutoNAT)?"""
         return self._reachability.status if self._reachability is not None else UNKNOWN
-
-    def _on_reachability(self, status: str) -> None:
-        """trio thread: AutoNAT changed its verdict."""
-        if status == "private" and not self.config.relays and not self.config.relay_service:
-            log.warning("peers cannot dial this node (AutoNAT: %s; behind NAT or a firewall?), and it has no "
-                        "relay: only peers it dials itself reach it. Use a relay (--relay-via) or open the port",
-                        status)
-        else:
-            log.info("reachability (AutoNAT): %s", status)
 
     def relayed_peers(self) -> list[str]:
         """Connected peers reached only through a relay (refreshed every heartbeat)."""
@@ -343,8 +334,7 @@ class Libp2pHost:
             if network.get_connections(info.peer_id):
                 return
             with trio.fail_after(self.config.dial_timeout_s * 2):  # two hops: relay, then peer
-                await self._relay.dial(circuits[0].encapsulate(multiaddr.Multiaddr(f"/p2p/{info.peer_id}")),
-                                       info.peer_id)
+                await self._relay.dial(circuits[0].encapsulate(multiaddr.Multiaddr(f"/p2p/{info.peer_id}")))
             return
         host.get_peerstore().add_addrs(info.peer_id, info.addrs, PEER_ADDR_TTL_S)
         with trio.fail_after(self.config.dial_timeout_s):

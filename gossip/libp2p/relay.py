@@ -249,8 +249,8 @@ class Relay:
         """Relays that hold a reservation for us now (peer ids)."""
         return sorted(str(r) for r in self._reserved)
 
-    async def dial(self, addr: multiaddr.Multiaddr, dest: ID) -> None:
-        """trio thread: connect to ``dest`` through the relay named in the circuit address."""
+    async def dial(self, addr: multiaddr.Multiaddr) -> None:
+        """trio thread: connect to the peer of a circuit address through its relay."""
         assert self._transport is not None
         try:
             await self._transport.dial(addr)
