@@ -6,10 +6,10 @@ starts ONE joiner and breaks its time down from the instant it was spawned, usin
 times the daemon records in its status file (``phases``):
 
     interpreter      spawn -> `seedswarm node` entered (Python, the CLI and its imports)
-    torch_import     -> torch imported
+    torch_import     -> torch imported (the CLI imports libp2p in a second thread meanwhile)
     modules_import   -> the daemon's modules (numpy, the core, learn, daemon) imported
-    libp2p_import    -> libp2p imported (by the CLI; where the daemon is started otherwise, when
-                        its transport is built)
+    libp2p_import    -> libp2p's import finished too (by the CLI; where the daemon is started
+                        otherwise, when its transport is built)
     identity         -> data dir locked, identity loaded or created
     model            -> task built, initial model checked against the genesis, local chain opened
     listening        -> host started, listening, topic subscribed

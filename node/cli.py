@@ -62,19 +62,28 @@ def _fail(cmd: str, msg: str) -> int:
 # init
 
 
-def make_genesis(args: argparse.Namespace, members: list[bytes]) -> Any:
-    """A genesis from the `init` options."""
+def make_genesis(args: argparse.Namespace, members: list[bytes]) -> tuple[Any, Any]:
+    """A genesis from the `init` options, and the measured round (None with ``--round-timeout``):
+    without that option the timeout is sized from this machine's compute per round
+    (``node/learn/calibrate.py``)."""
+    from seedswarm.node.core.genesis import default
     from seedswarm.node.learn.initial import build_genesis, parse_task_options
 
-    return build_genesis(
+    g = build_genesis(
         members, task=args.task, task_options=parse_task_options(args.task_option), seed=args.seed,
         estimator=args.estimator, batch_size=args.batch_size, local_steps=args.local_steps,
         local_lr=args.local_lr, eps=args.eps, lr=args.lr, lr_half_life=args.lr_half_life,
         scale_exp=args.scale_exp, trainers=args.trainers, aggregators=args.aggregators,
         directions=args.directions, groups=args.groups, aggregator_rule=args.aggregator,
-        join_delay=args.join_delay, expel_after=args.expel_after, round_timeout=args.round_timeout,
+        join_delay=args.join_delay, expel_after=args.expel_after,
+        round_timeout=default("round_timeout") if args.round_timeout is None else args.round_timeout,
         min_round_time=args.min_round_time, quorum=args.quorum,
     )
+    if args.round_timeout is not None:
+        return g, None
+    from seedswarm.node.learn.calibrate import sized_genesis
+
+    return sized_genesis(g, default("round_timeout"))
 
 
 def add_genesis_options(p: argparse.ArgumentParser) -> None:
@@ -109,8 +118,9 @@ def add_genesis_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eps", type=float, default=default("eps"), help="zo only: size of the SPSA perturbation")
     g.add_argument("--scale-exp", type=int, default=default("scale_exp"),
                    help="one-byte values start at scale 2**N (the scale then follows a public rule)")
-    g.add_argument("--round-timeout", type=float, default=default("round_timeout"),
-                   help="seconds an aggregator waits for contributions at most")
+    g.add_argument("--round-timeout", type=float, default=None,
+                   help="seconds an aggregator waits for contributions at most (default: 3x a trainer's round "
+                        f"as measured on this machine, at least {default('round_timeout')})")
     g.add_argument("--min-round-time", type=float, default=default("min_round_time"), help="seconds a round lasts at least")
     g.add_argument("--quorum", type=float, default=default("quorum"),
                    help="share of the trainers an aggregator waits for before its deadline")
@@ -154,7 +164,7 @@ def cmd_init(args: argparse.Namespace) -> int:
             ident = Identity.generate()
         if ident is not None and ident.public not in members:
             members.insert(0, ident.public)
-        genesis = make_genesis(args, members)
+        genesis, measured = make_genesis(args, members)
     except (GenesisError, TaskError, ValueError) as e:
         return _fail("init", str(e))
     try:
@@ -170,6 +180,10 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(genesis.run_id.hex())
     print(f"wrote {out}: task {genesis.task}, {len(members)} founding member(s), trainers {genesis.trainers}, "
           f"K {genesis.directions}, lr {genesis.lr}", file=sys.stderr)
+    if measured is not None:
+        print(f"round timeout {genesis.round_timeout} s: a trainer's round measured here takes "
+              f"{measured.estimate_s:.2f} s (estimate) + {measured.apply_s:.2f} s (apply); at least 3x that "
+              f"and 2 s (--round-timeout sets it)", file=sys.stderr)
     if ident is not None:
         print(f"founding node identity in {args.data_dir}/identity.key (peer id {peer_id_of(ident.public)})",
               file=sys.stderr)
@@ -183,7 +197,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 # (option, argparse keywords): each is also a TOML key (``-`` read as ``_``) of node/daemon/config.py
 NODE_OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--genesis", {"metavar": "FILE", "help": "the swarm's genesis file (written by `seedswarm init`)"}),
-    ("--data-dir", {"metavar": "DIR", "help": "identity key, chain store, checkpoints, status.json"}),
+    ("--data-dir", {"metavar": "DIR", "help": "identity key, chain store, checkpoints, saved peers, status.json"}),
     ("--listen", {"action": "append", "metavar": "MULTIADDR", "help": "address to listen on (repeatable)"}),
     ("--announce", {"action": "append", "metavar": "MULTIADDR",
                     "help": "address peers should dial, e.g. behind NAT (repeatable; none: the listen addresses, "
@@ -215,6 +229,7 @@ NODE_OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--halt-at", {"type": int, "help": "stop taking duties at this round and keep serving peers (0: never)"}),
     ("--eval-every", {"type": int, "help": "evaluate the model every N rounds, shown by `status` (0: when halting)"}),
     ("--sync-wait-s", {"type": float, "help": "seconds to wait for peers and the chain before starting alone"}),
+    ("--mdns", {"action": "store_true", "help": "find nodes of the run on the LAN with mDNS (no bootstrap needed there)"}),
     ("--min-peers", {"type": int, "help": "wait (up to --sync-wait-s) for this many peers before taking duties"}),
 ]
 # settings only a --config file sets
@@ -230,7 +245,8 @@ def _node_default(name: str) -> str:
     from seedswarm.clihelp import show_default
     from seedswarm.node.daemon.config import NodeConfig
 
-    return show_default(getattr(NodeConfig(), name)) or "none"
+    value = getattr(NodeConfig(), name)
+    return ("on" if value else "off") if isinstance(value, bool) else show_default(value) or "none"
 
 
 def config_keys_text() -> str:
@@ -293,7 +309,7 @@ def cmd_node(args: argparse.Namespace) -> int:
                                              "metrics_port", "metrics_host", "log_format", "log_level",
                                              "checkpoint_every", "checkpoint_chunk_bytes", "state_cache_mb",
                                              "shard_index",
-                                             "shard_count", "halt_at", "eval_every", "sync_wait_s", "min_peers")}
+                                             "shard_count", "halt_at", "eval_every", "sync_wait_s", "min_peers", "mdns")}
         cfg = build_config(file_values, cli)
     except ConfigError as e:
         return _fail("node", str(e))
@@ -331,17 +347,43 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 def _load_daemon(cfg: Any, genesis: Any, started: float) -> Any:
     """Import what a node runs on (torch, our modules, libp2p) and make its daemon, noting when
-    each import finished (the daemon marks the later phases) for `seedswarm bench join`."""
-    import torch
+    each import finished (the daemon marks the later phases) for `seedswarm bench join`.
+
+    libp2p is imported in a second thread while this one imports torch: the two share no
+    module (our libp2p side is torch- and numpy-free, ``tests/test_cli_imports.py``), and part of
+    each (reading files, loading shared libraries) leaves the GIL to the other, which took about
+    a second off a joiner's start on two cores. Should either side fail (importlib refuses a
+    circular import met across threads), it is retried alone, so an error surfaces as it would
+    have without the thread."""
+    import threading
+
+    from seedswarm.node.daemon import netstack
+
+    failed: list[BaseException] = []
+
+    def libp2p_import() -> None:
+        try:
+            netstack.load_libp2p()
+        except BaseException as e:  # noqa: BLE001 - retried (and raised) on the main thread
+            failed.append(e)
+
+    worker = threading.Thread(target=libp2p_import, name="seedswarm-import-libp2p", daemon=True)
+    worker.start()
+    try:
+        import torch
+    except RuntimeError:  # importlib's _DeadlockError (a circular import met across threads): alone
+        worker.join()
+        import torch
 
     torch.set_num_threads(1)  # small models; eight daemons share two cores
     torch_at = time.time()
-    from seedswarm.node.daemon import netstack
     from seedswarm.node.daemon.daemon import Daemon
 
     daemon = Daemon(cfg, genesis, started_at=started)
     modules_at = time.time()
-    netstack.load_libp2p()  # here rather than when the host starts: imported with the GC off
+    worker.join()
+    if failed:
+        netstack.load_libp2p()
     daemon.phases.update(main=started, torch_import=torch_at, modules_import=modules_at, libp2p_import=time.time())
     return daemon
 
@@ -409,7 +451,9 @@ def format_status(d: dict[str, Any]) -> str:
         + (f"  loss {ev['loss']:.3f}" if isinstance(ev := d.get("evaluation"), dict) and "loss" in ev else ""),
         f"member    {'yes' if d.get('member') else 'no'} ({d.get('members')} members)  duty: {', '.join(duty) or 'none this round'}"
         + ("  [halted]" if d.get("halted") else ""),
-        f"peers     {d.get('peers')}",
+        f"peers     {d.get('peers')}" + (f"  (saved book: {disc.get('book_loaded')} loaded, {disc.get('book_answered')} "
+                                        f"answered; mDNS found {disc.get('mdns_found')})"
+                                        if isinstance(disc := d.get("discovery"), dict) else ""),
         f"bytes     sent {d.get('bytes_sent', 0) / 1e6:.2f} MB, received {d.get('bytes_received', 0) / 1e6:.2f} MB",
         f"listen    {' '.join(d.get('announce') or d.get('listen') or [])}",
     ]

@@ -42,7 +42,7 @@ class ClusterConfig(GenesisOptions):
     rounds: int = 60
     seed: int = 0
     task_options: list[str] = field(default_factory=list)
-    round_timeout: float = default("round_timeout")
+    round_timeout: float | None = None  # None: sized from this machine's compute (node/learn/calibrate.py)
     join_nodes: int = 0
     join_at: int = -1
     kill_nodes: int = 0
@@ -128,11 +128,19 @@ class Cluster:
             if not key.exists():
                 ident.save(key)
             idents.append(ident)
+        floor = default("round_timeout")
         self.genesis = build_genesis(
             [idents[i].public for i in range(cfg.nodes)], task=cfg.task,
             task_options=parse_task_options(cfg.task_options), seed=cfg.seed, **cfg.genesis_fields(),
-            round_timeout=cfg.round_timeout,
+            round_timeout=floor if cfg.round_timeout is None else cfg.round_timeout,
         )
+        if cfg.round_timeout is None:
+            from seedswarm.node.learn.calibrate import sized_genesis
+
+            self.genesis, measured = sized_genesis(self.genesis, floor)
+            if self.genesis.round_timeout > floor:
+                self.say(f"round timeout {self.genesis.round_timeout} s: a trainer's round measured here takes "
+                         f"{measured.estimate_s:.2f} + {measured.apply_s:.2f} s (--round-timeout sets it)")
         self.genesis.save(self.out / "genesis.json")
         self.place([peer_id_of(x.public) for x in idents])
 
@@ -205,7 +213,8 @@ class Cluster:
                      f"http://127.0.0.1:{cfg.metrics_port + cfg.nodes + cfg.join_nodes - 1}/")
         for i in range(cfg.nodes):
             self.spawn(i)
-        timeout = cfg.timeout or (60.0 + 3.0 * cfg.rounds * max(1.0, cfg.round_timeout) + 20.0 * (cfg.join_nodes > 0))
+        timeout = cfg.timeout or (60.0 + 3.0 * cfg.rounds * max(1.0, self.genesis.round_timeout)
+                                  + 20.0 * (cfg.join_nodes > 0))
         finished = False
         interrupted = False
         try:
@@ -352,6 +361,8 @@ class Cluster:
             # the same bytes by what they were for (records, ..., gossip-control, framing)
             "bytes_per_node_per_round_by_kind": {k: round(v, 1) for k, v in mean_rates(kind_rate).items()},
             "bytes_sent_per_node": {f"node-{i}": final[i].get("bytes_sent") for i in sorted(final)},
+            # the longest any node's event loop was held (its networking waited as long)
+            "loop_lag_max_s": max((final[i].get("loop_lag_max_s") or 0.0 for i in final), default=None),
             "killed": [f"node-{i}" for i in self.killed],
             "joined": [f"node-{i}" for i in self.joined],
             "exit_codes": {f"node-{i}": c for i, c in sorted(exit_codes.items())},
@@ -385,8 +396,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--task", default=d.task, help=TASK_HELP)
     p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE", help=TASK_OPTION_HELP)
     add_learning_options(p, d)
-    p.add_argument("--round-timeout", type=float, default=d.round_timeout,
-                   help="seconds an aggregator waits for contributions at most")
+    p.add_argument("--round-timeout", type=float, default=None,
+                   help="seconds an aggregator waits for contributions at most (default: 3x a trainer's round "
+                        f"as measured here, at least {default('round_timeout')})")
     p.add_argument("--join-nodes", type=int, default=0, help="node processes started later, at --join-at")
     p.add_argument("--join-at", type=int, default=-1, help="round at which the joining nodes start (-1: none)")
     p.add_argument("--kill-nodes", type=int, default=0,

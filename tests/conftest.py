@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,3 +20,14 @@ def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("SEEDSWARM_CACHE", str(tmp_path / "cache"))
     lm.pretrained.cache_clear()
     return tmp_path / "cache"
+
+
+@pytest.fixture
+def nodes() -> Iterator[list[Any]]:
+    """Daemon processes a test starts (objects with a ``proc``): killed at the end if still running."""
+    started: list[Any] = []
+    yield started
+    for n in started:
+        if n.proc.poll() is None:
+            n.proc.kill()
+            n.proc.wait()

@@ -52,14 +52,13 @@ def test_cluster_join_kill_and_agree(tmp_path: Path) -> None:
     # the joiners caught up from a checkpoint fetched in chunks, not by replay from 0: they start at
     # round 12 or later, more than --checkpoint-every rounds behind (a joiner started within 5
     # rounds of genesis replays them instead, which is right too, but not what this checks)
-    # A joiner slowed down by a loaded machine may ask for a checkpoint its peers have already
-    # pruned (every 5 rounds, 2 kept: a few seconds of a fast loopback swarm) and replay instead,
-    # which is right too; at least one must have taken the checkpoint path.
+    # A joiner slowed down by a loaded machine used to ask for a checkpoint its peers had already
+    # pruned (every 5 rounds, 2 kept: a few seconds of a fast loopback swarm) and replay instead:
+    # now a superseded checkpoint stays served for two minutes, and a joiner that still misses
+    # one asks for the newest (test_replan.py).
     logs = {i: (out / "nodes" / f"node-{i}" / "node.log").read_text() for i in (5, 6)}
-    downloaded = [i for i, log in logs.items() if "downloaded the checkpoint of round" in log]
-    assert downloaded, logs[5][-2000:]
-    for i, log in logs.items():
-        assert i in downloaded or "replaying instead" in log, log[-2000:]
+    for log in logs.values():
+        assert "downloaded the checkpoint of round" in log and "replaying instead" not in log, log[-2000:]
     print(f"\ncluster 5+2 joined-2 killed, 150 rounds: {took:.1f} s; join_seconds {summary['join_seconds_joiners']}; "
           f"p50 {summary['round_latency_p50_s']:.3f} s p95 {summary['round_latency_p95_s']:.3f} s; "
           f"{summary['bytes_per_node_per_round']:.0f} B/node/round")

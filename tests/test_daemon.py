@@ -14,7 +14,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,16 +88,6 @@ class Node:
 
     def logs(self) -> str:
         return (self.data.parent / f"{self.data.name}.log").read_text()
-
-
-@pytest.fixture
-def nodes() -> Iterator[list[Node]]:
-    started: list[Node] = []
-    yield started
-    for n in started:
-        if n.proc.poll() is None:
-            n.proc.kill()
-            n.proc.wait()
 
 
 def test_init_writes_genesis_with_safe_permissions(tmp_path: Path) -> None:

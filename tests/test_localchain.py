@@ -15,7 +15,7 @@ from seedswarm.node.core.chain import ChainState, build_record, next_state
 from seedswarm.node.core.effects import Apply
 from seedswarm.node.core.genesis import Genesis
 from seedswarm.node.core.joinplan import assemble
-from seedswarm.node.daemon.localchain import LocalChain
+from seedswarm.node.daemon.localchain import MAX_SERVED, SUPERSEDED_GRACE_S, LocalChain
 from seedswarm.node.daemon.store import ChainStore, CheckpointDir
 from seedswarm.node.learn.checkpoint import decode_params
 from seedswarm.node.learn.replay import ModelStates, apply_record_, model_digest, params_bytes
@@ -123,13 +123,15 @@ def record_heads(steps: list[tuple[ChainState, Record]]) -> list[bytes]:
 
 def test_checkpoints_are_served_from_their_files(tmp_path: Path) -> None:
     """No blob stays in memory; the chunks read back assemble to the checkpoint; a checkpoint
-    whose file was pruned is still served while it is recent; a damaged chunk is not served."""
+    whose file was pruned is still served while it is recent, and for SUPERSEDED_GRACE_S after
+    (a slow joiner's download), up to MAX_SERVED; a damaged chunk is not served."""
     g = make_genesis()
     root = ChainState.initial(g)
     torch.manual_seed(3)
     params = [p.detach().clone() for p in torch.nn.Linear(24, 20).parameters()]  # 2,000 bytes: 9 chunks
-    chain = _chain(tmp_path, g, params, 2)
-    steps = _extend(root, 8, seed=5)
+    now = [0.0]
+    chain = _chain(tmp_path, g, params, 2, clock=lambda: now[0])
+    steps = _extend(root, 30, seed=5)
     _one_by_one(chain, steps[:2])
     first = chain.manifest()
     assert first is not None and first.round == 2 and len(first.chunks) >= 8
@@ -153,12 +155,24 @@ def test_checkpoints_are_served_from_their_files(tmp_path: Path) -> None:
     assert served(first) == blob  # still recent: served from the open file
     assert chain.chunk(first.state, len(first.chunks)) is None
 
-    _one_by_one(chain, steps[6:8])  # round 8: round 2 is no longer recent
+    now[0] = 10.0
+    _one_by_one(chain, steps[6:8])  # round 8: round 2 is beyond the count, superseded 10 s ago
+    assert served(first) == blob
+    now[0] = 10.0 + SUPERSEDED_GRACE_S
+    _one_by_one(chain, steps[8:10])  # round 10: round 2 was superseded long ago, round 4 too
     assert chain.chunk(first.state, 0) is None
-    newest = chain.manifest()
-    assert newest is not None and newest.round == 8 and served(newest) is not None
+    assert len(chain.recent) == 3
+    eighth = [m for m in (c.manifest for c in chain.recent.values()) if m.round == 8][0]
+    assert served(eighth) is not None
 
-    path = next((tmp_path / "checkpoints").glob("0000000008-*.ckpt"))
+    for i in range(10, 30, 2):  # fast rounds within the grace: the count is capped all the same
+        _one_by_one(chain, steps[i : i + 2])
+        assert len(chain.recent) <= MAX_SERVED
+    newest = chain.manifest()
+    assert newest is not None and newest.round == 30 and served(newest) is not None
+    assert len(chain.recent) == MAX_SERVED and chain.chunk(eighth.state, 0) is None
+
+    path = next((tmp_path / "checkpoints").glob("0000000030-*.ckpt"))
     with open(path, "r+b") as f:  # damage chunk 3 of the file being served, in place
         f.seek(3 * 256 + 10)
         byte = f.read(1)

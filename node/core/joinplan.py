@@ -106,6 +106,9 @@ class JoinPlan:
     tries: dict[int, int] = field(default_factory=dict)
     done: bool = False
     failed: str = ""
+    #: the failure was the servers' (they no longer have the checkpoint: pruned while we were
+    #: slow), not a lie: a new plan on a newer manifest may succeed where this one could not
+    unavailable: bool = False
 
     def ask_manifests(self, now: float, peers: Sequence[bytes]) -> list[tuple[bytes, CheckpointRequest]]:
         out = []
@@ -151,6 +154,7 @@ class JoinPlan:
             tries = self.tries.get(i, 0)
             if tries >= 2 * max(1, len(self.servers)):
                 self.fail(f"chunk {i} could not be fetched from any peer")
+                self.unavailable = True
                 return []
             peer = self.servers[(i + tries) % len(self.servers)]
             self.tries[i] = tries + 1

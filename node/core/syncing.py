@@ -75,8 +75,13 @@ class _Core(Protocol):
     def _maybe_join(self, now: float) -> list[Effect]: ...
 
 
+#: checkpoint downloads started again after the servers no longer had the chosen one
+MAX_REPLANS = 2
+
+
 class SyncMixin(_Core):
     plan: JoinPlan | None = None  # the checkpoint download under way, if any
+    _plans_failed: int = 0  # downloads given up because the servers no longer had the checkpoint
     # ------------------------------------------------------------------ peers
     def on_peer(self, now: float, peer: bytes, length: int = 0) -> list[Effect]:
         """The driver connected to ``peer``, which says its chain holds ``length`` records (a
@@ -204,11 +209,15 @@ class SyncMixin(_Core):
         return out
 
     # ------------------------------------------------------------------ joining far behind
-    def _maybe_plan(self, now: float) -> list[Effect]:
+    def _maybe_plan(self, now: float, replan: bool = False) -> list[Effect]:
+        """A checkpoint download when the model is more than ``checkpoint_gap`` rounds behind the
+        best chain known. ``replan``: the previous download failed while our chain caught up (its
+        records are stored, the model still waits at ``model_round``): replaying is the cost."""
         gap = self.cfg.checkpoint_gap
         if gap <= 0 or self.plan is not None:
             return []
-        if self.sync.best_known(now) - max(self.cfg.model_round, self.round) <= gap:
+        model_at = self.cfg.model_round if replan else max(self.cfg.model_round, self.round)
+        if max(self.sync.best_known(now), self.round) - model_at <= gap:
             return []
         plan = JoinPlan(self.run_id, self._plan_cfg, now, self.cfg.model_round)
         self.plan = plan
@@ -236,9 +245,19 @@ class SyncMixin(_Core):
         blob = plan.blob()
         if blob is not None and plan.manifest is not None:
             self._count("checkpoints.installed")
+            self._plans_failed = 0
             out.append(InstallCheckpoint(plan.manifest.round, plan.manifest.head, blob))
         if plan.done and plan.failed:
             self._count("checkpoints.failed")
+            if plan.unavailable and self._plans_failed < MAX_REPLANS:
+                # The servers pruned the checkpoint while we fetched it (a slow joiner, fast
+                # rounds): ask again for the newest one rather than replay the whole chain.
+                self._plans_failed += 1
+                self.plan = None
+                again = self._maybe_plan(now, replan=True)
+                if self.plan is not None:
+                    return out + [Notice("checkpoint", f"asking for a newer checkpoint: {plan.failed}")] + again
+                self.plan = plan  # close enough to the head now: replay the rest
             out.append(Notice("checkpoint", f"replaying instead: {plan.failed}"))
         if plan.done:
             # The model waited for this checkpoint (``Apply.catching_up``): move it to the head now,

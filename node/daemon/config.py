@@ -79,6 +79,8 @@ class NodeConfig:
     #: swarm started together would otherwise expel the ones that start a few seconds late
     min_peers: int = 0
     max_peers: int = 64
+    #: announce this node on the LAN with mDNS and dial the nodes of the run heard there
+    mdns: bool = False
     status_every_s: float = 1.0
     #: a node exits 0 within this bound after SIGINT/SIGTERM, or the watchdog ends it
     shutdown_timeout_s: float = 6.0
@@ -114,6 +116,8 @@ class NodeConfig:
             problems.append("state_cache_mb must be >= 0")
         if self.halt_at < 0 or self.eval_every < 0 or self.max_peers < 1:
             problems.append("halt_at and eval_every must be >= 0, max_peers >= 1")
+        if not isinstance(self.mdns, bool):
+            problems.append(f"mdns must be true or false, not {self.mdns!r}")
         if problems:
             raise ConfigError("; ".join(problems))
 

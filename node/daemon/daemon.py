@@ -8,7 +8,10 @@ this driver moves bytes, runs timers, runs the learning code and persists:
 * ``Reply``    -> the answer written on the inbound stream that asked;
 * ``Estimate`` / ``SolveWork`` -> a worker thread (``offloop``: torch and join work never run on
   the loop or on the transport's thread);
-* ``Apply`` / ``InstallCheckpoint`` / ``Resync`` -> :class:`LocalChain` (store, model, checkpoints);
+* ``Apply`` / ``InstallCheckpoint`` / ``Resync`` -> :class:`LocalChain`: records are stored on
+  the loop; the model (replay, checkpoints written and installed, evaluation) follows in the
+  same worker thread, in effect order (``offloop._model_job``), so a large model never stalls
+  networking; a resync waits for the worker before it cuts the store;
 * ``Rejected`` / ``Ban`` / ``Notice`` -> metrics, one log line per (reason, peer), disconnects.
 
 Every task belongs to one ``asyncio.TaskGroup`` opened in :meth:`run`; on SIGINT/SIGTERM the node
@@ -22,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import json
+import functools
 import logging
 import math
 import os
@@ -70,9 +73,10 @@ from seedswarm.node.core.effects import (
 )
 from seedswarm.node.core.genesis import Genesis
 from seedswarm.node.core.protocol import CoreConfig, NodeCore
-from seedswarm.node.daemon import bytekinds, dashboard, lifecycle
+from seedswarm.node.daemon import dashboard, lifecycle
 from seedswarm.node.daemon import status as status_mod
 from seedswarm.node.daemon.config import ConfigError, NodeConfig
+from seedswarm.node.daemon.discovery import Discovery
 from seedswarm.node.daemon.localchain import LocalChain
 from seedswarm.node.daemon.metrics import Metrics, MetricsServer
 from seedswarm.node.daemon.offloop import OffLoopWork
@@ -107,6 +111,7 @@ class Daemon(OffLoopWork):
         self.transport: Transport | None = None
         self.peering: Peering | None = None
         self.state = "new"
+        self.loop_lag_max_s = 0.0  # lifecycle.watch_loop_lag
         self.evaluation: dict[str, float] = {}  # the last evaluate() (an lm task's metric is its loss)
         self.announce: list[str] = []
         self.first_apply_wall: float | None = None
@@ -127,6 +132,7 @@ class Daemon(OffLoopWork):
         self._rounds_log: Any = None
         self.history = dashboard.History()  # the live dashboard's per-round rows (bounded)
         self.traffic = Traffic(self)
+        self.discovery = Discovery(self)  # the saved address book and mDNS
         self._watchdog: threading.Timer | None = None
 
     @property
@@ -207,7 +213,8 @@ class Daemon(OffLoopWork):
 
     def _new_core(self) -> NodeCore:
         cfg = self.cfg
-        wait = cfg.sync_wait_s if (cfg.bootstrap or cfg.min_peers > 0) else 0.0
+        finds = bool(self.discovery.loaded) or cfg.mdns  # may find peers as a bootstrap list would
+        wait = cfg.sync_wait_s if (cfg.bootstrap or cfg.min_peers > 0 or finds) else 0.0
         return NodeCore(self.genesis, self.identity, CoreConfig(
             halt_at=cfg.halt_at, auto_join=True, checkpoint_gap=cfg.checkpoint_every,
             model_round=self.chain.base_round, startup_wait=wait,
@@ -217,7 +224,7 @@ class Daemon(OffLoopWork):
     def digest_hex(self) -> str:
         head = self.core.head.head if self.core is not None else self.chain.head.head
         if self._digest[0] != head:
-            params = self.chain.states.get(head) if not self.chain.dirty else None
+            params = self.chain.states.peek(head) if not self.chain.dirty else None
             if params is None:
                 return ""  # the model waits for a checkpoint or the next live round: ask again later
             self._digest = (head, model_digest(params).hex())
@@ -289,9 +296,11 @@ class Daemon(OffLoopWork):
                     self.state = "running"
                     main = [tg.create_task(self.traffic.pump(), name="pump"),
                             tg.create_task(self._timer_loop(), name="timers"),
-                            tg.create_task(self._periodic(), name="periodic")]
+                            tg.create_task(self._periodic(), name="periodic"),
+                            tg.create_task(lifecycle.watch_loop_lag(self), name="loop-lag")]
                     self.handle(self.core.start(self.now()))
                     self._dial_bootstrap()
+                    self.discovery.start()
                     status_mod.write_status_file(self)
                     await self._stop.wait()
                     await self._shutdown(main)
@@ -325,6 +334,7 @@ class Daemon(OffLoopWork):
                                lambda: self.core.round if self.core is not None else self.chain.head.round,
                                lambda: self.announce, self.traffic.on_peer, self.reject_peer_id,
                                lambda k: self.metrics.inc(f"{k}_total"))
+        self.discovery.load()
         self.mark("listening")
         log.info("listening on %s", " ".join(self.announce))
 
@@ -355,6 +365,7 @@ class Daemon(OffLoopWork):
         t0 = time.monotonic()
         if self._metrics_server is not None:
             await self._metrics_server.stop()
+        self.discovery.close()
         if self.transport is not None:
             await self.transport.stop()
         log.debug("transport stopped in %.2f s", time.monotonic() - t0)
@@ -421,10 +432,8 @@ class Daemon(OffLoopWork):
             elif isinstance(e, Ban):
                 self._ban(e)
             elif isinstance(e, InstallCheckpoint):
-                if self.chain.install(e, self.cfg.checkpoint_chunk_bytes):
-                    self.mark("checkpoint")
-                    self.metrics.inc("checkpoints_downloaded_total")
-                    log.info("downloaded the checkpoint of round %d (%d bytes)", e.round, len(e.blob))
+                self._model_job(functools.partial(self.chain.install, e, self.cfg.checkpoint_chunk_bytes),
+                                functools.partial(self._installed, e), "installing a checkpoint")
             elif isinstance(e, Resync):
                 self._resync(e)
                 return
@@ -455,7 +464,10 @@ class Daemon(OffLoopWork):
             self.spawn(self.peering.disconnect(pid), "ban")
 
     def _apply(self, e: Apply) -> None:
-        params = self.chain.apply(e)
+        """The records are stored here, on the loop; the model follows in the worker thread
+        (``_move_model``: replay, checkpoint, evaluation), so a large model never stalls the
+        node's networking; the round's row is written when the worker is done."""
+        follow = self.chain.record_steps(e)
         now = time.time()
         lifecycle.note_apply(self, e, now)
         r = e.head.round
@@ -463,25 +475,8 @@ class Daemon(OffLoopWork):
         if e.base.round < r - len(e.steps):
             self.metrics.inc("fork_switches_total", help="head switches that undid stored rounds")
         halting = bool(self.cfg.halt_at and r == self.cfg.halt_at)
-        evaluated = False
-        if params is not None:
-            self.chain.maybe_checkpoint(params, force=halting)
-            if (self.cfg.eval_every and r % self.cfg.eval_every == 0) or halting:
-                try:
-                    ev = self.task.evaluate(bind_(self._eval_model, params))
-                    self.evaluation = {k: float(v) for k, v in ev.items()}
-                    evaluated = True
-                except Exception as err:  # noqa: BLE001 - a task's bug or a diverged model never stops the node
-                    self.metrics.inc("evaluation_errors_total", help="evaluations that raised (the round still counts)")
-                    self.log_once("evaluation", type(err).__name__, "evaluation at round %d failed: %s: %s", r,
-                                  type(err).__name__, err)
-        if self.transport is not None and e.steps:  # not for the model catching up to its head
-            row = dashboard.round_row(self, r, now, len(e.head.members), evaluated)
-            self.history.add(row)
-            if self._rounds_log is not None:
-                # the byte breakdown goes to the file only (the history stays small)
-                kinds = bytekinds.sent_by_kind(self.transport.stats)
-                self._rounds_log.write(json.dumps({**row, "head": e.head.head.hex()[:16], "sent_by_kind": kinds}) + "\n")
+        self._model_job(functools.partial(self._move_model, e, follow, halting),
+                        functools.partial(self._model_moved, e, now), f"applying round {r}")
 
     def _resync(self, e: Resync) -> None:
         """Enough peers agree on a chain that left ours deeper than max_undo: keep ours aside,
@@ -489,6 +484,7 @@ class Daemon(OffLoopWork):
         log.warning("our chain left the swarm's %d rounds back (at round %d; %d peers agree): archiving our "
                     "records after it and resyncing", self.chain.head.round - e.fork_round, e.fork_round, len(e.voters))
         self.metrics.inc("resyncs_total", help="deep forks resolved by resyncing from the peers' chain")
+        self._drain()  # the worker finishes what it was given before the store is cut
         self.chain.archive_after(e.fork_round)
         self.core = self._new_core()
         now = self.now()

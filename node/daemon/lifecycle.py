@@ -17,6 +17,7 @@ from typing import Protocol
 
 from seedswarm.node.core.effects import Apply
 from seedswarm.node.daemon import status as status_mod
+from seedswarm.node.daemon.discovery import Discovery
 from seedswarm.node.daemon.peering import Peering
 
 log = logging.getLogger("seedswarm.daemon")
@@ -24,6 +25,7 @@ log = logging.getLogger("seedswarm.daemon")
 
 class _Node(status_mod.Daemon, Protocol):
     peering: Peering | None
+    discovery: Discovery
 
     def mark(self, phase: str) -> None: ...
 
@@ -61,6 +63,26 @@ async def periodic(d: _Node) -> None:
                 d._dial_bootstrap()
             if tick % 15 == 0:
                 peering.exchange()
+        d.discovery.tick()
+
+
+LAG_TICK_S = 0.1
+STALL_S = 0.25
+
+
+async def watch_loop_lag(d: _Node) -> None:
+    """How late the event loop wakes a 100 ms timer. Whatever holds the loop (a slow handler,
+    torch work that belongs in the worker thread) delays every peer's request and every gossip
+    heartbeat by as much; ``loop_lag_max_s`` in the status and ``loop_stalls_total`` (over
+    STALL_S) make it visible."""
+    loop = asyncio.get_running_loop()
+    while True:
+        t0 = loop.time()
+        await asyncio.sleep(LAG_TICK_S)
+        lag = loop.time() - t0 - LAG_TICK_S
+        d.loop_lag_max_s = max(d.loop_lag_max_s, lag)
+        if lag > STALL_S:
+            d.metrics.inc("loop_stalls_total", help=f"event loop wake-ups later than {STALL_S} s")
 
 
 def watchdog_exit(timeout: float) -> None:

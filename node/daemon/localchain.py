@@ -16,9 +16,10 @@ the records after it that still match are kept (``store.py``).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import msgpack
@@ -51,13 +52,20 @@ checkpoint (``rebuild``): slower, same bits. ``seedswarm node --state-cache-mb``
 """
 
 
+SUPERSEDED_GRACE_S = 120.0
+"""How long a checkpoint stays served after a newer one replaced it (the joiner's download time)."""
+MAX_SERVED = 8
+"""Checkpoints served at most (open files; unlinked ones hold their disk space until closed)."""
+
+
 class LocalChain:
     states: ModelStates  # parameters of recent heads (set by rebuild)
 
     def __init__(self, genesis: Genesis, store: ChainStore, ckdir: CheckpointDir,
                  genesis_params: Sequence[torch.Tensor], checkpoint_every: int, keep_states: int = 16,
                  state_budget_bytes: int | None = STATE_BUDGET_BYTES,
-                 scale: Sequence[torch.Tensor] | None = None) -> None:
+                 scale: Sequence[torch.Tensor] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.genesis = genesis
         self.scale = scale  # the initial model's direction scale (precondition.py), None: plain
         self.run_id = genesis.run_id
@@ -68,7 +76,14 @@ class LocalChain:
         self.keep_states = keep_states
         self.state_budget_bytes = state_budget_bytes
         # checkpoints we serve, by blob hash: manifests in memory, chunks read from their files
+        # The event loop stores records and answers peers from this object while the daemon's
+        # worker thread moves the model (``advance_model``, ``params``, checkpoints): the lock
+        # covers the store and the heads; the tensor work runs outside it. The worker is the
+        # only writer of ``states``.
+        self.lock = threading.RLock()
         self.recent: OrderedDict[bytes, StoredCheckpoint] = OrderedDict()
+        self._added: dict[bytes, float] = {}  # when each served checkpoint was written (clock)
+        self.clock = clock
         self.checkpoint: StoredCheckpoint | None = None  # the newest on our chain
         self.heads: list[bytes] = []
         self.head = ChainState.initial(genesis)
@@ -81,6 +96,10 @@ class LocalChain:
     def rebuild(self) -> None:
         """Chain states from the genesis over the stored records (stopping at the first hole or
         invalid record), then the model from the newest local checkpoint on that chain."""
+        with self.lock:
+            self._rebuild()
+
+    def _rebuild(self) -> None:
         st = ChainState.initial(self.genesis)
         states = [st]
         decoded: list[Record] = []
@@ -125,35 +144,57 @@ class LocalChain:
 
     def params(self, head: bytes) -> list[torch.Tensor] | None:
         """The parameters at ``head`` (rebuilt first if records were stored without the model)."""
-        if self.dirty and head == self.head.head:
-            self.rebuild()
+        with self.lock:
+            if self.dirty and head == self.head.head:
+                self.rebuild()
         return self.states.get(head)
 
     # ------------------------------------------------------------------ effects
     def apply(self, e: Apply) -> list[torch.Tensor] | None:
-        """Persist the steps (after undoing back to ``e.base``) and move the model; returns the
-        parameters at the new head, or None while the model waits for a checkpoint."""
-        undone = self.head.round - e.base.round
-        if undone > 0:
-            log.info("fork switch: undoing %d stored round(s) back to round %d", undone, e.base.round)
-            self.store.truncate(e.base.round)
-            del self.heads[e.base.round + 1 :]
-        for i, (_, rec) in enumerate(e.steps):
-            self._store_record(e.base.round + i, rec.encode())
-            self.heads.append(record_hash(rec))
-        self.head = e.head
-        if e.catching_up:
-            self.dirty = True
+        """Persist the steps and move the model (both here: inline drivers and tests); returns
+        the parameters at the new head, or None while the model waits for a checkpoint."""
+        if not self.record_steps(e):
             return None
-        if self.dirty or not self.states.has(e.base.head):
-            self.rebuild()
-            return self.states.get(self.head.head)
+        moved = self.advance_model(e)
+        return None if moved is None else moved[1]
+
+    def record_steps(self, e: Apply) -> bool:
+        """The event loop's half of an ``Apply``: persist the steps (after undoing back to
+        ``e.base``) and move the head; cheap. Returns whether the model should follow now
+        (False while it waits for a checkpoint)."""
+        with self.lock:
+            undone = self.head.round - e.base.round
+            if undone > 0:
+                log.info("fork switch: undoing %d stored round(s) back to round %d", undone, e.base.round)
+                self.store.truncate(e.base.round)
+                del self.heads[e.base.round + 1 :]
+            for i, (_, rec) in enumerate(e.steps):
+                self._store_record(e.base.round + i, rec.encode())
+                self.heads.append(record_hash(rec))
+            self.head = e.head
+            if e.catching_up:
+                self.dirty = True
+                return False
+            return True
+
+    def advance_model(self, e: Apply) -> tuple[ChainState, list[torch.Tensor]] | None:
+        """The worker's half: the model at ``e.head`` (the tensor work, outside the lock), or at
+        the stored head after a rebuild (which may be ahead of ``e.head`` by then: the loop kept
+        storing meanwhile). Returns the state the parameters belong to, with them."""
+        with self.lock:
+            if self.dirty or not self.states.has(e.base.head):
+                return self._rebuilt()
         try:
-            return self.states.advance(e.base, e.steps)
+            return e.head, self.states.advance(e.base, e.steps)
         except KeyError as err:
             log.warning("cannot apply from round %d (%s): rebuilding from the store", e.base.round, err)
-            self.rebuild()
-            return self.states.get(self.head.head)
+            with self.lock:
+                return self._rebuilt()
+
+    def _rebuilt(self) -> tuple[ChainState, list[torch.Tensor]] | None:
+        self.rebuild()
+        params = self.states.get(self.head.head)
+        return None if params is None else (self.head, params)
 
     def _store_record(self, idx: int, data: bytes) -> None:
         """Store record ``idx``, the one after our head. Past a damaged part the store may
@@ -179,14 +220,18 @@ class LocalChain:
             log.warning("downloaded checkpoint of round %d unusable (%s): replaying instead", e.round, err)
             return False
         self.ckdir.save(ck).close()  # served once the rebuild loads it
-        self.dirty = True
+        with self.lock:
+            self.dirty = True
         return True
 
-    def maybe_checkpoint(self, params: Sequence[torch.Tensor] | None, force: bool = False) -> None:
-        r = self.head.round
+    def maybe_checkpoint(self, params: Sequence[torch.Tensor] | None, force: bool = False,
+                         at: ChainState | None = None) -> None:
+        """A checkpoint of ``params``, the model at ``at`` (default: our head), if due."""
+        st = self.head if at is None else at
+        r = st.round
         if params is None or r <= 0 or not (force or (self.checkpoint_every and r % self.checkpoint_every == 0)):
             return
-        ck = Checkpoint.from_blob(self.run_id, encode_params(r, self.head.head, params), self.ckdir.chunk_bytes)
+        ck = Checkpoint.from_blob(self.run_id, encode_params(r, st.head, params), self.ckdir.chunk_bytes)
         try:
             stored = self.ckdir.save(ck)
         except OSError as err:
@@ -199,22 +244,36 @@ class LocalChain:
         # Any recent checkpoint is served, not only the newest: a joiner that got a manifest a
         # moment ago keeps fetching its chunks while we write the next one. Each holds an open
         # file (its chunks are read on demand), closed when it is dropped or replaced.
+        # A superseded checkpoint stays served for SUPERSEDED_GRACE_S (up to MAX_SERVED files):
+        # a joiner that chose it may need that long to fetch it on a slow link, and with fast
+        # rounds the count alone retired it within seconds (the joiner then had to start over).
+        now = self.clock()
         old = self.recent.pop(ck.manifest.state, None)
         if old is not None and old is not ck:
             old.close()
         self.recent[ck.manifest.state] = ck
+        self._added[ck.manifest.state] = now
         while len(self.recent) > max(2, self.ckdir.keep + 1):
-            self.recent.popitem(last=False)[1].close()
+            digests = list(self.recent)
+            if len(digests) <= MAX_SERVED and now - self._added[digests[1]] < SUPERSEDED_GRACE_S:
+                break  # the oldest was superseded only a moment ago
+            self._added.pop(digests[0], None)
+            self.recent.pop(digests[0]).close()
 
     def close(self) -> None:
         """Close the files of the checkpoints we serve (the process's end does it too)."""
         for ck in self.recent.values():
             ck.close()
         self.recent.clear()
+        self._added.clear()
 
     def archive_after(self, fork_round: int) -> Path | None:
         """Move the stored records after ``fork_round`` to a side file (nothing is deleted), cut
         the store there and rebuild: the peers agree on another chain from that point."""
+        with self.lock:
+            return self._archive_after(fork_round)
+
+    def _archive_after(self, fork_round: int) -> Path | None:
         if fork_round >= len(self.store):
             return None
         path = self.store.path.with_name(f"{self.store.path.name}.fork-{fork_round}-{int(time.time())}")
@@ -231,9 +290,10 @@ class LocalChain:
         return self.head.round
 
     def record(self, r: int) -> bytes | None:
-        if not 0 <= r < self.head.round or r >= len(self.store):
-            return None
-        return self.store[r]
+        with self.lock:  # the worker may be rebuilding (and cutting) the store
+            if not 0 <= r < self.head.round or r >= len(self.store):
+                return None
+            return self.store[r]
 
     def head_at(self, r: int) -> bytes | None:
         return self.heads[r] if 0 <= r < len(self.heads) else None

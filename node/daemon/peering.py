@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
@@ -51,6 +52,8 @@ class Peering:
         self.reject = reject
         self.count = count
         self.book: dict[str, list[str]] = {}
+        # peer id -> wall time of its last hello with us (the saved book ranks by it)
+        self.seen: dict[str, float] = {}
         self._dialing: dict[str, asyncio.Task[bool]] = {}
 
     def hello(self) -> Hello:
@@ -64,6 +67,8 @@ class Peering:
             return
         if addrs:
             self.book[peer] = [a for a in addrs if a.endswith(f"/p2p/{peer}")][:4]
+        if peer in self.seen or len(self.seen) < MAX_BOOK:
+            self.seen[peer] = time.time()
         for pid, a in book.items():
             if len(self.book) >= MAX_BOOK:
                 break

@@ -19,6 +19,7 @@ from seedswarm.gossip.transport import Transport
 from seedswarm.node.core.protocol import NodeCore
 from seedswarm.node.daemon.bytekinds import sent_by_kind
 from seedswarm.node.daemon.config import NodeConfig
+from seedswarm.node.daemon.discovery import Discovery
 from seedswarm.node.daemon.localchain import LocalChain
 from seedswarm.node.daemon.metrics import Metrics
 
@@ -43,6 +44,8 @@ class Daemon(Protocol):
     first_apply_wall: float | None
     member_since_wall: float | None
     phases: dict[str, float]
+    loop_lag_max_s: float
+    discovery: Discovery
 
     @property
     def accuracy(self) -> float | None: ...
@@ -107,7 +110,9 @@ def status(d: Daemon) -> dict[str, Any]:
         "gossip_rpc_bytes_sent": dict(getattr(stats, "gossip_rpc_bytes_sent", {})),
         # circuit relay v2 (docs/networking.md, "Behind NAT")
         "relay": relay_status(t if running else None, stats),
-        "checkpoint_round": d.chain.checkpoint.round if d.chain.checkpoint else None,
+        "checkpoint_round": ck.round if (ck := d.chain.checkpoint) is not None else None,
+        # the longest the event loop was held (by a handler, or work that belongs in the worker)
+        "loop_lag_max_s": round(d.loop_lag_max_s, 4),
         "accuracy": d.accuracy,
         "evaluation": d.evaluation,
         "started_at": d.started_wall,
@@ -123,6 +128,7 @@ def status(d: Daemon) -> dict[str, Any]:
             "requests": counters.get("sync.requests", 0),
             "behind": core.sync.behind(st.round, d.now()) if core is not None else 0,
         },
+        "discovery": d.discovery.status(),
         "store": {"holes": d.chain.store.holes()[:16], "damaged": d.chain.store.damaged,
                   "archived": [str(p) for p in d.chain.archived]},
         "updated_at": time.time(),
@@ -149,6 +155,7 @@ def update_metrics(d: Daemon) -> None:
     m.set("round", st.round, help="rounds applied (the chain head's round)")
     m.set("members", len(st.members), help="members in the chain's membership set")
     m.set("member", float(d.identity.public in st.members))
+    m.set("loop_lag_max_seconds", d.loop_lag_max_s, help="longest the event loop was late for a 100 ms timer")
     t = d.transport
     if t is not None:
         m.set("peers", len(t.peers()) if t.running else 0, help="connected peers")

@@ -122,6 +122,11 @@ class ModelStates:
     def has(self, head: bytes) -> bool:
         return head in self._by_head
 
+    def peek(self, head: bytes) -> Params | None:
+        """``get`` without touching the LRU order: for readers on another thread than the one
+        that moves the model (the daemon's status), which must not reorder what it evicts."""
+        return self._by_head.get(head)
+
     def advance(self, base: ChainState, steps: Sequence[tuple[ChainState, Record]]) -> Params:
         """Parameters after applying ``steps`` to ``base`` (reusing any already computed)."""
         cur = self.get(base.head)

@@ -24,6 +24,7 @@ from typing import Any
 
 from seedswarm.node.learn.basetask import BaseTask, Task, param_count
 from seedswarm.node.learn.digits import DigitsTask, digits_param_count
+from seedswarm.node.learn.lowprecision import AutocastTask, split_autocast_option
 from seedswarm.node.learn.precondition import PreconditionedTask, split_precondition_options
 from seedswarm.node.learn.taskcommon import Metric, Shard, task_metric
 from seedswarm.node.learn.taskcommon import check_seed as _check_seed
@@ -74,7 +75,8 @@ def load_task(spec: str, options: dict[str, Any] | None = None, seed: int = 0) -
     ``lora_targets`` and ``lora_alpha`` are every task's: the factory never sees them, and the
     task comes back wrapped in a :class:`~.trainable.SubsetTask` that applies them; so are
     ``precondition``, ``precondition_batch`` and ``precondition_floor``
-    (:class:`~.precondition.PreconditionedTask`). Every problem
+    (:class:`~.precondition.PreconditionedTask`), ``autocast``
+    (:class:`~.lowprecision.AutocastTask`). Every problem
     raises :class:`TaskError` with a message naming the spec, except a ValueError the factory
     raises itself (its message is about the options), which passes through unchanged.
     """
@@ -109,6 +111,7 @@ def load_task(spec: str, options: dict[str, Any] | None = None, seed: int = 0) -
     seed = _check_seed(seed)
     opts, subset = split_subset_options(opts)  # trainable=, lora=: for every task (trainable.py)
     opts, precondition = split_precondition_options(opts)  # precondition=: every task's (precondition.py)
+    opts, autocast = split_autocast_option(opts)  # autocast=bf16: every task's (lowprecision.py)
     try:
         task = factory(opts, seed)
     except ValueError:
@@ -131,4 +134,6 @@ def load_task(spec: str, options: dict[str, Any] | None = None, seed: int = 0) -
         task = SubsetTask(task, subset, seed)
     if precondition is not None:  # after the subset: the scale covers exactly the trainable parameters
         task = PreconditionedTask(task, precondition, seed)
+    if autocast is not None:  # outermost: the preconditioner's scale comes from float32 passes
+        task = AutocastTask(task, autocast)
     return task
