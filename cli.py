@@ -24,6 +24,7 @@ BENCHES: dict[str, str] = {
     "sybil": "a flood of join requests from fresh keys against a small open swarm",
     "chaos": "real node processes under crashes, partitions and hostile peers",
     "wan": "real node processes over emulated WAN links (latency, jitter, loss, bandwidth per host)",
+    "nat": "real node processes behind NAT (iptables masquerade) that train through a circuit relay",
     "fuzz": "malformed and hostile messages against a real node process",
     "lm": "the swarm fine-tunes a pretrained GPT: share of centralized Adam's loss reduction, bytes against MoDeST",
     "bytes": "bytes real daemons send at their sockets, by kind, against the protocol's own",

@@ -204,6 +204,14 @@ NODE_OPTIONS: list[tuple[str, dict[str, Any]]] = [
                             "0.0.0.0 expanded)"}),
     ("--bootstrap", {"action": "append", "metavar": "MULTIADDR",
                      "help": "a peer's full address /ip4/A/tcp/P/p2p/ID to join through (repeatable)"}),
+    ("--relay", {"action": "store_true",
+                 "help": "serve as a circuit relay for peers behind NAT (needs a public address; see 'Behind NAT' "
+                         "in the README)"}),
+    ("--relay-via", {"action": "append", "metavar": "MULTIADDR",
+                     "help": "behind NAT: reserve a slot on this relay /ip4/A/tcp/P/p2p/ID and be reached through "
+                             "it (repeatable)"}),
+    ("--no-hole-punch", {"action": "store_true",
+                         "help": "keep relayed connections relayed: no hole punching (DCUtR) to make them direct"}),
     ("--device", {"choices": ["auto", "cpu", "cuda"], "help": "where the model runs (auto: cuda when available)"}),
     ("--metrics-port", {"type": int, "metavar": "PORT", "help": "serve /metrics (Prometheus), /status and a live dashboard at / on this port (0: off)"}),
     ("--metrics-host", {"metavar": "HOST", "help": "address the metrics endpoint binds"}),
@@ -296,7 +304,8 @@ def cmd_node(args: argparse.Namespace) -> int:
     started = time.time()
     try:
         file_values = load_toml(args.config) if args.config else {}
-        cli = {k: getattr(args, k) for k in ("genesis", "data_dir", "listen", "announce", "bootstrap", "device",
+        cli = {k: getattr(args, k) for k in ("genesis", "data_dir", "listen", "announce", "bootstrap", "relay",
+                                             "relay_via", "no_hole_punch", "device",
                                              "metrics_port", "metrics_host", "log_format", "log_level",
                                              "checkpoint_every", "checkpoint_chunk_bytes", "state_cache_mb",
                                              "shard_index",

@@ -26,11 +26,20 @@ from libp2p.pubsub.pb import rpc_pb2
 
 from seedswarm.gossip.libp2p.api import Counters
 
+#: Kind of the circuit relay streams: on a node behind NAT, what it exchanged with peers through
+#: a relay; on the relay, what it forwarded.
+RELAY: Final = "relay"
 #: Kinds of stream payload that are not our own protocols (``/ipfs/...`` protocols of libp2p).
 LIBP2P_KINDS: Final = {
     "/ipfs/id/1.0.0": "identify",
     "/ipfs/id/push/1.0.0": "identify-push",
     "/ipfs/ping/1.0.0": "ping",
+    # circuit relay v2: the reservation and connect messages, then every byte of the relayed
+    # connections that run over these streams (their own streams are not counted again)
+    "/libp2p/circuit/relay/0.2.0/hop": RELAY,
+    "/libp2p/circuit/relay/0.2.0/stop": RELAY,
+    "/libp2p/dcutr": "dcutr",
+    "/libp2p/autonat/1.0.0": "autonat",
 }
 #: Kind of the bytes a stream moves before its protocol is agreed.
 MULTISTREAM: Final = "multistream"

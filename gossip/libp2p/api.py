@@ -98,6 +98,17 @@ class HostConfig:
     #: Bound on start(); stop() always returns within about stop_timeout_s + 2 s.
     start_timeout_s: float = 15.0
     stop_timeout_s: float = 3.0
+    #: Serve as a circuit relay v2 (``hop``) for peers behind NAT (``relay.py``). Every host
+    #: accepts relayed connections whatever this says.
+    relay_service: bool = False
+    #: Relays (``.../p2p/<relay id>``) to reserve a slot on, so that peers reach this host at
+    #: ``<relay>/p2p-circuit/p2p/<our id>``; they are dialled and redialled like bootstrap peers.
+    relays: list[str] = field(default_factory=list)
+    #: Try to replace a relayed connection with a direct one by hole punching (DCUtR), where
+    #: both NATs allow it; the relay carries the coordination.
+    hole_punch: bool = True
+    #: Learn whether peers can dial this host (AutoNAT, ``autonat.py``): ``Libp2pHost.reachability``.
+    autonat: bool = False
 
 
 # Events, validators and handlers are the transport interface's own (gossip.transport): the
@@ -149,6 +160,20 @@ class HostStats:
     #: adapter caught (``tuning.guard_peerstore``, ``Libp2pHost._peerstore_cleanup``): unguarded,
     #: each one stopped the host.
     peerstore_errors: int = 0
+    #: Circuit relay v2 (``relay.py``): bytes this host forwarded between two other peers (as a
+    #: relay), reservations it made or renewed on its relays and the attempts that failed, and
+    #: relay-protocol input that raised in the handler (caught; the stream was reset).
+    relay_bytes_forwarded: int = 0
+    relay_reservations: int = 0
+    relay_reservation_failures: int = 0
+    relay_errors: int = 0
+    #: DCUtR: hole punches that gave a direct connection, that did not, and inbound sessions
+    #: refused (one per peer at a time, ``relay.MAX_INBOUND_DCUTR`` in all).
+    hole_punch_successes: int = 0
+    hole_punch_failures: int = 0
+    hole_punch_refused: int = 0
+    #: AutoNAT dial-back requests refused (one per peer at a time, 8 in all).
+    autonat_refused: int = 0
 
     def sent_by_kind(self) -> dict[str, int]:
         """Every byte this host wrote to its sockets, by kind; the values add up to
@@ -203,6 +228,14 @@ class Counters:
         "transport_bytes_sent",
         "transport_bytes_received",
         "peerstore_errors",
+        "relay_bytes_forwarded",
+        "relay_reservations",
+        "relay_reservation_failures",
+        "relay_errors",
+        "hole_punch_successes",
+        "hole_punch_failures",
+        "hole_punch_refused",
+        "autonat_refused",
     )
 
     def __init__(self) -> None:

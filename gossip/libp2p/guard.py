@@ -39,6 +39,8 @@ from libp2p.pubsub.validators import PUBSUB_SIGNING_PREFIX
 from libp2p.stream_muxer.exceptions import MuxedConnError, MuxedStreamError
 from libp2p.utils.varint import decode_uvarint
 
+from seedswarm.gossip.libp2p.relay import is_relayed
+
 log = logging.getLogger(__name__)
 
 #: Why the guard dropped a peer's input (the keys of ``HostStats.gossip_dropped``).
@@ -216,7 +218,8 @@ class GuardedPubsub(Pubsub):
             if m.key and m.from_id[:1] == _IDENTITY_MULTIHASH:
                 m.ClearField("key")
         ok = await super().write_msg(stream, rpc_msg)
-        if ok and self._on_rpc_sent is not None:
+        # an RPC on a relayed connection is counted as relay bytes (relay.py), not split here
+        if ok and self._on_rpc_sent is not None and not is_relayed(getattr(stream, "muxed_conn", None)):
             try:
                 self._on_rpc_sent(rpc_msg)
             except Exception:

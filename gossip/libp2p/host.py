@@ -5,6 +5,7 @@ the host's trio main.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -30,10 +31,12 @@ from seedswarm.gossip.libp2p.api import (
     RequestHandler,
     Validator,
 )
+from seedswarm.gossip.libp2p.autonat import UNKNOWN, FreshDialAutoNAT, Reachability
 from seedswarm.gossip.libp2p.bridge import TrioBridge
 from seedswarm.gossip.libp2p.common import LogOnce, reason
 from seedswarm.gossip.libp2p.logs import install_log_policy
 from seedswarm.gossip.libp2p.pubsub import Gossip
+from seedswarm.gossip.libp2p.relay import Relay, is_circuit, is_relayed
 from seedswarm.gossip.libp2p.streams import Streams
 from seedswarm.gossip.libp2p.transport import claim_listen_port
 from seedswarm.gossip.libp2p.tuning import (
@@ -64,7 +67,11 @@ class _PeerNotifee(INotifee):
     async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
         # Called before multistream-select writes a byte on the stream (accounting.py).
         release_window_lazily(getattr(stream, "muxed_stream", None))
-        install_stream_counter(stream, self._owner._counters, self._owner._prefix)
+        # A relayed connection's bytes are already counted once, as the relay stream's payload
+        # on our connection to the relay (kind ``relay``): counting its streams too would count
+        # them twice.
+        if not is_relayed(getattr(stream, "muxed_conn", None)):
+            install_stream_counter(stream, self._owner._counters, self._owner._prefix)
         await trio.lowlevel.checkpoint()
 
     async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
@@ -121,11 +128,15 @@ class Libp2pHost:
         )
         self._streams = Streams(config, self._id, self._counters, self._bridge, self._log_once)
         self._gossip = Gossip(config, self._id, self._counters, self._emit, self._log_once)
+        self._relay = Relay(self._counters, config.relay_service, list(config.relays), self._relay_error,
+                            config.hole_punch)
 
         # trio side (only touched on the trio thread once it runs)
         self._host: Any = None
         self._conn_counts: dict[str, int] = {}
         self._peers_snapshot: tuple[str, ...] = ()
+        self._relayed_snapshot: tuple[str, ...] = ()
+        self._reachability: Reachability | None = None
         self._bootstrap: list[PeerInfo] = []
         self._listen_mas: list[multiaddr.Multiaddr] = []
 
@@ -152,11 +163,13 @@ class Libp2pHost:
             listen.append(claim_listen_port(ma))
         self._listen_mas = listen
         self._bootstrap = []
-        for addr in self.config.bootstrap:
+        for addr in [*self.config.bootstrap, *self.config.relays]:
             info = _parse_peer_addr(addr)
             if info.peer_id == self._id:
                 log.debug("dropping own peer id from the bootstrap list: %s", addr)
                 continue
+            if any(b.peer_id == info.peer_id for b in self._bootstrap):
+                continue  # a relay that is also a bootstrap peer
             self._bootstrap.append(info)
         self.listen_addrs = await self._bridge.start(self._run_host, self.config.start_timeout_s)
 
@@ -178,6 +191,7 @@ class Libp2pHost:
                                  self._peerstore_error)
         host.get_network().register_notifee(_PeerNotifee(self))
         pubsub, gossipsub = self._gossip.build(host)
+        relay, dcutr = self._relay.build(host)
         self._host = host
         self._streams.attach(host)
         network = host.get_network()
@@ -191,10 +205,19 @@ class Libp2pHost:
                 # The auto-connector redials every peer the peerstore ever saw (departed ones
                 # included) every 10 s while under 50 connections; we own the dial policy.
                 await network.auto_connector.stop()
-                async with background_trio_service(pubsub), background_trio_service(gossipsub):
+                async with background_trio_service(pubsub), background_trio_service(gossipsub), \
+                        background_trio_service(relay), \
+                        (background_trio_service(dcutr) if dcutr else contextlib.nullcontext()):
                     await pubsub.wait_until_ready()
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._maintenance)
+                        if self._relay.relays:
+                            nursery.start_soon(self._relay.keep_reservations)
+                        if self.config.autonat:
+                            self._reachability = Reachability(
+                                host, FreshDialAutoNAT(host, self._counters, self._relay_error),
+                                has_relay=bool(self.config.relays) or self.config.relay_service)
+                            nursery.start_soon(self._reachability.run)
                         nursery.start_soon(self._peerstore_cleanup)
                         if self._bootstrap:
                             nursery.start_soon(self._bootstrap_keeper)
@@ -214,6 +237,10 @@ class Libp2pHost:
             connected = {str(p) for p in self._host.get_connected_peers()}
             connected.discard(self.peer_id)
             self._peers_snapshot = tuple(sorted(connected))
+            network = self._host.get_network()
+            self._relayed_snapshot = tuple(sorted(
+                str(p) for p in self._host.get_connected_peers()
+                if (conns := network.get_connections(p)) and all(is_relayed(c) for c in conns)))
 
     async def _peerstore_cleanup(self) -> None:
         """libp2p's ``PeerStore.start_cleanup_task``, guarded: sweep expired peers every
@@ -232,6 +259,25 @@ class Libp2pHost:
                 peerstore._cleanup_expired_records()
             except Exception as e:
                 self._peerstore_error("cleanup", e)
+
+    def _relay_error(self, where: str, e: Exception) -> None:
+        """trio thread: a relay-protocol handler raised (a peer's bad input); caught."""
+        self._counters.inc("relay_errors")
+        self._log_once(("relay", where, type(e).__name__), logging.WARNING,
+                       "circuit relay %s handler error, stream reset (counted in relay_errors): %s",
+                       where, reason(e))
+
+    def reachability(self) -> str:
+        """``public``, ``private`` or ``unknown``: can peers dial this host (AutoNAT)?"""
+        return self._reachability.status if self._reachability is not None else UNKNOWN
+
+    def relayed_peers(self) -> list[str]:
+        """Connected peers reached only through a relay (refreshed every heartbeat)."""
+        return list(self._relayed_snapshot)
+
+    def relay_reservations(self) -> list[str]:
+        """Relays that hold a reservation for this host now (peer ids; a snapshot)."""
+        return self._relay.reserved()
 
     def _peerstore_error(self, where: str, e: Exception) -> None:
         """trio thread: a peerstore error the adapter swallowed (see ``_peerstore_cleanup``)."""
@@ -282,6 +328,14 @@ class Libp2pHost:
         unblock = getattr(network, "unblock_peer", None)
         if unblock is not None:
             unblock(info.peer_id)
+        circuits = [a for a in info.addrs if is_circuit(a)]
+        if circuits:
+            # The swarm skips /p2p-circuit addresses: dial through the relay ourselves.
+            if network.get_connections(info.peer_id):
+                return
+            with trio.fail_after(self.config.dial_timeout_s * 2):  # two hops: relay, then peer
+                await self._relay.dial(circuits[0].encapsulate(multiaddr.Multiaddr(f"/p2p/{info.peer_id}")))
+            return
         host.get_peerstore().add_addrs(info.peer_id, info.addrs, PEER_ADDR_TTL_S)
         with trio.fail_after(self.config.dial_timeout_s):
             await host.connect(info)

@@ -37,6 +37,10 @@ QUIET_LOGGERS: Final = {
     # logs an ERROR for every failed dial (a bootstrap peer that is not up yet, a departed
     # peer); the bootstrap keeper and the daemon report failed dials themselves, once
     "libp2p.transport.tcp.tcp": logging.CRITICAL,
+    # circuit relay v2 logs an ERROR for each ordinary end of a relay stream (a client that
+    # closes its stream after a reservation, a circuit whose peer left) and for each bad message
+    # a peer sends; what matters is counted (HostStats.relay_*) and logged once by the adapter
+    "libp2p.relay.circuit_v2": logging.CRITICAL,
 }
 
 #: logger -> messages (regular expressions, matched at the start) that are ordinary events.

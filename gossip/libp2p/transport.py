@@ -17,6 +17,7 @@ from typing import Any
 
 import multiaddr
 from libp2p.abc import IRawConnection, ISecureConn
+from libp2p.connection_types import ConnectionType
 from libp2p.custom_types import TMuxerOptions, TSecurityOptions
 from libp2p.io.abc import ReadWriteCloser
 from libp2p.network.connection.raw_connection import RawConnection
@@ -114,6 +115,9 @@ class CountingUpgrader(TransportUpgrader):
     async def upgrade_security(
         self, raw_conn: IRawConnection, is_initiator: bool, peer_id: ID | None = None
     ) -> ISecureConn:
-        if isinstance(raw_conn, RawConnection) and not isinstance(raw_conn.stream, CountedStream):
+        # A relayed connection (circuit relay v2) runs over a stream of our connection to the
+        # relay, whose socket already counts its bytes: it is not counted a second time.
+        if isinstance(raw_conn, RawConnection) and not isinstance(raw_conn.stream, CountedStream) \
+                and raw_conn.get_connection_type() != ConnectionType.RELAYED:
             raw_conn.stream = CountedStream(raw_conn.stream, self._counters)
         return await super().upgrade_security(raw_conn, is_initiator, peer_id)

@@ -24,7 +24,8 @@ KIND_NAMES: Final = {
 }
 #: The order of the table (``seedswarm cluster``, ``seedswarm bench bytes``); others go last.
 KIND_ORDER: Final = ("records", "contributions", "verification", "sync", "hello", "gossip-envelope",
-                     "gossip-control", "identify", "identify-push", "ping", "multistream", "framing")
+                     "gossip-control", "identify", "identify-push", "ping", "relay", "dcutr", "autonat",
+                     "multistream", "framing")
 #: The kinds that are the protocol's own messages (as the simulator counts them); the rest is
 #: what the transport adds.
 PROTOCOL_KINDS: Final = frozenset({"records", "contributions", "verification", "sync"})

@@ -46,6 +46,13 @@ class NodeConfig:
     #: this host's interface addresses)
     announce: tuple[str, ...] = ()
     bootstrap: tuple[str, ...] = ()
+    #: serve as a circuit relay v2 for peers behind NAT (a node with a public address)
+    relay: bool = False
+    #: relays (``.../p2p/<relay id>``) to reserve a slot on: a node behind NAT is then reached at
+    #: ``<relay>/p2p-circuit/p2p/<its id>``, which it announces instead of its listen addresses
+    relay_via: tuple[str, ...] = ()
+    #: never try to turn a relayed connection into a direct one by hole punching (DCUtR)
+    no_hole_punch: bool = False
     device: str = "auto"
     metrics_port: int = 0  # 0: no HTTP endpoint
     metrics_host: str = "127.0.0.1"
@@ -89,12 +96,18 @@ class NodeConfig:
             problems.append("metrics_port must be in 0..65535")
         if not self.listen:
             problems.append("at least one listen address is required")
-        for a in (*self.listen, *self.bootstrap, *self.announce):
+        for a in (*self.listen, *self.bootstrap, *self.announce, *self.relay_via):
             if not isinstance(a, str) or not a.startswith("/"):
                 problems.append(f"not a multiaddr: {a!r}")
         for a in self.bootstrap:
             if "/p2p/" not in a:
                 problems.append(f"bootstrap address {a!r} must end with /p2p/<peer id>")
+        for a in self.relay_via:
+            if "/p2p/" not in a or "/p2p-circuit" in a:
+                problems.append(f"relay address {a!r} must be a relay's own address ending with /p2p/<relay id>")
+        for name in ("relay", "no_hole_punch"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name} must be true or false, not {getattr(self, name)!r}")
         if self.checkpoint_every < 0 or self.checkpoint_chunk_bytes < 256 or self.checkpoints_kept < 1:
             problems.append("checkpoint_every >= 0, checkpoint_chunk_bytes >= 256, checkpoints_kept >= 1")
         if self.shard_count < 1 or self.shard_index >= self.shard_count:
@@ -114,7 +127,7 @@ class NodeConfig:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(NodeConfig) if f.name != "extra"}
-_LISTS = {"listen", "announce", "bootstrap"}
+_LISTS = {"listen", "announce", "bootstrap", "relay_via"}
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

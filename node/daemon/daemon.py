@@ -329,7 +329,7 @@ class Daemon(OffLoopWork):
         await t.subscribe(TOPIC, gossip_validator(self.run_id))
         from seedswarm.node.daemon.netstack import announce_addrs
 
-        self.announce = announce_addrs(t.listen_addrs, self.cfg.announce, self.peer_id)
+        self.announce = announce_addrs(t.listen_addrs, self.cfg.announce, self.peer_id, self.cfg.relay_via)
         self.peering = Peering(self.run_id, self.peer_id, t, self.cfg.max_peers, self.spawn,
                                lambda: self.core.round if self.core is not None else self.chain.head.round,
                                lambda: self.announce, self.traffic.on_peer, self.reject_peer_id,

@@ -29,7 +29,14 @@ def local_ipv4s() -> list[str]:
     return sorted(set(out), key=lambda a: (a.startswith("127."), a))
 
 
-def announce_addrs(listen_addrs: Sequence[str], configured: Sequence[str], peer_id: str) -> list[str]:
+def announce_addrs(listen_addrs: Sequence[str], configured: Sequence[str], peer_id: str,
+                   relay_via: Sequence[str] = ()) -> list[str]:
+    """The addresses a node hands its peers. Behind NAT (``relay_via``): its circuit addresses
+    through each relay, then only the ``configured`` ones: its listen addresses are private and
+    a peer that dials them waits out a timeout before it tries the next one."""
+    circuits = [f"{r}/p2p-circuit/p2p/{peer_id}" for r in relay_via]
+    if relay_via:
+        return circuits + [a if "/p2p/" in a else f"{a}/p2p/{peer_id}" for a in configured]
     if configured:
         return [a if "/p2p/" in a else f"{a}/p2p/{peer_id}" for a in configured]
     out: list[str] = []
@@ -55,7 +62,9 @@ def libp2p_transport(identity: Identity, node: NodeConfig, run_id: bytes) -> tp.
     # Its bootstrap keeper redials the bootstrap peers with backoff (the daemon need not).
 
     cfg = HostConfig(identity_seed=identity.seed, listen=list(node.listen), bootstrap=list(node.bootstrap),
-                     protocol_prefix=protocol_prefix(run_id), max_message_bytes=MAX_MESSAGE_BYTES)
+                     protocol_prefix=protocol_prefix(run_id), max_message_bytes=MAX_MESSAGE_BYTES,
+                     relay_service=node.relay, relays=list(node.relay_via),
+                     hole_punch=not node.no_hole_punch, autonat=True)
     try:
         host = Libp2pHost(cfg)
     except HostError as e:

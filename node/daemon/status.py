@@ -57,6 +57,19 @@ class Daemon(Protocol):
     def log_once(self, reason: str, peer: str, msg: str, *args: Any) -> None: ...
 
 
+
+def relay_status(t: Any, stats: Any) -> dict[str, Any]:
+    """Relays that hold a reservation for us, peers we reach only through a relay, the bytes we
+    forwarded for others as a relay, and hole punches (zeros on a transport without relays)."""
+    return {
+        "reserved_on": t.relay_reservations() if hasattr(t, "relay_reservations") else [],
+        "relayed_peers": len(t.relayed_peers()) if hasattr(t, "relayed_peers") else 0,
+        "bytes_forwarded": getattr(stats, "relay_bytes_forwarded", 0),
+        "reachability": t.reachability() if hasattr(t, "reachability") else "unknown",
+        "hole_punches": getattr(stats, "hole_punch_successes", 0),
+        "hole_punch_failures": getattr(stats, "hole_punch_failures", 0),
+    }
+
 def status(d: Daemon) -> dict[str, Any]:
     core = d.core
     st = core.head if core is not None else d.chain.head
@@ -95,6 +108,8 @@ def status(d: Daemon) -> dict[str, Any]:
         # what the bytes sent were for (records, contributions, ..., gossip-control, framing)
         "bytes_sent_by_kind": sent_by_kind(stats),
         "gossip_rpc_bytes_sent": dict(getattr(stats, "gossip_rpc_bytes_sent", {})),
+        # circuit relay v2 (docs/networking.md, "Behind NAT")
+        "relay": relay_status(t if running else None, stats),
         "checkpoint_round": ck.round if (ck := d.chain.checkpoint) is not None else None,
         # the longest the event loop was held (by a handler, or work that belongs in the worker)
         "loop_lag_max_s": round(d.loop_lag_max_s, 4),
