@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import textwrap
 from typing import Any
 
@@ -44,6 +45,12 @@ def add_learning_options(p: argparse.ArgumentParser, d: Any) -> None:
                    help="the learning rate decays as lr / (1 + round / ROUNDS); 0 keeps it constant")
     p.add_argument("--local-lr", type=float, default=d.local_lr, help="fo only: a trainer's local SGD learning rate")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples in a trainer's batch")
+
+
+def fail(cmd: str, msg: str) -> int:
+    """One line on stderr, ``seedswarm CMD: MSG``, and exit code 2: how every command refuses."""
+    print(f"seedswarm {cmd}: {msg}", file=sys.stderr)
+    return 2
 
 
 def show_default(value: Any) -> str | None:

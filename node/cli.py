@@ -17,11 +17,11 @@ import signal
 import socket
 import sys
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from seedswarm.clihelp import fail
 from seedswarm.sampling.aggregators import RULES
 
 PROG = "seedswarm"
@@ -51,11 +51,6 @@ def setup_logging(fmt: str, level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
-
-
-def _fail(cmd: str, msg: str) -> int:
-    print(f"{PROG} {cmd}: {msg}", file=sys.stderr)
-    return 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,7 +135,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     try:
         check_out_file(out, force=args.force)
     except OutPathError as e:
-        return _fail("init", str(e))
+        return fail("init", str(e))
     members: list[bytes] = []
     try:
         for m in args.member:
@@ -148,7 +143,7 @@ def cmd_init(args: argparse.Namespace) -> int:
                 raise ValueError
             members.append(bytes.fromhex(m))
     except ValueError:
-        return _fail("init", "--member expects a 64-hex-digit Ed25519 public key (see data_dir/status.json or `seedswarm init --data-dir`)")
+        return fail("init", "--member expects a 64-hex-digit Ed25519 public key (see data_dir/status.json or `seedswarm init --data-dir`)")
     ident = None
     if args.data_dir:
         key = Path(args.data_dir) / "identity.key"
@@ -156,9 +151,9 @@ def cmd_init(args: argparse.Namespace) -> int:
             if key.exists():
                 ident = Identity.load(key)
         except KeyFileError as e:
-            return _fail("init", str(e))
+            return fail("init", str(e))
     if not members and not args.data_dir:
-        return _fail("init", "a swarm needs a founding member: pass --data-dir DIR (the first node's) or --member KEY")
+        return fail("init", "a swarm needs a founding member: pass --data-dir DIR (the first node's) or --member KEY")
     try:
         if ident is None and args.data_dir:
             ident = Identity.generate()
@@ -166,7 +161,7 @@ def cmd_init(args: argparse.Namespace) -> int:
             members.insert(0, ident.public)
         genesis, measured = make_genesis(args, members)
     except (GenesisError, TaskError, ValueError) as e:
-        return _fail("init", str(e))
+        return fail("init", str(e))
     try:
         if ident is not None and args.data_dir:
             d = Path(args.data_dir)
@@ -176,7 +171,7 @@ def cmd_init(args: argparse.Namespace) -> int:
                 ident.save(d / "identity.key")
         genesis.save(out)
     except OSError as e:
-        return _fail("init", f"cannot write {e.filename or out}: {e.strerror or e}")
+        return fail("init", f"cannot write {e.filename or out}: {e.strerror or e}")
     print(genesis.run_id.hex())
     print(f"wrote {out}: task {genesis.task}, {len(members)} founding member(s), trainers {genesis.trainers}, "
           f"K {genesis.directions}, lr {genesis.lr}", file=sys.stderr)
@@ -312,13 +307,13 @@ def cmd_node(args: argparse.Namespace) -> int:
                                              "shard_count", "halt_at", "eval_every", "sync_wait_s", "min_peers", "mdns")}
         cfg = build_config(file_values, cli)
     except ConfigError as e:
-        return _fail("node", str(e))
+        return fail("node", str(e))
     try:
         genesis = Genesis.load(cfg.genesis)
     except GenesisError as e:
-        return _fail("node", str(e))
+        return fail("node", str(e))
     if (err := _check_ports_free(cfg.listen)) is not None:
-        return _fail("node", err)
+        return fail("node", err)
     setup_logging(cfg.log_format, cfg.log_level)
     # No cyclic GC while torch, libp2p and the model load: they make hundreds of thousands of
     # objects that live as long as the process, and each collection walks them all again
@@ -331,7 +326,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         except ConfigError as e:
             if (lock := getattr(daemon, "data_lock", None)) is not None:
                 lock.release()  # an in-process caller may start another node on this data dir
-            return _fail("node", str(e))
+            return fail("node", str(e))
     finally:
         gc.freeze()
         gc.enable()
@@ -412,71 +407,6 @@ async def _serve(daemon: Any) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# status
-
-
-def read_status(data_dir: str | None, url: str | None) -> dict[str, Any]:
-    if url:
-        u = url if url.rstrip("/").endswith("/status") else url.rstrip("/") + "/status"
-        with urllib.request.urlopen(u, timeout=3) as r:  # noqa: S310 - operator-given URL
-            d: dict[str, Any] = json.loads(r.read())
-        d["_alive"] = True
-        return d
-    path = Path(data_dir or "seedswarm-data") / "status.json"
-    d = json.loads(path.read_text())
-    alive = False
-    try:
-        os.kill(int(d["pid"]), 0)
-        alive = d.get("state") not in ("stopped",) and time.time() - float(d.get("updated_at", 0)) < 10
-    except (OSError, KeyError, ValueError):
-        alive = False
-    d["_alive"] = alive
-    return d
-
-
-def format_status(d: dict[str, Any]) -> str:
-    c = d.get("committee", {})
-    duty = []
-    if c.get("trainer_rank") is not None:
-        duty.append(f"trainer rank {c['trainer_rank']} of {c.get('trainers')}")
-    if c.get("aggregator_rank") is not None:
-        duty.append(f"aggregator rank {c['aggregator_rank']} of {c.get('aggregators')}")
-    state = d.get("state", "?") if d.get("_alive") else f"not running (last state {d.get('state', '?')})"
-    acc = d.get("accuracy")
-    lines = [
-        f"node      {d.get('peer_id')}  {state}, pid {d.get('pid')}",
-        f"run       {str(d.get('run_id', ''))[:16]}  protocol {d.get('protocol_version')}",
-        f"round     {d.get('round')}  head {str(d.get('head', ''))[:16]}  model {str(d.get('model_digest', ''))[:16]}"
-        + (f"  accuracy {acc:.3f}" if isinstance(acc, float) else "")
-        + (f"  loss {ev['loss']:.3f}" if isinstance(ev := d.get("evaluation"), dict) and "loss" in ev else ""),
-        f"member    {'yes' if d.get('member') else 'no'} ({d.get('members')} members)  duty: {', '.join(duty) or 'none this round'}"
-        + ("  [halted]" if d.get("halted") else ""),
-        f"peers     {d.get('peers')}" + (f"  (saved book: {disc.get('book_loaded')} loaded, {disc.get('book_answered')} "
-                                        f"answered; mDNS found {disc.get('mdns_found')})"
-                                        if isinstance(disc := d.get("discovery"), dict) else ""),
-        f"bytes     sent {d.get('bytes_sent', 0) / 1e6:.2f} MB, received {d.get('bytes_received', 0) / 1e6:.2f} MB",
-        f"listen    {' '.join(d.get('announce') or d.get('listen') or [])}",
-    ]
-    if d.get("rejected"):
-        lines.append(f"rejected  {json.dumps(d['rejected'])}")
-    return "\n".join(lines)
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    try:
-        d = read_status(args.data_dir, args.url)
-    except FileNotFoundError:
-        return _fail("status", f"no status.json in {args.data_dir or 'seedswarm-data'}: has a node run there?")
-    except (OSError, ValueError) as e:
-        return _fail("status", f"cannot read the node's status: {e}")
-    if args.json:
-        print(json.dumps(d, indent=2))
-    else:
-        print(format_status(d))
-    return 0 if d.get("_alive") else 1
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 def add_parsers(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
@@ -518,4 +448,6 @@ def add_parsers(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
     p.add_argument("--url", default=None, metavar="URL",
                    help="ask the node over HTTP instead: http://HOST:PORT of its --metrics-port (default: none)")
     p.add_argument("--json", action="store_true", help="print the whole status as JSON")
+    from seedswarm.node.statuscmd import cmd_status
+
     return {"init": cmd_init, "node": cmd_node, "status": cmd_status}
