@@ -16,7 +16,6 @@ import asyncio
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -34,6 +33,7 @@ from seedswarm.gossip.libp2p.relay import HOP_PROTOCOL_ID, STOP_PROTOCOL_ID, cir
 from seedswarm.node import cli as node_cli
 from seedswarm.node.daemon.config import ConfigError, NodeConfig, build_config, load_toml
 from seedswarm.node.daemon.netstack import announce_addrs
+from tests.benchproc import run_bench_json
 
 PREFIX = "/seedswarm/1/0123456789abcdef"
 RELAY = "/ip4/10.0.0.1/tcp/4001/p2p/12D3KooWSgSv9syFCR85YjhjMEHhnRkM49HMqenVQqfmGbbVGk15"
@@ -335,17 +335,8 @@ def _bench_nat(tmp_path: Path, *extra: str) -> dict[str, object]:
     if reason:
         print(f"\nSKIP: {reason}")
         pytest.skip(reason)
-    cmd = [sys.executable, "-m", "seedswarm", "bench", "nat", "--nodes", "3", "--rounds", "6", "--json", "--quiet",
-           "--dir", str(tmp_path / "run"), *extra]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    try:
-        out, err = p.communicate(timeout=300)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    assert p.returncode == 0, err[-4000:]
-    s = json.loads(out.strip().splitlines()[-1])
+    s, pid = run_bench_json(["nat", "--nodes", "3", "--rounds", "6", "--json", "--quiet",
+                        "--dir", str(tmp_path / "run"), *extra])
     why = json.dumps({k: s.get(k) for k in ("reachability", "relay", "heads", "relay_byte_share")}, indent=1)
     # the premise: the NATed hosts reach the relay and cannot reach each other, nor be dialled
     assert s["reachability"] == {"natted_to_public": True, "natted_to_natted_private": False,
@@ -361,7 +352,7 @@ def _bench_nat(tmp_path: Path, *extra: str) -> dict[str, object]:
     # the NATed hosts met through the relay: it forwarded their first bytes at least
     assert s["relay"]["node-0"]["bytes_forwarded"] > 0, why
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert f"snp{p.pid % 100000}" not in left
+    assert f"snp{pid % 100000}" not in left
     return s
 
 

@@ -10,7 +10,6 @@ import heapq
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from seedswarm.bench.netns import netns_unavailable
 from seedswarm.bench.wan_cluster import cpu_seconds
 from seedswarm.bench.wan_link import Host, LinkEmulator
 from seedswarm.bench.wan_profile import PROFILES, HostLink, ProfileError, host_links, path_rtt_ms
+from tests.benchproc import run_bench_json
 
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
 
@@ -169,17 +169,9 @@ def test_continent_run_in_namespaces(tmp_path: Path) -> None:
     if reason:
         print(f"\nSKIP test_continent_run_in_namespaces: {reason}")
         pytest.skip(reason)
-    cmd = [sys.executable, "-m", "seedswarm", "bench", "wan", "--profile", "continent", "--nodes", "3",
-           "--rounds", "8", "--json", "--quiet", "--dir", str(tmp_path / "run"), "--out", str(tmp_path / "wan.json")]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    try:
-        out, err = p.communicate(timeout=300)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    assert p.returncode == 0, err[-4000:]
-    s = json.loads(out.strip().splitlines()[-1])
+    s, pid = run_bench_json(["wan", "--profile", "continent", "--nodes", "3",
+                        "--rounds", "8", "--json", "--quiet", "--dir", str(tmp_path / "run"),
+                        "--out", str(tmp_path / "wan.json")])
     assert json.loads((tmp_path / "wan.json").read_text())["honest_digest_agreement"] == 1.0
     why = json.dumps({k: s[k] for k in ("window", "deadline", "round_latency_p50_s", "hosts")}, indent=1)
     assert s["honest_digest_agreement"] == 1.0 and s["finished"] and s["rounds"] >= 8, why
@@ -197,4 +189,4 @@ def test_continent_run_in_namespaces(tmp_path: Path) -> None:
     assert s["deadline"]["records"] >= 8
     # nothing left behind: the bench's namespaces are named after its pid
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert f"ssw{p.pid % 100000}n" not in left
+    assert f"ssw{pid % 100000}n" not in left
