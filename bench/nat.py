@@ -93,7 +93,10 @@ def run(nodes: int, rounds: int, out: Path, seed: int = 0, quiet: bool = True, t
     try:
         # the premise: NATed hosts reach the public relay, never each other nor are reached
         reach = net.reachability(PORT + 1)
-        cfg = ClusterConfig(nodes=nodes, rounds=rounds, seed=seed, out=str(out), quiet=quiet, eval_every=0)
+        # generous: three daemons start, reserve on the relay and punch holes on a machine that may
+        # be busy with other work (CI); a run that ends early reports finished=false
+        cfg = ClusterConfig(nodes=nodes, rounds=rounds, seed=seed, out=str(out), quiet=quiet, eval_every=0,
+                            timeout=max(300.0, 60.0 + 10.0 * rounds))
         if trainers:
             cfg.trainers = trainers
         cluster = NatCluster(cfg, net, hole_punch=hole_punch)

@@ -23,6 +23,6 @@ def run_bench_json(args: list[str], timeout: float = 300) -> tuple[dict[str, Any
         if p.poll() is None:
             p.kill()
             p.wait()
-    assert p.returncode == 0, err[-4000:]
+    assert p.returncode == 0, f"exit {p.returncode}\nstdout: {out[-3000:]}\nstderr: {err[-3000:]}"
     result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     return result, p.pid

@@ -336,7 +336,7 @@ def _bench_nat(tmp_path: Path, *extra: str) -> dict[str, object]:
         print(f"\nSKIP: {reason}")
         pytest.skip(reason)
     s, pid = run_bench_json(["nat", "--nodes", "3", "--rounds", "6", "--json", "--quiet",
-                        "--dir", str(tmp_path / "run"), *extra])
+                        "--dir", str(tmp_path / "run"), *extra], timeout=900)
     why = json.dumps({k: s.get(k) for k in ("reachability", "relay", "heads", "relay_byte_share")}, indent=1)
     # the premise: the NATed hosts reach the relay and cannot reach each other, nor be dialled
     assert s["reachability"] == {"natted_to_public": True, "natted_to_natted_private": False,
