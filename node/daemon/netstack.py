@@ -61,10 +61,15 @@ def libp2p_transport(identity: Identity, node: NodeConfig, run_id: bytes) -> tp.
 
     # Its bootstrap keeper redials the bootstrap peers with backoff (the daemon need not).
 
+    # The NAT machinery runs where it serves: hole punching upgrades relayed connections, which
+    # only a node behind NAT (--relay-via) has; AutoNAT answers and asks on relays and on nodes
+    # behind them. A node with neither keeps its host as lean as before: every extra service
+    # acts on each of its connections, hostile ones included (the fuzz bench measured it).
+    natted = bool(node.relay_via)
     cfg = HostConfig(identity_seed=identity.seed, listen=list(node.listen), bootstrap=list(node.bootstrap),
                      protocol_prefix=protocol_prefix(run_id), max_message_bytes=MAX_MESSAGE_BYTES,
                      relay_service=node.relay, relays=list(node.relay_via),
-                     hole_punch=not node.no_hole_punch, autonat=True)
+                     hole_punch=natted and not node.no_hole_punch, autonat=natted or node.relay)
     try:
         host = Libp2pHost(cfg)
     except HostError as e:
