@@ -176,9 +176,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"wrote {out}: task {genesis.task}, {len(members)} founding member(s), trainers {genesis.trainers}, "
           f"K {genesis.directions}, lr {genesis.lr}", file=sys.stderr)
     if measured is not None:
-        print(f"round timeout {genesis.round_timeout} s: a trainer's round measured here takes "
-              f"{measured.estimate_s:.2f} s (estimate) + {measured.apply_s:.2f} s (apply); at least 3x that "
-              f"and 2 s (--round-timeout sets it)", file=sys.stderr)
+        print(measured.describe(genesis.round_timeout), file=sys.stderr)
     if ident is not None:
         print(f"founding node identity in {args.data_dir}/identity.key (peer id {peer_id_of(ident.public)})",
               file=sys.stderr)

@@ -139,8 +139,7 @@ class Cluster:
 
             self.genesis, measured = sized_genesis(self.genesis, floor)
             if self.genesis.round_timeout > floor:
-                self.say(f"round timeout {self.genesis.round_timeout} s: a trainer's round measured here takes "
-                         f"{measured.estimate_s:.2f} + {measured.apply_s:.2f} s (--round-timeout sets it)")
+                self.say(measured.describe(self.genesis.round_timeout))
         self.genesis.save(self.out / "genesis.json")
         self.place([peer_id_of(x.public) for x in idents])
 

@@ -47,6 +47,12 @@ class RoundCompute:
         """``SAFETY`` times the round's compute, rounded up to 0.1 s, at least ``floor``."""
         return max(floor, math.ceil(10 * SAFETY * (self.estimate_s + self.apply_s)) / 10)
 
+    def describe(self, timeout: float) -> str:
+        """The line ``init`` and ``cluster`` print about the timeout they chose."""
+        return (f"round timeout {timeout} s: a trainer's round measured here takes {self.estimate_s:.2f} s "
+                f"(estimate) + {self.apply_s:.2f} s (apply); at least {SAFETY:g}x that and 2 s "
+                f"(--round-timeout sets it)")
+
 
 def measure_round_compute(task: Any, genesis: Any, model: torch.nn.Module | None = None,
                           repeats: int = 2) -> RoundCompute:
