@@ -87,13 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from seedswarm.node import taskcheck
         from seedswarm.sim import cli as sim_cli
-        from seedswarm.sim import cluster
+        from seedswarm.sim import clustercli
 
         sim_cli.add_parser(sub)
         commands = {"sim": sim_cli.run_command}
         commands.update(node_cli.add_parsers(sub))
-        cluster.add_parser(sub)
-        commands["cluster"] = cluster.run_command
+        clustercli.add_parser(sub)
+        commands["cluster"] = clustercli.run_command
         taskcheck.add_parser(sub)
         commands["task"] = taskcheck.run_command
         sub.add_parser("bench", help="benchmarks: seedswarm bench --help lists them")

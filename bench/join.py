@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from seedswarm.clihelp import parser
+from seedswarm.node.daemon.config import DEFAULT_CHECKPOINT_CHUNK_BYTES
 from seedswarm.node.files import OutPathError, prepare_out_dir
 from seedswarm.sim.cluster import Cluster, ClusterConfig
 
@@ -111,7 +112,7 @@ class JoinBench:
         self.cluster = Cluster(ClusterConfig(nodes=nodes, rounds=rounds_before + 100_000, join_nodes=1,
                                              join_at=rounds_before, task_options=task_options,
                                              checkpoint_every=checkpoint_every, out=out, quiet=quiet, eval_every=0,
-                                             checkpoint_chunk_bytes=64 * 1024))  # the node's default
+                                             checkpoint_chunk_bytes=DEFAULT_CHECKPOINT_CHUNK_BYTES))  # the node's
         self.joiner = nodes
 
     def _wait(self, what: str, cond: Any, deadline: float) -> dict[int, dict[str, Any]]:
@@ -140,8 +141,15 @@ class JoinBench:
                 s.get(i, {}).get("round", 0) >= self.rounds_before for i in range(nodes)), deadline)
             swarm_round = max(st[i]["round"] for i in range(nodes))
             c.spawn(j)
-            st = self._wait("the joiner's first contribution",
-                            lambda s: "first_contribution" in s.get(j, {}).get("phases", {}), deadline)
+            try:  # the joiner gets the whole --timeout from its own start, however long the warm-up took
+                st = self._wait("the joiner's first contribution",
+                                lambda s: "first_contribution" in s.get(j, {}).get("phases", {}), time.time() + self.timeout)
+            except TimeoutError as e:  # say how far it got: a slow swarm is not a stuck joiner
+                st = c.statuses()
+                got = breakdown(st.get(j, {}).get("phases", {}), c.spawned_at[j])
+                reached = ", ".join(f"{r['phase']} {r['at_s']:.1f} s" for r in got) or "none"
+                raise TimeoutError(f"{e} ({self.timeout:.0f} s after the joiner started; its phases so far: {reached}; "
+                                   f"swarm at round {max((x.get('round', 0) for x in st.values()), default=0)})") from None
             # idle: between rounds the daemons wait on their sockets; sample both, then stop
             time.sleep(self.idle_s)
             pss = {"joiner": pss_mib(c.procs[j].pid), "founder": pss_mib(c.procs[0].pid)}
@@ -194,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a digits task option, e.g. hidden=150000 for a model of about 10M parameters")
     p.add_argument("--checkpoint-every", type=int, default=10, help="rounds between the checkpoints a joiner downloads")
-    p.add_argument("--timeout", type=float, default=300.0, help="give up after this many seconds")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="give up after this many seconds of the swarm's warm-up, or of the joiner's start")
     p.add_argument("--imports", action="store_true", help="also measure the daemon's imports with -X importtime")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="cluster output folder, refused if it holds files (default: a temporary one)")

@@ -21,9 +21,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from seedswarm.crypto.hashing import h
-from seedswarm.gossip.wire import CheckpointChunk, CheckpointManifest, CheckpointRequest
+from seedswarm.gossip.wire import MAX_CHUNK, CheckpointChunk, CheckpointManifest, CheckpointRequest
 
 ZERO32 = b"\x00" * 32
+IN_FLIGHT_BYTES = 1 << 20
+"""Chunk bytes requested and not yet received, at most (fewer requests in flight when chunks are
+large): on a 1 Mbit/s link what is in flight arrives within the 10 s a server may take to write
+one frame."""
+MIN_RATE = 128 * 1024
+"""Bytes per second (1 Mbit/s) a server's link may fall to before a chunk request is given up:
+each request's timeout is ``timeout`` plus the time the bytes in flight take at this rate."""
+CHUNK_TIMEOUT_MAX = 10.0 + IN_FLIGHT_BYTES / MIN_RATE
+"""The longest a chunk request is waited for (the default ``timeout``, a full window): drivers
+give their transport request this bound."""
 
 
 class CheckpointError(Exception):
@@ -137,17 +147,25 @@ class JoinPlan:
             self.fail("no manifest on our verified chain from the peers asked")
         return False
 
+    def _window(self) -> tuple[int, float]:
+        """Requests in flight at most, and each one's timeout, for the chosen manifest's chunks."""
+        m = self.manifest
+        chunk = min(MAX_CHUNK, -(-m.size // max(1, len(m.chunks)))) if m is not None else MAX_CHUNK
+        parallel = max(1, min(self.cfg.parallel, IN_FLIGHT_BYTES // max(1, chunk)))
+        return parallel, self.cfg.timeout + parallel * chunk / MIN_RATE
+
     def requests(self, now: float) -> list[tuple[bytes, CheckpointRequest]]:
         """Chunk requests to send now (new ones and retries of timed-out ones)."""
         m = self.manifest
         if m is None or self.done:
             return []
         out: list[tuple[bytes, CheckpointRequest]] = []
+        parallel, timeout = self._window()
         for i, f in list(self.flights.items()):
-            if now - f.sent > self.cfg.timeout:
+            if now - f.sent > timeout:
                 del self.flights[i]
         for i in range(len(m.chunks)):
-            if len(self.flights) >= self.cfg.parallel:
+            if len(self.flights) >= parallel:
                 break
             if i in self.chunks or i in self.flights:
                 continue
@@ -195,7 +213,8 @@ class JoinPlan:
     def next_wakeup(self) -> float:
         if self.done:
             return float("inf")
-        t = [f.sent + self.cfg.timeout for f in self.flights.values()]
+        timeout = self._window()[1]
+        t = [f.sent + timeout for f in self.flights.values()]
         if self.manifest is None:
             t.append(self.started + self.cfg.manifest_wait)
         return min(t, default=float("inf"))

@@ -89,7 +89,6 @@ from seedswarm.node.learn.tasks import load_task
 
 log = logging.getLogger("seedswarm.daemon")
 
-MAX_MESSAGE_BYTES = 1 << 20
 _PROTO_OF: dict[type[Message], str] = {ContributionsRequest: PROTO_INPUTS, ChainRequest: PROTO_CHAIN,
                                        CheckpointRequest: PROTO_CKPT}
 TransportFactory = Callable[[Identity, NodeConfig, bytes], Transport]  # (identity, settings, run id)

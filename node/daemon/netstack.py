@@ -13,9 +13,7 @@ from collections.abc import Sequence
 from seedswarm.crypto.keys import Identity
 from seedswarm.gossip import transport as tp
 from seedswarm.gossip.wire import protocol_prefix
-from seedswarm.node.daemon.config import NodeConfig
-
-MAX_MESSAGE_BYTES = 1 << 20
+from seedswarm.node.daemon.config import MAX_MESSAGE_BYTES, NodeConfig
 
 
 def local_ipv4s() -> list[str]:

@@ -43,6 +43,7 @@ from seedswarm.gossip.wire import (
     decode_as,
 )
 from seedswarm.node.core.effects import Effect, Reason, Reply
+from seedswarm.node.core.joinplan import CHUNK_TIMEOUT_MAX
 from seedswarm.node.core.protocol import NodeCore
 from seedswarm.node.daemon.metrics import Metrics
 from seedswarm.node.daemon.peering import Peering, effects_of_peer, key_of
@@ -116,7 +117,7 @@ class Traffic:
             return
         proto = _PROTO_OF.get(type(msg), PROTO_MSG)
         try:
-            resp = await self.d.transport.request(pid, proto, msg.encode(), timeout=10.0 if proto == PROTO_CKPT else 5.0)
+            resp = await self.d.transport.request(pid, proto, msg.encode(), timeout=CHUNK_TIMEOUT_MAX if proto == PROTO_CKPT else 5.0)
         except TransportError as e:
             self.d.metrics.inc("send_failed_total", 1, "type", type(msg).__name__)
             log.debug("request %s to %s failed: %s", proto, pid, e)
