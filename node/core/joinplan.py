@@ -31,9 +31,6 @@ one frame."""
 MIN_RATE = 128 * 1024
 """Bytes per second (1 Mbit/s) a server's link may fall to before a chunk request is given up:
 each request's timeout is ``timeout`` plus the time the bytes in flight take at this rate."""
-CHUNK_TIMEOUT_MAX = 10.0 + IN_FLIGHT_BYTES / MIN_RATE
-"""The longest a chunk request is waited for (the default ``timeout``, a full window): drivers
-give their transport request this bound."""
 
 
 class CheckpointError(Exception):
@@ -88,9 +85,14 @@ def choose_manifest(
 class PlanConfig:
     gap: int = 0  # rounds behind beyond which a checkpoint is fetched (0: never, always replay)
     ask: int = 5  # peers asked for their manifest
-    parallel: int = 8  # chunk requests in flight
+    parallel: int = 8  # chunk requests in flight at most (fewer when chunks are large: IN_FLIGHT_BYTES)
     timeout: float = 10.0  # seconds before a manifest or chunk request is given up on that peer
     manifest_wait: float = 30.0  # seconds to wait for the chain to reach a manifest before replaying
+
+
+CHUNK_TIMEOUT_MAX = PlanConfig.timeout + IN_FLIGHT_BYTES / MIN_RATE
+"""The longest a chunk request is waited for (the default ``timeout``, a full window): drivers
+give their transport request this bound."""
 
 
 @dataclass
