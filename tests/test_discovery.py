@@ -112,11 +112,44 @@ def test_restarted_node_finds_the_swarm_through_its_saved_book(tmp_path: Path, n
         assert rc == 0, n.logs()[-3000:]
 
 
+# A hostile host on the LAN: a real zeroconf responder announcing the service type the nodes
+# browse, with TXT records no node should act on (argv: its address, a real peer id to name)
+JUNK_ANNOUNCER = r"""
+import asyncio, socket, sys
+from zeroconf import IPVersion, ServiceInfo
+from zeroconf.asyncio import AsyncZeroconf
+ip, victim = sys.argv[1], sys.argv[2].encode()
+T = "_p2p._udp.local."
+cases = [
+    {b"dnsaddr": b"\xff\xfe\xfd"},
+    {b"dnsaddr": b"/ip4/999.1.1.1/tcp/1/p2p/" + victim},
+    {b"dnsaddr": b"/ip4/10.1.1.1/tcp/99999/p2p/" + victim},
+    {b"dnsaddr": b"/ip4/10.1.1.1/tcp/1/p2p/notapeerid"},
+    {b"dnsaddr": b"/ip4/10.1.1.1/tcp/1/p2p/12D3KooWA", b"dnsaddr2": b"/ip4/10.1.1.2/tcp/1/p2p/12D3KooWB"},
+    {b"other": b"x" * 200},
+    {b"dnsaddr": b"/" + b"a" * 200},
+]
+async def main():
+    azc = AsyncZeroconf(interfaces=[ip], ip_version=IPVersion.V4Only)
+    tasks = []
+    for i, props in enumerate(cases * 2):
+        info = ServiceInfo(T, f"junk{i}.{T}", port=1, properties=props, server=f"junk{i}.local.",
+                           addresses=[socket.inet_aton(ip)])
+        tasks.append(await azc.async_register_service(info))
+    await asyncio.gather(*tasks)
+    print("announced", len(tasks), flush=True)
+    await asyncio.sleep(3600)
+asyncio.run(main())
+"""
+
+
 @pytest.mark.slow
 def test_mdns_finds_the_run_on_a_lan_without_bootstrap(tmp_path: Path) -> None:
     """Three hosts (network namespaces on one bridge), ``--mdns`` and no bootstrap list: the two
     founders of one run find each other and train to one head; a node of another run on the same
-    LAN is heard too, dialled, and refused by the hello's run-id check."""
+    LAN is heard too, dialled, and refused by the hello's run-id check; a hostile responder's
+    announcements (garbage TXT records, bad addresses, a real node's peer id at bad addresses) are
+    counted and ignored."""
     if (why := netns_unavailable()) is not None:
         print(f"\nSKIP mDNS test: {why}")
         pytest.skip(why)
@@ -134,6 +167,10 @@ def test_mdns_finds_the_run_on_a_lan_without_bootstrap(tmp_path: Path) -> None:
     logs = [open(tmp_path / f"{n}.log", "wb") for n in ("a", "b", "z")]  # noqa: SIM115 - closed below
     try:
         lan.up()
+        junk_log = open(tmp_path / "junk.log", "wb")  # noqa: SIM115 - closed below
+        logs.append(junk_log)
+        procs.append(subprocess.Popen(["ip", "netns", "exec", lan.ns(2), PY[0], "-c", JUNK_ANNOUNCER, lan.ip(2),
+                                       peer_id_of(ident_b.public)], stdout=junk_log, stderr=junk_log, env=ENV))
         for i, (g, data, extra) in enumerate(((genesis, data_a, ["--min-peers", "1", "--sync-wait-s", "120"]),
                                               (genesis, data_b, ["--min-peers", "1", "--sync-wait-s", "120"]),
                                               (genesis_z, data_z, []))):
@@ -156,13 +193,21 @@ def test_mdns_finds_the_run_on_a_lan_without_bootstrap(tmp_path: Path) -> None:
                  BOUND, "A and B refuse the node of another run")
         assert z["peer_id"] not in a["peer_ids"] + b["peer_ids"]
         assert z["round"] > 0 and z["head"] != a["head"]  # Z trained alone in its own run
+        assert b"announced 14" in (tmp_path / "junk.log").read_bytes(), (tmp_path / "junk.log").read_text()
+        ignored = [s["discovery"]["mdns_ignored"] for s in (a, b)]
+        assert min(ignored) >= 1, ignored  # heard, counted, and (above) never a reason to stop
+        junk = procs.pop(0)
+        junk.kill()
+        junk.wait()
         for p in procs:
             p.send_signal(signal.SIGTERM)
         assert [p.wait(15) for p in procs] == [0, 0, 0]
+        assert all(b"Traceback" not in (tmp_path / f"{n}.log").read_bytes() for n in "abz")
         found = [json.loads(x)["ts"] for x in (tmp_path / "b.log").read_text().splitlines()
                  if "mDNS: found " + a["peer_id"] in x]
         print(f"mDNS: B found A {found[0] - b['phases']['listening']:.1f} s after it listened "
-              f"({found[0] - b['started_at']:.1f} s after process start); both at round 40 on one head")
+              f"({found[0] - b['started_at']:.1f} s after process start); both at round 40 on one head; "
+              f"announcements ignored (A, B): {ignored}")
     finally:
         for p in procs:
             if p.poll() is None:

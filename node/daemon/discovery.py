@@ -13,7 +13,8 @@ before, whichever way it was found.
 * ``--mdns`` announces the node on the LAN and dials the nodes it hears (:mod:`mdns`).
 
 Status: ``discovery.book_loaded`` / ``book_answered`` (loaded peers that completed a hello with
-us in this process) / ``book_saved`` / ``mdns_found``; the same numbers are metrics.
+us in this process) / ``book_saved`` / ``mdns_found`` / ``mdns_ignored`` (announcements heard on
+the LAN that named no usable peer: the LAN is untrusted); the same numbers are metrics.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class Discovery:
         self.loaded: list[addrbook.Entry] = []
         self.saved = 0
         self.mdns_found: set[str] = set()
+        self.mdns_refused = 0  # announcements whose peer id or every address did not check out
         self._last: list[addrbook.Entry] | None = None
         self._mdns: Any = None
         self._tick = 0
@@ -154,6 +156,7 @@ class Discovery:
             return
         good = [a for a in addrs if addrbook.valid_addr(a, pid)][:addrbook.MAX_ADDRS]
         if not good or not addrbook.valid_peer_id(pid):
+            self.mdns_refused += 1
             return
         if pid not in self.mdns_found:
             self.mdns_found.add(pid)
@@ -174,6 +177,9 @@ class Discovery:
         m.set("book_peers_loaded", len(self.loaded), help="peers loaded from the saved address book at start")
         m.set("book_peers_answered", self.answered(), help="saved peers that answered our hello since start")
         m.set("book_peers_saved", self.saved, help="peers in the address book at its last save")
+        if self._mdns is not None:
+            m.set("mdns_ignored", self.status()["mdns_ignored"],
+                  help="announcements heard on the LAN that named no usable peer")
 
     def close(self) -> None:
         """At shutdown, before the transport stops: save the book, stop announcing. Never raises:
@@ -187,4 +193,5 @@ class Discovery:
 
     def status(self) -> dict[str, Any]:
         return {"book_file": str(self.path), "book_loaded": len(self.loaded), "book_answered": self.answered(),
-                "book_saved": self.saved, "mdns": self.d.cfg.mdns, "mdns_found": len(self.mdns_found)}
+                "book_saved": self.saved, "mdns": self.d.cfg.mdns, "mdns_found": len(self.mdns_found),
+                "mdns_ignored": self.mdns_refused + (self._mdns.ignored if self._mdns is not None else 0)}

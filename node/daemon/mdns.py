@@ -62,6 +62,9 @@ class LanDiscovery:
         self.run_id = run_id
         self.addrs = [a for a in announce if (ip := _ipv4_of(a)) is not None and not ip.startswith("127.")]
         self.on_peer = on_peer
+        #: announcements heard that named no usable peer (lookup failed or raised, no address,
+        #: addresses of several peers): the LAN is untrusted, so each costs a count, never a task
+        self.ignored = 0
         self.name = f"{secrets.token_hex(16)}.{SERVICE_TYPE}"
         self._queue: asyncio.Queue[str] = asyncio.Queue(MAX_PENDING)
         self._asked: set[str] = set()
@@ -127,6 +130,7 @@ class LanDiscovery:
             found = await info.async_request(self._azc.zeroconf, LOOKUP_TIMEOUT_MS)
         except Exception as e:  # noqa: BLE001 - a malformed answer on the LAN must not stop the node
             log.debug("mDNS: lookup of %s failed: %r", name, e)
+            self.ignored += 1
             return
         if not found:
             self._asked.discard(name)  # a later announcement may answer
@@ -135,6 +139,9 @@ class LanDiscovery:
         pids = {a.rsplit("/p2p/", 1)[-1] for a in addrs if "/p2p/" in a}
         if len(pids) == 1:
             self.on_peer(pids.pop(), addrs)
+        else:
+            self.ignored += 1
+            log.debug("mDNS: %s announced no usable address (%d peer ids)", name, len(pids))
 
     async def aclose(self) -> None:
         """Say goodbye on the LAN and close the sockets (idempotent; bounded by zeroconf's own
