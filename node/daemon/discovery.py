@@ -178,8 +178,7 @@ class Discovery:
         m.set("book_peers_answered", self.answered(), help="saved peers that answered our hello since start")
         m.set("book_peers_saved", self.saved, help="peers in the address book at its last save")
         if self._mdns is not None:
-            m.set("mdns_ignored", self.status()["mdns_ignored"],
-                  help="announcements heard on the LAN that named no usable peer")
+            m.set("mdns_ignored", self.mdns_ignored(), help="announcements heard on the LAN that named no usable peer")
 
     def close(self) -> None:
         """At shutdown, before the transport stops: save the book, stop announcing. Never raises:
@@ -191,7 +190,12 @@ class Discovery:
         except Exception as e:  # noqa: BLE001 - a bug here must not turn a clean stop into a hang
             log.error("saving the address book at shutdown failed: %r", e, exc_info=e)
 
+    def mdns_ignored(self) -> int:
+        """Announcements that named no usable peer: those the listener dropped (no single peer id,
+        a failed lookup) and those refused here (no address or peer id that parses)."""
+        return self.mdns_refused + (self._mdns.ignored if self._mdns is not None else 0)
+
     def status(self) -> dict[str, Any]:
         return {"book_file": str(self.path), "book_loaded": len(self.loaded), "book_answered": self.answered(),
                 "book_saved": self.saved, "mdns": self.d.cfg.mdns, "mdns_found": len(self.mdns_found),
-                "mdns_ignored": self.mdns_refused + (self._mdns.ignored if self._mdns is not None else 0)}
+                "mdns_ignored": self.mdns_ignored()}
