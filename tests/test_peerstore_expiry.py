@@ -123,11 +123,19 @@ async def test_running_host_survives_a_peer_whose_addresses_expired(
 
         await _wait_until(has_record, timeout=60)  # identify delivered b's signed record
 
+        await b.stop()
+
+        async def b_gone() -> bool:
+            return b.peer_id not in a.peers()
+
+        # Only once b is gone: until then any pubsub RPC from b carries its signed record, which
+        # py-libp2p consumes with a fresh 2 h TTL, undoing a shorter one set earlier.
+        await _wait_until(b_gone, timeout=60)
+
         async def expire_soon() -> None:  # on a's trio thread, where the peerstore lives
             ps.peer_data_map[b_id].set_ttl(1)
 
         await a._bridge.call(expire_soon, "shorten b's address TTL")
-        await b.stop()
 
         async def swept_or_stopped() -> bool:
             return (b_id not in ps.peer_data_map and a.stats.peerstore_errors >= 1) or not a.running
