@@ -23,7 +23,13 @@ times the daemon records in its status file (``phases``):
 
 The rows are in the order the phases happened (records arrive while the checkpoint downloads,
 so the first round can be applied before it is in). A phase it did not pass (no checkpoint yet: the swarm was still below ``--checkpoint-every``)
-is left out. Then, with the swarm idle between rounds, the proportional set size (PSS, from
+is left out.
+
+Where the bench may use two CPUs or more it gives the joiner a CPU of its own and pins the founders
+to the others (``--cpus own``, the default): a joining host is its own machine, and on a 2-core box
+eight founders training every round would otherwise take ~4/5 of the joiner's CPU and measure the
+founders, not the join (torch's import: 1.2 s alone, 4.6 s among them). ``--cpus shared`` measures
+that crowded case. Then, with the swarm idle between rounds, the proportional set size (PSS, from
 ``/proc/PID/smaps_rollup``) of the joiner and of a founder, and, with ``--imports``, the
 interpreter's own import-time breakdown of a daemon's modules by top-level package
 (``python -X importtime``).
@@ -32,12 +38,13 @@ Why: the time to join decides how fast a swarm absorbs new hosts and how soon a 
 is useful again; a process that pays seconds of imports before it dials anyone wastes them.
 
 CLI: ``seedswarm bench join [--nodes 8] [--rounds-before 20] [--task-option KEY=VALUE]
-[--imports] [--out DIR] [--json]``.
+[--cpus own|shared] [--imports] [--out DIR] [--json]``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -104,8 +111,10 @@ class JoinBench:
     """N founders, then one joiner; ``run()`` returns the result dict (see the module doc)."""
 
     def __init__(self, nodes: int, rounds_before: int, out: str, task_options: list[str],
-                 checkpoint_every: int = 10, timeout: float = 300.0, idle_s: float = 2.0, quiet: bool = True) -> None:
+                 checkpoint_every: int = 10, timeout: float = 300.0, idle_s: float = 2.0, quiet: bool = True,
+                 own_cpu: bool = True) -> None:
         self.rounds_before = rounds_before
+        self.cpus = cpu_layout(own_cpu)
         self.timeout = timeout
         self.idle_s = idle_s
         # --halt-at far beyond the measurement: the swarm must still be training when the joiner arrives
@@ -136,11 +145,11 @@ class JoinBench:
         c.setup()
         try:
             for i in range(nodes):
-                c.spawn(i)
+                c.spawn(i, self.cpus["founders"])
             st = self._wait(f"round {self.rounds_before}", lambda s: all(
                 s.get(i, {}).get("round", 0) >= self.rounds_before for i in range(nodes)), deadline)
             swarm_round = max(st[i]["round"] for i in range(nodes))
-            c.spawn(j)
+            c.spawn(j, self.cpus["joiner"])
             try:  # the joiner gets the whole --timeout from its own start, however long the warm-up took
                 st = self._wait("the joiner's first contribution",
                                 lambda s: "first_contribution" in s.get(j, {}).get("phases", {}), time.time() + self.timeout)
@@ -153,6 +162,8 @@ class JoinBench:
             # idle: between rounds the daemons wait on their sockets; sample both, then stop
             time.sleep(self.idle_s)
             pss = {"joiner": pss_mib(c.procs[j].pid), "founder": pss_mib(c.procs[0].pid)}
+            cpus = {"joiner": sorted(os.sched_getaffinity(c.procs[j].pid)),  # as the kernel has them
+                    "founders": sorted(os.sched_getaffinity(c.procs[0].pid))}
             st = c.statuses()
         finally:
             codes = c.stop_all()
@@ -164,8 +175,17 @@ class JoinBench:
             "params": _param_count(c), "first_round_applied_s": first,
             "member_s": next(r["at_s"] for r in rows if r["phase"] == "member"),
             "checkpoint_round": js.get("checkpoint_round"), "phases": rows, "idle_memory_mib": pss,
+            "cpus": cpus,
             "exit_codes": {f"node-{i}": code for i, code in codes.items()}, "wall_seconds": round(time.time() - t0, 1),
         }
+
+
+def cpu_layout(own_cpu: bool) -> dict[str, frozenset[int] | None]:
+    """The joiner's CPU and the founders' (None: unpinned). ``own_cpu`` with one CPU: nothing to split."""
+    avail = sorted(os.sched_getaffinity(0))
+    if not own_cpu or len(avail) < 2:
+        return {"founders": None, "joiner": None}
+    return {"founders": frozenset(avail[:-1]), "joiner": frozenset(avail[-1:])}
 
 
 def _param_count(c: Cluster) -> int | None:
@@ -182,7 +202,9 @@ def _param_count(c: Cluster) -> int | None:
 def render(res: dict[str, Any]) -> str:
     lines = [f"one joiner into {res['nodes']} running daemons (digits, {res['params'] or '?'} parameters, "
              f"joined at round {res['swarm_round_at_join']}): first round applied {res['first_round_applied_s']:.2f} s "
-             f"after spawn, member at {res['member_s']:.2f} s", f"{'phase':<20} {'took s':>8} {'at s':>8}"]
+             f"after spawn, member at {res['member_s']:.2f} s",
+             f"CPUs: joiner {res['cpus']['joiner']}, founders {res['cpus']['founders']}",
+             f"{'phase':<20} {'took s':>8} {'at s':>8}"]
     lines += [f"{r['phase']:<20} {r['took_s']:>8.3f} {r['at_s']:>8.3f}" for r in res["phases"]]
     for who, m in res["idle_memory_mib"].items():
         if m:
@@ -204,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint-every", type=int, default=10, help="rounds between the checkpoints a joiner downloads")
     p.add_argument("--timeout", type=float, default=300.0,
                    help="give up after this many seconds of the swarm's warm-up, or of the joiner's start")
+    p.add_argument("--cpus", choices=("own", "shared"), default="own",
+                   help="own: the joiner gets a CPU to itself and the founders the others, as on its own host; "
+                        "shared: all processes share every CPU")
     p.add_argument("--imports", action="store_true", help="also measure the daemon's imports with -X importtime")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="cluster output folder, refused if it holds files (default: a temporary one)")
@@ -218,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seedswarm bench join: {e}", file=sys.stderr)
         return 2
     bench = JoinBench(args.nodes, args.rounds_before, out, args.task_option, args.checkpoint_every, args.timeout,
-                      quiet=args.json)
+                      quiet=args.json, own_cpu=args.cpus == "own")
     try:
         res = bench.run()
     except (RuntimeError, TimeoutError) as e:

@@ -164,13 +164,20 @@ class Cluster:
             cmd += ["--bootstrap", a]
         return cmd
 
-    def spawn(self, i: int) -> None:
+    def spawn(self, i: int, cpus: frozenset[int] | None = None) -> None:
+        """Start node ``i``; ``cpus`` pins it (from before its first instruction) to those CPUs."""
         logf = open(self.node_dir(i) / "node.log", "ab")  # noqa: SIM115 - closed in finish()
         self._logs.append(logf)
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+        def pre_exec() -> None:  # in the child between fork and exec: every thread it starts inherits the pin
+            _pdeathsig()
+            if cpus:
+                os.sched_setaffinity(0, cpus)
+
         self.spawned_at[i] = time.time()
         self.procs[i] = subprocess.Popen(self.command(i), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                         env=env, start_new_session=True, preexec_fn=_pdeathsig)
+                                         env=env, start_new_session=True, preexec_fn=pre_exec)
 
     def statuses(self) -> dict[int, dict[str, Any]]:
         out = {}

@@ -44,16 +44,9 @@ from seedswarm.gossip.transport import (
     TransportError,
 )
 from seedswarm.gossip.wire import (
-    PROTO_CHAIN,
-    PROTO_CKPT,
-    PROTO_INPUTS,
     REQUESTS,
     TOPIC,
-    ChainRequest,
-    CheckpointRequest,
-    ContributionsRequest,
     Join,
-    Message,
     WireError,
 )
 from seedswarm.node.core.effects import (
@@ -89,8 +82,6 @@ from seedswarm.node.learn.tasks import load_task
 
 log = logging.getLogger("seedswarm.daemon")
 
-_PROTO_OF: dict[type[Message], str] = {ContributionsRequest: PROTO_INPUTS, ChainRequest: PROTO_CHAIN,
-                                       CheckpointRequest: PROTO_CKPT}
 TransportFactory = Callable[[Identity, NodeConfig, bytes], Transport]  # (identity, settings, run id)
 
 
