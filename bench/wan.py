@@ -9,7 +9,9 @@ The links are ``tc netem`` on a veth pair per node on a bridge where the kernel 
 one head (``seedswarm cluster``'s end condition), then the bench reports what a WAN changes:
 round latency, rounds per minute, agreement, bytes per node per round at the interface and at
 the transport, CPU seconds per node, join times, and whether the adaptive deadline and the
-quorum let a slow trainer hold the others up.
+quorum let a slow trainer hold the others up: per node, the committee seats it held and how
+many records carried its contribution, replayed from a node's chain (``--slow-host MBIT`` puts
+the last host on a thin link, a straggler).
 
 Needs root and iproute2; every namespace (and the emulator) is removed on exit, Ctrl+C and
 errors included.
@@ -25,14 +27,14 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
 from seedswarm.bench.netns import Netns, netem_unavailable, netns_unavailable
 from seedswarm.bench.wan_cluster import WanCluster
 from seedswarm.bench.wan_profile import PROFILES, HostLink, ProfileError, host_links, path_rtt_ms
-from seedswarm.bench.wan_report import contributions_per_record, deadline_report, table
+from seedswarm.bench.wan_report import chain_duties, deadline_report, table
 from seedswarm.clihelp import parser
 from seedswarm.sim.cluster import ClusterConfig
 
@@ -54,6 +56,7 @@ class WanConfig:
     timeout: float = 0.0  # 0: from the nodes and rounds
     trainers: int = ClusterConfig.trainers  # the genesis's committee size
     round_timeout: float = 0.0  # the genesis's cap on the aggregation deadline (0: the profile's)
+    slow_mbit: float = 0.0  # the last host's link rate instead of the profile's (0: the profile's)
     quiet: bool = False
 
 
@@ -134,6 +137,8 @@ class WanBench:
         self.cfg = cfg
         self.log = log
         self.links = host_links(cfg.profile, cfg.nodes, cfg.seed)
+        if cfg.slow_mbit:  # one straggler on a thin link: does it still contribute, does it hold anyone up?
+            self.links[-1] = replace(self.links[-1], rate_mbit=cfg.slow_mbit)
         self.cluster: WanCluster | None = None
 
     def say(self, msg: str) -> None:
@@ -182,10 +187,14 @@ class WanBench:
         rows = cl.window()
         lat = _latencies(Path(cfg.dir) / "metrics.jsonl")
         try:
-            counts = contributions_per_record(cl.node_dir(0) / "chain.log", g.run_id)
+            counts, duties = chain_duties(cl.node_dir(0) / "chain.log", g)
         except (OSError, ValueError) as e:
             self.say(f"wan: cannot read node-0's chain store: {e}")
-            counts = []
+            counts, duties = [], {}
+        from seedswarm.crypto.keys import Identity
+
+        publics = [Identity.load(cl.node_dir(i) / "identity.key").public for i in range(cfg.nodes)]
+        by_node = {f"node-{i}": duties.get(pk, {"seats": 0, "contributed": 0}) for i, pk in enumerate(publics)}
         cpu = {f"node-{i}": round(c, 2) for i, c in sorted(cl.cpu_total.items())}
         rtts = [path_rtt_ms(a, b) for a in self.links for b in self.links if a.host < b.host]
         mean_lat = summary.get("round_latency_mean_s")
@@ -220,6 +229,10 @@ class WanBench:
             "cpu_seconds_per_node_mean": _mean(list(cpu.values())),
             "link_emulator": emu_stats,
             "deadline": deadline_report(counts, min(g.trainers, cfg.nodes), lat, g),
+            # per node, from node-0's chain: committee seats in records that hold any contribution,
+            # and how many of those carried this node's (a straggler that still contributes)
+            "contributions_by_node": by_node,
+            "slow_host": {"node": f"node-{cfg.nodes - 1}", "rate_mbit": cfg.slow_mbit} if cfg.slow_mbit else None,
         })
         return s
 
@@ -243,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--round-timeout", type=float, default=0.0,
                     help="seconds an aggregator waits for contributions at most, the cap on the adaptive deadline "
                          "(0: the profile's: 2 s, 4 s for world)")
+    ap.add_argument("--slow-host", type=float, default=0.0, metavar="MBIT",
+                    help="give the last host a link of MBIT Mbit/s both ways instead of the profile's (a straggler)")
     ap.add_argument("--link", choices=LINK_MODES, default="auto",
                     help="tc netem, or the user-space emulator (auto: netem where the kernel has it)")
     ap.add_argument("--dir", default=None, metavar="DIR", help="run folder for the nodes (default: a new runs/wan-<time>)")
@@ -268,6 +283,8 @@ def run_main(args: Any) -> int:
         return fail("--rounds must be positive")
     if args.trainers < 1 or args.round_timeout < 0:
         return fail("--trainers must be positive and --round-timeout not negative")
+    if args.slow_host < 0:
+        return fail("--slow-host must not be negative (0: the profile's rate)")
     if args.out and Path(args.out).exists():
         return fail(f"--out {args.out} exists: choose another file")
     try:
@@ -277,7 +294,7 @@ def run_main(args: Any) -> int:
         return fail(str(e))
     cfg = WanConfig(profile=args.profile, nodes=args.nodes, rounds=args.rounds, seed=args.seed, link=args.link,
                     dir=str(run_dir), timeout=args.timeout, quiet=args.quiet, trainers=args.trainers,
-                    round_timeout=args.round_timeout)
+                    round_timeout=args.round_timeout, slow_mbit=args.slow_host)
     bench = WanBench(cfg)
 
     def on_signal(signum: int, _frame: Any) -> None:

@@ -15,20 +15,31 @@ from pathlib import Path
 from typing import Any
 
 
-def _popcount(bitmap: bytes) -> int:
-    return sum(bin(b).count("1") for b in bitmap)
-
-
-def contributions_per_record(chain_log: Path, run_id: bytes) -> list[int]:
-    """The number of signed contributions each stored record carries, round by round (read from
-    a copy, so a daemon still writing its store is never disturbed)."""
+def chain_duties(chain_log: Path, genesis: Any) -> tuple[list[int], dict[bytes, dict[str, int]]]:
+    """Replay a stored chain's committees (read from a copy, so a daemon still writing its store is
+    never disturbed): the number of contributions each record carries, and for every trainer its
+    ``seats`` (rounds it sat on the committee of a record that holds some contribution; an empty
+    record says nothing about anyone) and how many of them carried its contribution."""
     from seedswarm.gossip.wire import Record, decode_as
+    from seedswarm.node.core.chain import ChainState, checked_next_state, ranks_of
     from seedswarm.node.daemon.store import ChainStore
 
+    counts: list[int] = []
+    duties: dict[bytes, dict[str, int]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "chain.log"
         shutil.copyfile(chain_log, copy)
-        return [_popcount(decode_as(r, Record).contributors) for r in ChainStore(copy, run_id).records()]
+        state = ChainState.initial(genesis)
+        for data in ChainStore(copy, genesis.run_id).records():
+            rec = decode_as(data, Record, genesis.run_id)
+            ranks = set(ranks_of(rec.contributors))
+            counts.append(len(ranks))
+            for rank, peer in enumerate(state.committee.trainers if ranks else ()):
+                d = duties.setdefault(peer, {"seats": 0, "contributed": 0})
+                d["seats"] += 1
+                d["contributed"] += rank in ranks
+            state = checked_next_state(state, rec)
+    return counts, duties
 
 
 def deadline_report(counts: list[int], trainers: int, latencies: list[float], genesis: Any) -> dict[str, Any]:
@@ -49,6 +60,7 @@ def deadline_report(counts: list[int], trainers: int, latencies: list[float], ge
         "contributions_median": statistics.median(counts) if counts else None,
         "rounds_at_or_over_round_timeout": len(over),
         "round_latency_max_s": round(max(latencies), 3) if latencies else None,
+        "contributions_per_record": counts,
     }
 
 
@@ -87,10 +99,13 @@ def table(s: dict[str, Any]) -> str:
         f"(timeout {d['round_timeout_s']} s, slowest round {_fmt(d['round_latency_max_s'], ' s')})",
         f"{'wall seconds':34s} {_fmt(s['wall_seconds'], ' s', 0)}",
         "",
-        "host  rtt_ms  jitter_ms  loss   rate_mbit  join_s",
+        "host  rtt_ms  jitter_ms  loss   rate_mbit  join_s  contributed/seats",
     ]
+    by_node = s.get("contributions_by_node") or {}
     for h in s["hosts"]:
         j = s["join_seconds"].get(f"node-{h['host']}")
+        c = by_node.get(f"node-{h['host']}")
+        duty = f"{c['contributed']}/{c['seats']}" if c else "-"
         lines.append(f"{h['host']:>4}  {h['rtt_ms']:>6}  {h['jitter_ms']:>9}  {h['loss']:<5}  {h['rate_mbit']:>9}  "
-                     f"{_fmt(j, '', 1):>6}")
+                     f"{_fmt(j, '', 1):>6}  {duty:>17}")
     return "\n".join(lines)

@@ -128,6 +128,7 @@ def test_cpu_seconds_of_this_process() -> None:
     (["--nodes", "300"], "at most 250"),
     (["--trainers", "0"], "--trainers must be positive"),
     (["--round-timeout", "-1"], "--round-timeout not negative"),
+    (["--slow-host", "-1"], "--slow-host must not be negative"),
 ])
 def test_bad_arguments(argv: list[str], msg: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert wan.main(argv) == 2
@@ -169,13 +170,23 @@ def test_continent_run_in_namespaces(tmp_path: Path) -> None:
     if reason:
         print(f"\nSKIP test_continent_run_in_namespaces: {reason}")
         pytest.skip(reason)
-    s, pid = run_bench_json(["wan", "--profile", "continent", "--nodes", "3",
+    s, pid = run_bench_json(["wan", "--profile", "continent", "--nodes", "3", "--slow-host", "1",
                         "--rounds", "8", "--json", "--quiet", "--dir", str(tmp_path / "run"),
                         "--out", str(tmp_path / "wan.json")])
     assert json.loads((tmp_path / "wan.json").read_text())["honest_digest_agreement"] == 1.0
     why = json.dumps({k: s[k] for k in ("window", "deadline", "round_latency_p50_s", "hosts")}, indent=1)
     assert s["honest_digest_agreement"] == 1.0 and s["finished"] and s["rounds"] >= 8, why
     assert s["profile"] == "continent" and [h["rtt_ms"] for h in s["hosts"]] == [40.0] * 3
+    # the straggler: node-2 on a 1 Mbit/s link, the others on the profile's 100 Mbit/s
+    assert [h["rate_mbit"] for h in s["hosts"]] == [100.0, 100.0, 1.0]
+    assert s["slow_host"] == {"node": "node-2", "rate_mbit": 1.0}
+    # every node's duties, replayed from node-0's chain: 3 trainers of 3, so every node sits on
+    # the committee of every record that holds a contribution; the slow one still contributes
+    duty = s["contributions_by_node"]
+    assert set(duty) == {"node-0", "node-1", "node-2"}, why
+    assert all(d["seats"] >= 1 and 0 <= d["contributed"] <= d["seats"] for d in duty.values()), duty
+    assert sum(d["contributed"] for d in duty.values()) == sum(s["deadline"]["contributions_per_record"]), duty
+    assert duty["node-2"]["contributed"] >= 1, duty
     # a round needs at least one round trip over the emulated links
     assert s["round_latency_p50_s"] > s["path_rtt_ms_min"] / 1000.0, why
     w = s["window"]
