@@ -31,10 +31,12 @@ PORT = 4001
 class NatCluster(Cluster):
     """``seedswarm cluster``'s daemons: node 0 public and a relay, the others behind NAT."""
 
-    def __init__(self, cfg: ClusterConfig, net: NatNet, log: Any = None, hole_punch: bool = True) -> None:
+    def __init__(self, cfg: ClusterConfig, net: NatNet, log: Any = None, hole_punch: bool = True,
+                 auto_relay: bool = False) -> None:
         super().__init__(cfg, log)
         self.net = net
         self.hole_punch = hole_punch
+        self.auto_relay = auto_relay
         self.final: dict[int, dict[str, Any]] = {}  # each node's last status before the stop
 
     def ns(self, i: int) -> str:
@@ -58,7 +60,8 @@ class NatCluster(Cluster):
                 skip = True
             else:
                 cmd.append(a)
-        cmd += ["--relay"] if i == 0 else ["--relay-via", self.relay_addr, "--bootstrap", self.relay_addr]
+        via = "auto" if self.auto_relay else self.relay_addr
+        cmd += ["--relay"] if i == 0 else ["--relay-via", via, "--bootstrap", self.relay_addr]
         if not self.hole_punch:
             cmd += ["--no-hole-punch"]
         return ["ip", "netns", "exec", self.ns(i), *cmd]
@@ -85,7 +88,7 @@ def relay_shares(final: dict[int, dict[str, Any]]) -> dict[str, float]:
 
 
 def run(nodes: int, rounds: int, out: Path, seed: int = 0, quiet: bool = True, trainers: int = 0,
-        hole_punch: bool = True, routers: str = "drop") -> dict[str, Any]:
+        hole_punch: bool = True, routers: str = "drop", auto_relay: bool = False) -> dict[str, Any]:
     """Build the test bed, run the swarm in it, tear it down; the summary (``cluster``'s, plus
     ``relay_byte_share``, ``nat_join_seconds`` and ``reachability``)."""
     net = NatNet(public=1, natted=nodes - 1, routers=routers)
@@ -99,13 +102,14 @@ def run(nodes: int, rounds: int, out: Path, seed: int = 0, quiet: bool = True, t
                             timeout=max(300.0, 60.0 + 10.0 * rounds))
         if trainers:
             cfg.trainers = trainers
-        cluster = NatCluster(cfg, net, hole_punch=hole_punch)
+        cluster = NatCluster(cfg, net, hole_punch=hole_punch, auto_relay=auto_relay)
         t0 = time.time()
         summary = cluster.run()
         summary["transport"] = "libp2p over circuit relay v2: node 0 public relay, the others behind NAT"
         summary["reachability"] = reach
         summary["hole_punch"] = hole_punch
         summary["routers"] = routers
+        summary["relay_choice"] = "auto (AutoNAT, then a connected relay)" if auto_relay else "--relay-via node 0"
         statuses = cluster.final
         summary["relay_byte_share"] = relay_shares(statuses)
         summary["nat_join_seconds"] = {k: round(v, 2) for k, v in summary["join_seconds"].items() if k != "node-0"}
@@ -134,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
                         "hole punching can work) or reject it with a RST (Linux's default; it cannot)")
     p.add_argument("--no-hole-punch", action="store_true",
                    help="start the nodes with --no-hole-punch: every byte between NATed nodes crosses the relay")
+    p.add_argument("--auto-relay", action="store_true",
+                   help="start the NATed nodes with --relay-via auto: each finds out it is behind NAT (AutoNAT) "
+                        "and chooses the relay itself")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = p.parse_args(argv)
@@ -149,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.dir or f"runs/nat-{time.strftime('%Y%m%d-%H%M%S')}")
     s = run(args.nodes, args.rounds, out, seed=args.seed, quiet=args.quiet, hole_punch=not args.no_hole_punch,
-            routers=args.routers)
+            routers=args.routers, auto_relay=args.auto_relay)
     if args.json:
         print(json.dumps(s))
     else:

@@ -202,7 +202,8 @@ NODE_OPTIONS: list[tuple[str, dict[str, Any]]] = [
                          "in the README)"}),
     ("--relay-via", {"action": "append", "metavar": "MULTIADDR",
                      "help": "behind NAT: reserve a slot on this relay /ip4/A/tcp/P/p2p/ID and be reached through "
-                             "it (repeatable)"}),
+                             "it (repeatable); or 'auto': ask peers whether this node can be dialled (AutoNAT) and, "
+                             "if not, reserve on a connected peer that runs --relay"}),
     ("--no-hole-punch", {"action": "store_true",
                          "help": "keep relayed connections relayed: no hole punching (DCUtR) to make them direct"}),
     ("--device", {"choices": ["auto", "cpu", "cuda"], "help": "where the model runs (auto: cuda when available)"}),

@@ -109,6 +109,10 @@ class HostConfig:
     hole_punch: bool = True
     #: Learn whether peers can dial this host (AutoNAT, ``autonat.py``): ``Libp2pHost.reachability``.
     autonat: bool = False
+    #: Choose a relay by itself: once AutoNAT finds this host private, reserve a slot on a
+    #: directly connected peer that offers the relay service (``relay.choose_relay``); its
+    #: circuit base then shows in ``Libp2pHost.relay_circuits``. Needs ``autonat``.
+    auto_relay: bool = False
 
 
 # Events, validators and handlers are the transport interface's own (gossip.transport): the

@@ -31,12 +31,12 @@ from seedswarm.gossip.libp2p.api import (
     RequestHandler,
     Validator,
 )
-from seedswarm.gossip.libp2p.autonat import UNKNOWN, FreshDialAutoNAT, Reachability
+from seedswarm.gossip.libp2p.autonat import PRIVATE, UNKNOWN, FreshDialAutoNAT, Reachability
 from seedswarm.gossip.libp2p.bridge import TrioBridge
 from seedswarm.gossip.libp2p.common import LogOnce, reason
 from seedswarm.gossip.libp2p.logs import install_log_policy
 from seedswarm.gossip.libp2p.pubsub import Gossip
-from seedswarm.gossip.libp2p.relay import Relay, is_circuit, is_relayed
+from seedswarm.gossip.libp2p.relay import Relay, choose_relay, is_circuit, is_relayed
 from seedswarm.gossip.libp2p.streams import Streams
 from seedswarm.gossip.libp2p.transport import claim_listen_port
 from seedswarm.gossip.libp2p.tuning import (
@@ -49,6 +49,9 @@ from seedswarm.gossip.libp2p.tuning import (
 )
 
 log = logging.getLogger(__name__)
+
+#: How often a host with ``auto_relay`` and no relay yet looks for one.
+AUTO_RELAY_CHECK_S = 2.0
 
 
 def _parse_peer_addr(addr: str) -> PeerInfo:
@@ -211,13 +214,16 @@ class Libp2pHost:
                     await pubsub.wait_until_ready()
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._maintenance)
-                        if self._relay.relays:
+                        if self._relay.relays or self.config.auto_relay:
                             nursery.start_soon(self._relay.keep_reservations)
                         if self.config.autonat:
                             self._reachability = Reachability(
                                 host, FreshDialAutoNAT(host, self._counters, self._relay_error),
-                                has_relay=bool(self.config.relays) or self.config.relay_service)
+                                has_relay=bool(self.config.relays) or self.config.relay_service
+                                or self.config.auto_relay)
                             nursery.start_soon(self._reachability.run)
+                            if self.config.auto_relay:
+                                nursery.start_soon(self._auto_relay)
                         nursery.start_soon(self._peerstore_cleanup)
                         if self._bootstrap:
                             nursery.start_soon(self._bootstrap_keeper)
@@ -241,6 +247,16 @@ class Libp2pHost:
             self._relayed_snapshot = tuple(sorted(
                 str(p) for p in self._host.get_connected_peers()
                 if (conns := network.get_connections(p)) and all(is_relayed(c) for c in conns)))
+
+    async def _auto_relay(self) -> None:
+        """trio thread: once AutoNAT says peers cannot dial us, adopt a relay among our direct
+        peers (``relay.choose_relay``); look again while there is none to adopt."""
+        assert self._host is not None and self._reachability is not None
+        while not self._relay.relays:
+            if self._reachability.status == PRIVATE and (info := choose_relay(self._host)) is not None:
+                self._relay.adopt(info)
+                return
+            await trio.sleep(AUTO_RELAY_CHECK_S)
 
     async def _peerstore_cleanup(self) -> None:
         """libp2p's ``PeerStore.start_cleanup_task``, guarded: sweep expired peers every
@@ -278,6 +294,11 @@ class Libp2pHost:
     def relay_reservations(self) -> list[str]:
         """Relays that hold a reservation for this host now (peer ids; a snapshot)."""
         return self._relay.reserved()
+
+    def relay_circuits(self) -> list[str]:
+        """``<relay addr>/p2p/<relay id>`` of each relay holding a reservation for this host now:
+        peers reach it at that plus ``/p2p-circuit/p2p/<its id>`` (a snapshot)."""
+        return self._relay.circuits()
 
     def _peerstore_error(self, where: str, e: Exception) -> None:
         """trio thread: a peerstore error the adapter swallowed (see ``_peerstore_cleanup``)."""

@@ -249,6 +249,18 @@ class Relay:
         """Relays that hold a reservation for us now (peer ids)."""
         return sorted(str(r) for r in self._reserved)
 
+    def circuits(self) -> list[str]:
+        """``<relay addr>/p2p/<relay id>`` of each relay holding a reservation for us now: what a
+        peer dials, with ``/p2p-circuit/p2p/<our id>`` appended, to reach us."""
+        return [f"{info.addrs[0]}/p2p/{info.peer_id}" for info in self.relays
+                if info.peer_id in self._reserved and info.addrs]
+
+    def adopt(self, info: PeerInfo) -> None:
+        """trio thread: keep a reservation on this relay too, from the keeper's next pass."""
+        if all(r.peer_id != info.peer_id for r in self.relays):
+            self.relays.append(info)
+            log.info("chose relay %s at %s (AutoNAT: this host is private)", info.peer_id, info.addrs[0])
+
     async def dial(self, addr: multiaddr.Multiaddr) -> None:
         """trio thread: connect to the peer of a circuit address through its relay."""
         assert self._transport is not None
@@ -304,5 +316,27 @@ class Relay:
             log.info("reserved a slot on relay %s (expires in %.0f s)", relay, expires - time.time())
 
 
+def choose_relay(host: Any) -> PeerInfo | None:
+    """trio thread: a directly connected peer that said (identify) it serves the relay ``hop``
+    protocol, with the address this host reached it at (the remote end of a direct connection:
+    dialable from here, where the addresses it lists may be private): the first by peer id, so
+    that NATed hosts of one swarm tend to pick the same relay (their circuits then meet there).
+    None while there is none."""
+    network, peerstore, me = host.get_network(), host.get_peerstore(), host.get_id()
+    for pid in sorted(host.get_connected_peers(), key=str):
+        if pid == me:
+            continue
+        try:
+            if not peerstore.supports_protocols(pid, [str(HOP_PROTOCOL_ID)]):
+                continue
+            addrs = [a for c in network.get_connections(pid) if not is_relayed(c)
+                     for a in c.get_transport_addresses() or [] if not is_circuit(a)]
+        except Exception:  # noqa: BLE001 - an unknown or expired peer, a closing connection: not chosen
+            continue
+        if addrs:
+            return PeerInfo(pid, addrs[:1])
+    return None
+
+
 __all__ = ["HOP_PROTOCOL_ID", "STOP_PROTOCOL_ID", "GuardedCircuitProtocol", "GuardedDCUtR", "Relay",
-           "circuit_addr", "guard_handler", "is_circuit", "is_relayed", "relay_limits"]
+           "choose_relay", "circuit_addr", "guard_handler", "is_circuit", "is_relayed", "relay_limits"]

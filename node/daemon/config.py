@@ -48,6 +48,11 @@ ones. Measured on loopback (two real hosts, 8 requests in flight, a busy 2-core 
 flight (``joinplan.IN_FLIGHT_BYTES``), so a slow link is not flooded."""
 
 
+AUTO_RELAY = "auto"
+"""The ``relay_via`` value of ``--relay-via auto``: the node learns whether it is behind NAT
+(AutoNAT) and chooses a relay among its peers by itself."""
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     genesis: str = "genesis.json"
@@ -60,7 +65,9 @@ class NodeConfig:
     #: serve as a circuit relay v2 for peers behind NAT (a node with a public address)
     relay: bool = False
     #: relays (``.../p2p/<relay id>``) to reserve a slot on: a node behind NAT is then reached at
-    #: ``<relay>/p2p-circuit/p2p/<its id>``, which it announces instead of its listen addresses
+    #: ``<relay>/p2p-circuit/p2p/<its id>``, which it announces instead of its listen addresses;
+    #: or ``("auto",)``: let AutoNAT tell whether the node is behind NAT and, if so, reserve on a
+    #: connected peer that serves as a relay (``AUTO_RELAY``)
     relay_via: tuple[str, ...] = ()
     #: never try to turn a relayed connection into a direct one by hole punching (DCUtR)
     no_hole_punch: bool = False
@@ -107,13 +114,16 @@ class NodeConfig:
             problems.append("metrics_port must be in 0..65535")
         if not self.listen:
             problems.append("at least one listen address is required")
-        for a in (*self.listen, *self.bootstrap, *self.announce, *self.relay_via):
+        auto = AUTO_RELAY in self.relay_via
+        if auto and len(self.relay_via) > 1:
+            problems.append(f"relay_via {AUTO_RELAY!r} stands alone: either the node chooses its relay or you do")
+        for a in (*self.listen, *self.bootstrap, *self.announce, *(() if auto else self.relay_via)):
             if not isinstance(a, str) or not a.startswith("/"):
                 problems.append(f"not a multiaddr: {a!r}")
         for a in self.bootstrap:
             if "/p2p/" not in a:
                 problems.append(f"bootstrap address {a!r} must end with /p2p/<peer id>")
-        for a in self.relay_via:
+        for a in () if auto else self.relay_via:
             if "/p2p/" not in a or "/p2p-circuit" in a:
                 problems.append(f"relay address {a!r} must be a relay's own address ending with /p2p/<relay id>")
         for name in ("relay", "no_hole_punch"):

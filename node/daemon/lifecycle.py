@@ -17,7 +17,9 @@ from typing import Protocol
 
 from seedswarm.node.core.effects import Apply
 from seedswarm.node.daemon import status as status_mod
+from seedswarm.node.daemon.config import AUTO_RELAY
 from seedswarm.node.daemon.discovery import Discovery
+from seedswarm.node.daemon.netstack import announce_addrs
 from seedswarm.node.daemon.peering import Peering
 
 log = logging.getLogger("seedswarm.daemon")
@@ -61,9 +63,28 @@ async def periodic(d: _Node) -> None:
         if peering is not None and t is not None:
             if not t.peers():
                 d._dial_bootstrap()
-            if tick % 15 == 0:
+            if follow_auto_relay(d):
+                peering.greet_all()  # our new address, now rather than at the next exchanges
+            elif tick % 15 == 0:
                 peering.exchange()
         d.discovery.tick()
+
+
+def follow_auto_relay(d: _Node) -> bool:
+    """``--relay-via auto``: once the host holds a reservation on a relay it chose (AutoNAT
+    found it private), announce the circuit through it instead of the listen addresses nobody
+    can dial, as a node given ``--relay-via`` does from the start. True when that changed."""
+    t = d.transport
+    circuits_of = getattr(t, "relay_circuits", None)  # the libp2p host's; not every transport has relays
+    if d.cfg.relay_via != (AUTO_RELAY,) or t is None or circuits_of is None:
+        return False
+    circuits = tuple(circuits_of())
+    if not circuits or all(f"{c}/p2p-circuit/" in " ".join(d.announce) for c in circuits):
+        return False
+    d.announce = announce_addrs(t.listen_addrs, d.cfg.announce, d.peer_id, circuits)
+    log.info("behind NAT (AutoNAT): reached through relay %s; announcing %s", ", ".join(circuits),
+             " ".join(d.announce))
+    return True
 
 
 LAG_TICK_S = 0.1

@@ -69,13 +69,20 @@ class Peering:
             self.book[peer] = [a for a in addrs if a.endswith(f"/p2p/{peer}")][:4]
         if peer in self.seen or len(self.seen) < MAX_BOOK:
             self.seen[peer] = time.time()
+        connected = set(self.t.peers())
         for pid, a in book.items():
-            if len(self.book) >= MAX_BOOK:
-                break
-            if pid != self.me and pid not in self.book:
-                good = [x for x in a if x.endswith(f"/p2p/{pid}")][:4]
-                if good:
-                    self.book[pid] = good
+            good = [x for x in a if x.endswith(f"/p2p/{pid}")][:4]
+            if pid == self.me or pid == peer or not good:
+                continue
+            if pid not in self.book:
+                if len(self.book) >= MAX_BOOK:
+                    continue
+                self.book[pid] = good
+            elif pid not in connected and good != self.book[pid]:
+                # A peer we cannot reach at the addresses we hold may have new ones (a NATed
+                # node announces its relay circuit once it chose a relay): the newest first,
+                # the old kept behind them. A connected peer's own hello is the authority.
+                self.book[pid] = (good + [x for x in self.book[pid] if x not in good])[:4]
         self.on_peer(peer, hello.round)
 
     async def on_hello(self, peer: str, hello: Hello) -> bytes:
@@ -151,6 +158,11 @@ class Peering:
         peers = self.t.peers()
         if peers:
             self.spawn(self.greet(random.choice(peers)), "px")
+
+    def greet_all(self) -> None:
+        """A hello to every connected peer: our addresses changed (a relay was chosen)."""
+        for p in self.t.peers():
+            self.spawn(self.greet(p), "px")
 
     def dial_bootstrap(self, addrs: Sequence[str]) -> None:
         """Dial the bootstrap peers we are not connected to (our own address excluded)."""

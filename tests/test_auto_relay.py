@@ -1,0 +1,149 @@
+"""``--relay-via auto``: a node finds out by itself that it is behind NAT and picks its relay.
+
+* the setting (``auto`` stands alone) and how it reaches the host config (no network);
+* the address book: a peer we cannot reach takes new addresses from a third party's hello (a
+  NATed node's relay circuit, announced once it chose a relay), a connected one does not;
+* real libp2p hosts on loopback: ``choose_relay`` picks the connected peer that serves the relay
+  ``hop`` protocol, at the address this host reached it at;
+* as root with iptables: ``seedswarm bench nat --auto-relay``, two daemons behind NAT started
+  with ``--relay-via auto`` learn they are private, reserve on the relay they chose, reach each
+  other through it and train to one head. Skips, and prints why, elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from seedswarm.bench.nat_net import nat_unavailable
+from seedswarm.crypto.keys import Identity, peer_id_of
+from seedswarm.gossip.libp2p import HostConfig, Libp2pHost
+from seedswarm.gossip.libp2p.relay import choose_relay
+from seedswarm.gossip.wire import Hello
+from seedswarm.node.daemon.config import AUTO_RELAY, ConfigError, NodeConfig, build_config
+from seedswarm.node.daemon.netstack import configured_relays
+from seedswarm.node.daemon.peering import Peering
+from tests.benchproc import run_bench_json
+
+PREFIX = "/seedswarm/1/0123456789abcdef"
+RELAY = "/ip4/10.0.0.1/tcp/4001/p2p/12D3KooWSgSv9syFCR85YjhjMEHhnRkM49HMqenVQqfmGbbVGk15"
+RUN = bytes(32)
+
+
+def test_auto_stands_alone_and_names_no_relay() -> None:
+    cfg = build_config({}, {"relay_via": [AUTO_RELAY]})
+    assert cfg.relay_via == (AUTO_RELAY,) and configured_relays(cfg) == ()
+    assert configured_relays(NodeConfig(relay_via=(RELAY,))) == (RELAY,)
+    with pytest.raises(ConfigError, match="'auto' stands alone"):
+        NodeConfig(relay_via=(AUTO_RELAY, RELAY))
+    with pytest.raises(ConfigError, match="not a multiaddr: 'automatic'"):
+        NodeConfig(relay_via=("automatic",))
+
+
+# --- the address book --------------------------------------------------------------------------------
+
+
+class _Peers:
+    """What Peering asks of its transport here: who is connected."""
+
+    def __init__(self, connected: list[str]) -> None:
+        self.connected = connected
+
+    def peers(self) -> list[str]:
+        return list(self.connected)
+
+
+def _pid(n: int) -> str:
+    return peer_id_of(Identity.from_seed(bytes([n]) * 32).public)
+
+
+def _peering(connected: list[str]) -> Peering:
+    return Peering(RUN, _pid(1), _Peers(connected), 8, lambda c, name: c.close(),  # type: ignore[arg-type]
+                   lambda: 0, lambda: [], lambda p, r: None, lambda p, r, d: None, lambda k: None)
+
+
+def _hello(sender: str, book: dict[str, list[str]]) -> Hello:
+    return Hello.make(RUN, 0, [f"/ip4/10.0.0.9/tcp/4001/p2p/{sender}"], book)
+
+
+def test_third_party_hello_updates_an_unreachable_peer_only() -> None:
+    relay, natted, other = _pid(2), _pid(3), _pid(4)
+    p = _peering(connected=[relay, other])
+    private = f"/ip4/10.240.0.2/tcp/4001/p2p/{natted}"
+    p.learn(relay, _hello(relay, {natted: [private], other: [f"/ip4/10.0.0.4/tcp/1/p2p/{other}"]}))
+    assert p.book[natted] == [private]
+    # the NATed node chose a relay: its circuit reaches us through a third party, first in line
+    circuit = f"{RELAY}/p2p-circuit/p2p/{natted}"
+    p.learn(relay, _hello(relay, {natted: [circuit], other: [f"/ip4/6.6.6.6/tcp/1/p2p/{other}"]}))
+    assert p.book[natted] == [circuit, private]
+    # a connected peer's addresses are its own hello's business, not a third party's
+    assert p.book[other] == [f"/ip4/10.0.0.4/tcp/1/p2p/{other}"]
+    # at most 4 kept, the newest first; entries naming another peer's id are ignored
+    for i in range(6):
+        p.learn(relay, _hello(relay, {natted: [f"/ip4/10.1.0.{i}/tcp/1/p2p/{natted}", f"/ip4/1.1.1.1/tcp/1/p2p/{other}"]}))
+    assert p.book[natted][0] == f"/ip4/10.1.0.5/tcp/1/p2p/{natted}" and len(p.book[natted]) == 4
+    assert all(a.endswith(f"/p2p/{natted}") for a in p.book[natted])
+
+
+# --- real hosts on loopback ----------------------------------------------------------------------
+
+
+def test_choose_relay_picks_the_peer_that_relays() -> None:
+    async def main() -> None:
+        def cfg(n: int, **kw: Any) -> HostConfig:
+            return HostConfig(identity_seed=bytes([n]) * 32, listen=["/ip4/127.0.0.1/tcp/0"],
+                              protocol_prefix=PREFIX, **kw)
+
+        relay, plain, me = (Libp2pHost(cfg(1, relay_service=True, autonat=True)), Libp2pHost(cfg(2)),
+                            Libp2pHost(cfg(3, autonat=True, auto_relay=True)))
+        try:
+            for h in (relay, plain, me):
+                await h.start()
+            await me.connect(plain.listen_addrs[0])
+            await me.connect(relay.listen_addrs[0])
+
+            async def chosen() -> tuple[str, list[str]] | None:
+                info = choose_relay(me._host)
+                return None if info is None else (str(info.peer_id), [str(a) for a in info.addrs])
+
+            async with asyncio.timeout(60):  # identify tells which peer serves hop
+                while (got := await me._bridge.call(chosen, "choose a relay")) is None:
+                    await asyncio.sleep(0.1)
+            assert got == (relay.peer_id, [relay.listen_addrs[0].rsplit("/p2p/", 1)[0]])
+            # loopback is dialable: AutoNAT never calls this host private, so it adopts nothing
+            assert me.relay_reservations() == [] and me.relay_circuits() == []
+        finally:
+            for h in (me, plain, relay):
+                await h.stop()
+
+    asyncio.run(main())
+
+
+# --- as root: daemons behind NAT ------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_natted_daemons_choose_the_relay_themselves(tmp_path: Path) -> None:
+    reason = nat_unavailable()
+    if reason:
+        print(f"\nSKIP: {reason}")
+        pytest.skip(reason)
+    # enough rounds for AutoNAT's verdict (its first check 5 s after start), the reservation and
+    # the circuits to reach the other NATed node through the relay's hellos
+    s, _ = run_bench_json(["nat", "--nodes", "3", "--rounds", "40", "--auto-relay", "--no-hole-punch", "--json",
+                           "--quiet", "--dir", str(tmp_path / "run")], timeout=900)
+    relay = s["relay"]
+    why = json.dumps({k: s.get(k) for k in ("reachability", "relay", "heads", "relay_byte_share")}, indent=1)
+    assert s["finished"] and s["honest_digest_agreement"] == 1.0, why
+    assert len(set(s["heads"].values())) == 1 and len(set(s["model_digests"].values())) == 1, why
+    relay_id = peer_id_of(Identity.load(tmp_path / "run" / "nodes" / "node-0" / "identity.key").public)
+    assert relay["node-0"]["reachability"] == "public", why
+    for n in ("node-1", "node-2"):
+        assert relay[n]["reachability"] == "private", why  # AutoNAT: nobody can dial it
+        assert relay[n]["reserved_on"] == [relay_id], why  # it chose node 0, the one relay
+        assert relay[n]["relayed_peers"] == 1, why  # the other NATed node, through the relay
+    assert relay["node-0"]["bytes_forwarded"] > 0, why
