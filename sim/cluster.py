@@ -5,8 +5,8 @@ libp2p host, store and model, talking over TCP. The launcher writes a genesis wh
 members are the first N nodes, starts them (bootstrapping from nodes 0 and 1; peer exchange does
 the rest), optionally starts ``--join-nodes`` more at round ``--join-at`` (they join through
 chain sync and a chunked checkpoint download) and SIGKILLs ``--kill-nodes`` at ``--kill-at``.
-Every node halts its duties at ``--rounds``, so the running ones converge on one head; the
-launcher then reads their status files, stops them with SIGTERM and writes ``summary.json``.
+Every node halts its duties at ``--rounds``, so the running ones converge on one head; once
+each has moved its model there too, the launcher reads their status files, stops them with SIGTERM and writes ``summary.json``.
 
 Children run in their own session (a terminal's Ctrl+C reaches only the launcher, which stops
 them in order) and with PR_SET_PDEATHSIG, so they die even if the launcher is SIGKILLed.
@@ -254,7 +254,10 @@ class Cluster:
                 waiting_kill = cfg.kill_nodes and not self.killed
                 if alive and not waiting_join and not waiting_kill and all(i in st for i in alive):
                     heads = {st[i]["head"] for i in alive}
-                    if all(st[i]["round"] >= cfg.rounds for i in alive) and len(heads) == 1:
+                    # the model too: a record is applied on the loop and the model follows in the
+                    # worker thread, so a status can show the last head before its model digest
+                    if all(st[i]["round"] >= cfg.rounds and st[i].get("model_digest") for i in alive) \
+                            and len(heads) == 1:
                         finished = True
                         break
                 if not alive:

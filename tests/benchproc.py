@@ -1,5 +1,6 @@
 """Run a ``seedswarm bench ...`` command as a child process and read its ``--json`` line
-(shared by the namespace benches' tests: one place that kills a bench left running)."""
+(shared by the namespace benches' tests: one place that kills a bench left running), and skip
+a test, saying why, where its namespaces cannot be built."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import os
 import subprocess
 import sys
 from typing import Any
+
+import pytest
 
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
 
@@ -26,3 +29,11 @@ def run_bench_json(args: list[str], timeout: float = 300) -> tuple[dict[str, Any
     assert p.returncode == 0, f"exit {p.returncode}\nstdout: {out[-3000:]}\nstderr: {err[-3000:]}"
     result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     return result, p.pid
+
+
+def skip_unless_possible(what: str, reason: str | None) -> None:
+    """Skip the calling test when ``reason`` (a probe's "why not here") is set; the line is
+    printed too, so a ``-q`` run shows why a root-only test did not run."""
+    if reason:
+        print(f"\nSKIP {what}: {reason}")
+        pytest.skip(reason)

@@ -27,7 +27,7 @@ from seedswarm.gossip.wire import Hello
 from seedswarm.node.daemon.config import AUTO_RELAY, ConfigError, NodeConfig, build_config
 from seedswarm.node.daemon.netstack import configured_relays
 from seedswarm.node.daemon.peering import Peering
-from tests.benchproc import run_bench_json
+from tests.benchproc import run_bench_json, skip_unless_possible
 
 PREFIX = "/seedswarm/1/0123456789abcdef"
 RELAY = "/ip4/10.0.0.1/tcp/4001/p2p/12D3KooWSgSv9syFCR85YjhjMEHhnRkM49HMqenVQqfmGbbVGk15"
@@ -89,6 +89,43 @@ def test_third_party_hello_updates_an_unreachable_peer_only() -> None:
     assert all(a.endswith(f"/p2p/{natted}") for a in p.book[natted])
 
 
+def test_a_dial_tries_addresses_learned_while_it_waited() -> None:
+    """The NATed peer's circuit arrives while we wait out a timeout at its private address: the
+    same dial goes on to the circuit instead of giving up until the next peer exchange."""
+    from seedswarm.gossip.transport import TransportError
+
+    natted = _pid(3)
+    private, circuit = f"/ip4/10.240.0.2/tcp/4001/p2p/{natted}", f"{RELAY}/p2p-circuit/p2p/{natted}"
+
+    class Dialer(_Peers):
+        def __init__(self) -> None:
+            super().__init__([])
+            self.dialled: list[str] = []
+            self.news = True
+
+        async def connect(self, addr: str) -> str:
+            self.dialled.append(addr)
+            if addr == private:  # the first time, the new address arrives during the timeout
+                if self.news:
+                    p.book[natted] = [circuit, private]
+                    self.news = False
+                raise TransportError("timed out")
+            return natted
+
+    async def main() -> None:
+        ok = await p._dial(natted, [private])
+        assert ok and t.dialled == [private, circuit]
+        # nothing new: one pass over what it has, then it gives up
+        t.dialled.clear()
+        p.book[natted] = [private]
+        assert not await p._dial(natted, [private]) and t.dialled == [private]
+
+    t = Dialer()
+    p = Peering(RUN, _pid(1), t, 8, lambda c, name: c.close(),  # type: ignore[arg-type]
+                lambda: 0, lambda: [], lambda p, r: None, lambda p, r, d: None, lambda k: None)
+    asyncio.run(main())
+
+
 # --- real hosts on loopback ----------------------------------------------------------------------
 
 
@@ -128,10 +165,7 @@ def test_choose_relay_picks_the_peer_that_relays() -> None:
 
 @pytest.mark.slow
 def test_natted_daemons_choose_the_relay_themselves(tmp_path: Path) -> None:
-    reason = nat_unavailable()
-    if reason:
-        print(f"\nSKIP: {reason}")
-        pytest.skip(reason)
+    skip_unless_possible("the auto-relay NAT run", nat_unavailable())
     # enough rounds for AutoNAT's verdict (its first check 5 s after start), the reservation and
     # the circuits to reach the other NATed node through the relay's hellos
     s, _ = run_bench_json(["nat", "--nodes", "3", "--rounds", "40", "--auto-relay", "--no-hole-punch", "--json",

@@ -22,6 +22,7 @@ from seedswarm.bench.netns import Netns, netns_unavailable
 from seedswarm.crypto.keys import Identity, peer_id_of
 from seedswarm.node.daemon import addrbook
 from seedswarm.node.daemon.mdns import txt_addrs
+from tests.benchproc import skip_unless_possible
 from tests.test_daemon import ENV, PY, Node, init_swarm, status_of, wait_for
 
 BOUND = 180.0  # seconds: four daemons importing torch on a busy 2-core machine
@@ -150,9 +151,7 @@ def test_mdns_finds_the_run_on_a_lan_without_bootstrap(tmp_path: Path) -> None:
     LAN is heard too, dialled, and refused by the hello's run-id check; a hostile responder's
     announcements (garbage TXT records, bad addresses, a real node's peer id at bad addresses) are
     counted and ignored."""
-    if (why := netns_unavailable()) is not None:
-        print(f"\nSKIP mDNS test: {why}")
-        pytest.skip(why)
+    skip_unless_possible("mDNS test", netns_unavailable())
     data_b = tmp_path / "b"
     data_b.mkdir(mode=0o700)
     ident_b = Identity.generate()

@@ -33,7 +33,7 @@ from seedswarm.gossip.libp2p.relay import HOP_PROTOCOL_ID, STOP_PROTOCOL_ID, cir
 from seedswarm.node import cli as node_cli
 from seedswarm.node.daemon.config import ConfigError, NodeConfig, build_config, load_toml
 from seedswarm.node.daemon.netstack import announce_addrs
-from tests.benchproc import run_bench_json
+from tests.benchproc import run_bench_json, skip_unless_possible
 
 PREFIX = "/seedswarm/1/0123456789abcdef"
 RELAY = "/ip4/10.0.0.1/tcp/4001/p2p/12D3KooWSgSv9syFCR85YjhjMEHhnRkM49HMqenVQqfmGbbVGk15"
@@ -331,10 +331,7 @@ def test_autonat_dial_back_is_a_new_connection() -> None:
 def _bench_nat(tmp_path: Path, *extra: str) -> dict[str, object]:
     """``seedswarm bench nat`` with 3 nodes (a relay and two NATed hosts); its JSON summary,
     after the checks every run must pass."""
-    reason = nat_unavailable()
-    if reason:
-        print(f"\nSKIP: {reason}")
-        pytest.skip(reason)
+    skip_unless_possible("the NAT bench", nat_unavailable())
     s, pid = run_bench_json(["nat", "--nodes", "3", "--rounds", "6", "--json", "--quiet",
                         "--dir", str(tmp_path / "run"), *extra], timeout=900)
     why = json.dumps({k: s.get(k) for k in ("reachability", "relay", "heads", "relay_byte_share")}, indent=1)

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from seedswarm.bench.netns import netns_unavailable
+from tests.benchproc import skip_unless_possible
 from tests.test_daemon import ENV, init_swarm, wait_for
 
 A_IP, B_IP = "10.213.7.1", "10.213.7.2"
@@ -36,10 +37,7 @@ def _sh(*cmd: str) -> None:
 
 @pytest.fixture
 def two_hosts() -> Iterator[tuple[str, str]]:
-    reason = _skip_reason()
-    if reason:
-        print(f"\nSKIP test_netns: {reason}")
-        pytest.skip(reason)
+    skip_unless_possible("test_netns", _skip_reason())
     a, b = f"ssa{os.getpid()}", f"ssb{os.getpid()}"
     va, vb = f"va{os.getpid()}"[:15], f"vb{os.getpid()}"[:15]
     try:

@@ -19,7 +19,7 @@ from seedswarm.bench.netns import netns_unavailable
 from seedswarm.bench.wan_cluster import cpu_seconds
 from seedswarm.bench.wan_link import Host, LinkEmulator
 from seedswarm.bench.wan_profile import PROFILES, HostLink, ProfileError, host_links, path_rtt_ms
-from tests.benchproc import run_bench_json
+from tests.benchproc import run_bench_json, skip_unless_possible
 
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
 
@@ -166,10 +166,7 @@ def test_not_root_and_no_netem_are_one_line_errors(monkeypatch: pytest.MonkeyPat
 
 @pytest.mark.slow
 def test_continent_run_in_namespaces(tmp_path: Path) -> None:
-    reason = netns_unavailable()
-    if reason:
-        print(f"\nSKIP test_continent_run_in_namespaces: {reason}")
-        pytest.skip(reason)
+    skip_unless_possible("test_continent_run_in_namespaces", netns_unavailable())
     s, pid = run_bench_json(["wan", "--profile", "continent", "--nodes", "3", "--slow-host", "1",
                         "--rounds", "8", "--json", "--quiet", "--dir", str(tmp_path / "run"),
                         "--out", str(tmp_path / "wan.json")])

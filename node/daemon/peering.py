@@ -133,12 +133,18 @@ class Peering:
         return task
 
     async def _dial(self, pid: str, addrs: list[str]) -> bool:
-        for addr in addrs:
-            try:
-                await self.t.connect(addr)
-                return True
-            except TransportError as e:
-                log.debug("dial %s failed: %s", addr, e)
+        tried: set[str] = set()
+        while addrs:
+            for addr in addrs:
+                tried.add(addr)
+                try:
+                    await self.t.connect(addr)
+                    return True
+                except TransportError as e:
+                    log.debug("dial %s failed: %s", addr, e)
+            # A hello may have brought new addresses meanwhile (a NATed peer's relay circuit,
+            # while we waited out a timeout at its private address): try those before giving up.
+            addrs = [a for a in self.book.get(pid, []) if a not in tried]
         return False
 
     async def ensure(self, pid: str) -> bool:
