@@ -82,11 +82,16 @@ def test_third_party_hello_updates_an_unreachable_peer_only() -> None:
     assert p.book[natted] == [circuit, private]
     # a connected peer's addresses are its own hello's business, not a third party's
     assert p.book[other] == [f"/ip4/10.0.0.4/tcp/1/p2p/{other}"]
-    # at most 4 kept, the newest first; entries naming another peer's id are ignored
+    # only that upgrade, once: later hellos cannot keep handing us new addresses to dial
     for i in range(6):
-        p.learn(relay, _hello(relay, {natted: [f"/ip4/10.1.0.{i}/tcp/1/p2p/{natted}", f"/ip4/1.1.1.1/tcp/1/p2p/{other}"]}))
-    assert p.book[natted][0] == f"/ip4/10.1.0.5/tcp/1/p2p/{natted}" and len(p.book[natted]) == 4
-    assert all(a.endswith(f"/p2p/{natted}") for a in p.book[natted])
+        p.learn(relay, _hello(relay, {natted: [f"/ip4/10.1.0.{i}/tcp/1/p2p/{natted}",
+                                               f"/ip4/10.2.0.{i}/tcp/1/p2p-circuit/p2p/{natted}"]}))
+    assert p.book[natted] == [circuit, private]
+    # nor plain addresses for a peer we know only directly
+    gone = _pid(5)
+    p.book[gone] = [f"/ip4/10.0.0.5/tcp/1/p2p/{gone}"]
+    p.learn(relay, _hello(relay, {gone: [f"/ip4/6.6.6.6/tcp/1/p2p/{gone}"]}))
+    assert p.book[gone] == [f"/ip4/10.0.0.5/tcp/1/p2p/{gone}"]
 
 
 def test_a_dial_tries_addresses_learned_while_it_waited() -> None:

@@ -35,6 +35,11 @@ log = logging.getLogger("seedswarm.daemon")
 MAX_BOOK = 4096
 
 
+def _circuit_news(held: list[str], heard: list[str]) -> bool:
+    """Does a third party's entry bring a relay circuit for a peer we know only directly?"""
+    return not any("/p2p-circuit/" in a for a in held) and any("/p2p-circuit/" in a for a in heard)
+
+
 class Peering:
     def __init__(self, run_id: bytes, me: str, transport: Transport, max_peers: int,
                  spawn: Callable[[Coroutine[Any, Any, Any], str], Any],
@@ -78,10 +83,12 @@ class Peering:
                 if len(self.book) >= MAX_BOOK:
                     continue
                 self.book[pid] = good
-            elif pid not in connected and good != self.book[pid]:
-                # A peer we cannot reach at the addresses we hold may have new ones (a NATed
-                # node announces its relay circuit once it chose a relay): the newest first,
-                # the old kept behind them. A connected peer's own hello is the authority.
+            elif pid not in connected and _circuit_news(self.book[pid], good):
+                # A NATed node announces its relay circuit once it chose one (--relay-via auto);
+                # whoever learnt its private address first must hear of the circuit from others.
+                # Only that upgrade, once per peer: otherwise any hello could make us redial
+                # whatever addresses it names, again and again. A connected peer's own hello
+                # is the authority on its addresses.
                 self.book[pid] = (good + [x for x in self.book[pid] if x not in good])[:4]
         self.on_peer(peer, hello.round)
 
