@@ -96,6 +96,7 @@ class FuzzReport(FuzzVictim):
             "core_rejections": {k: v for k, v in core.items() if k.startswith("rejected.")},
             "core_events": core,
             "client_errors": dict(self.errors),
+            "slowest_metrics_poll_s": round(self.slowest_metrics_poll_s, 2),
         }
 
 

@@ -81,6 +81,7 @@ class FuzzVictim:
         self.waiting: dict[str, tuple[int, threading.Event]] = {}  # lane -> (messages, release)
         self.consumed: dict[str, float] = {}
         self.stalled: set[str] = set()
+        self.slowest_metrics_poll_s = 0.0  # the longest the node took to answer /metrics (gossip_accounting)
 
     def say(self, msg: str) -> None:
         if not self.cfg.quiet:

@@ -59,10 +59,11 @@ def test_fuzz_ci_size(tmp_path: Path) -> None:
     # every gossip message on a connection that stayed up was accounted for by the node
     # (delivered, refused or dropped); a loaded machine may cut a few of the ~60 connections
     errors = s["client_errors"]
-    # KNOWN ISSUE (found this stop, not yet explained): when this bench runs alone on the machine,
-    # one or two of the ~30 deep-lane connections stall past the lane's 15 s window before the
-    # node has counted all their messages; with another job on the machine none did (4 runs).
-    # Allowed for now; a third, or any broken-envelope lane, fails the test.
+    # A deep-lane batch (1,000 messages that reach the core) can take the node more than 15 s to
+    # count on an idle machine, where its own rounds run flat out: with the former 15 s window
+    # 3 to 4 of the 5 deep connections were reported as stalled, with the 45 s window none (and
+    # the same tree before this session failed alike, so it was the window, not a regression).
+    # Up to two are still allowed; a third, or any broken-envelope lane, fails the test.
     stalled = {k: v for k, v in errors.items() if "accounted" in k}
     assert sum(stalled.values()) <= 2 and not any(k.startswith("gossip:broken") for k in stalled), errors
     assert sum(v for k, v in errors.items() if "connection cut" in k) <= 5, errors
