@@ -74,10 +74,9 @@ class ChaosCluster(Cluster):
 
     def setup(self) -> None:
         super().setup()
-        from seedswarm.crypto.keys import Identity, peer_id_of
+        from seedswarm.crypto.keys import peer_id_of
 
         n = self.cfg.nodes
-        self.keys = [Identity.load(self.node_dir(i) / "identity.key").public for i in range(n)]
         if self.net is not None:
             self.hosts = [self.net.ip(i) for i in range(n)]
             self.ports = [NETNS_PORT] * n

@@ -190,13 +190,11 @@ class FuzzLanes(FuzzMessages):
 
         b = lanes(base)
         moved_at: dict[str, float] = {}
-        slowest_poll = 0.0
         while self.phase in ("fuzz", "drain"):
             t0 = trio.current_time()
             m = await trio.to_thread.run_sync(self.metrics)
             t = trio.current_time()
-            slowest_poll = max(slowest_poll, t - t0)
-            self.slowest_metrics_poll_s = slowest_poll
+            self.slowest_metrics_poll_s = max(self.slowest_metrics_poll_s, t - t0)
             if m:
                 now = lanes(m)
                 consumed = {k: now[k] - b[k] for k in now}
@@ -212,7 +210,7 @@ class FuzzLanes(FuzzMessages):
                     # Lost on the way: stop waiting. "Still" is only seen between polls, and a node
                     # busy with the flood can take longer than the window to answer one: the
                     # window is never shorter than a few of the slowest polls.
-                    elif t - moved_at.get(lane, t) > max(GOSSIP_STALL_S, 3 * slowest_poll):
+                    elif t - moved_at.get(lane, t) > max(GOSSIP_STALL_S, 3 * self.slowest_metrics_poll_s):
                         self.stalled.add(lane)
                         ev.set()
             await trio.sleep(0.3)

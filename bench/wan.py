@@ -191,10 +191,7 @@ class WanBench:
         except (OSError, ValueError) as e:
             self.say(f"wan: cannot read node-0's chain store: {e}")
             counts, duties = [], {}
-        from seedswarm.crypto.keys import Identity
-
-        publics = [Identity.load(cl.node_dir(i) / "identity.key").public for i in range(cfg.nodes)]
-        by_node = {f"node-{i}": duties.get(pk, {"seats": 0, "contributed": 0}) for i, pk in enumerate(publics)}
+        by_node = {f"node-{i}": duties.get(pk, {"seats": 0, "contributed": 0}) for i, pk in enumerate(cl.keys)}
         cpu = {f"node-{i}": round(c, 2) for i, c in sorted(cl.cpu_total.items())}
         rtts = [path_rtt_ms(a, b) for a in self.links for b in self.links if a.host < b.host]
         mean_lat = summary.get("round_latency_mean_s")

@@ -6,7 +6,8 @@ members are the first N nodes, starts them (bootstrapping from nodes 0 and 1; pe
 the rest), optionally starts ``--join-nodes`` more at round ``--join-at`` (they join through
 chain sync and a chunked checkpoint download) and SIGKILLs ``--kill-nodes`` at ``--kill-at``.
 Every node halts its duties at ``--rounds``, so the running ones converge on one head; once
-each has moved its model there too, the launcher reads their status files, stops them with SIGTERM and writes ``summary.json``.
+each has moved its model there too, the launcher reads their status files, stops them with
+SIGTERM and writes ``summary.json``.
 
 Children run in their own session (a terminal's Ctrl+C reaches only the launcher, which stops
 them in order) and with PR_SET_PDEATHSIG, so they die even if the launcher is SIGKILLed.
@@ -94,6 +95,7 @@ class Cluster:
         self.log = sys.stderr if log is None else log
         self.out = Path(cfg.out)
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.keys: list[bytes] = []  # every node's public key, joiners included (setup)
         self.spawned_at: dict[int, float] = {}
         self.killed: list[int] = []
         self.joined: list[int] = []
@@ -139,7 +141,8 @@ class Cluster:
             if self.genesis.round_timeout > floor:
                 self.say(measured.describe(self.genesis.round_timeout))
         self.genesis.save(self.out / "genesis.json")
-        self.place([peer_id_of(x.public) for x in idents])
+        self.keys = [x.public for x in idents]
+        self.place([peer_id_of(k) for k in self.keys])
 
     def place(self, peer_ids: list[str]) -> None:
         """Where each node listens: free loopback ports here; ``bench wan`` puts every node

@@ -25,7 +25,6 @@ from seedswarm.gossip.libp2p import HostConfig, Libp2pHost
 from seedswarm.gossip.libp2p.relay import choose_relay
 from seedswarm.gossip.wire import Hello
 from seedswarm.node.daemon.config import AUTO_RELAY, ConfigError, NodeConfig, build_config
-from seedswarm.node.daemon.netstack import configured_relays
 from seedswarm.node.daemon.peering import Peering
 from tests.benchproc import run_bench_json, skip_unless_possible
 
@@ -36,8 +35,9 @@ RUN = bytes(32)
 
 def test_auto_stands_alone_and_names_no_relay() -> None:
     cfg = build_config({}, {"relay_via": [AUTO_RELAY]})
-    assert cfg.relay_via == (AUTO_RELAY,) and configured_relays(cfg) == ()
-    assert configured_relays(NodeConfig(relay_via=(RELAY,))) == (RELAY,)
+    assert cfg.relay_via == (AUTO_RELAY,) and cfg.auto_relay and cfg.named_relays == ()
+    named = NodeConfig(relay_via=(RELAY,))
+    assert named.named_relays == (RELAY,) and not named.auto_relay
     with pytest.raises(ConfigError, match="'auto' stands alone"):
         NodeConfig(relay_via=(AUTO_RELAY, RELAY))
     with pytest.raises(ConfigError, match="not a multiaddr: 'automatic'"):

@@ -27,7 +27,11 @@ from libp2p.peer.id import ID
 from multiaddr import Multiaddr
 
 from seedswarm.gossip.libp2p.api import Counters
-from seedswarm.gossip.libp2p.relay import guard_handler, is_circuit, is_relayed
+from seedswarm.gossip.libp2p.relay import (
+    direct_peers_serving,
+    guard_handler,
+    is_circuit,
+)
 
 log = logging.getLogger(__name__)
 
@@ -139,25 +143,9 @@ class Reachability:
             log.info("reachability (AutoNAT): %s", status)
 
     def _servers(self) -> list[ID]:
-        """Directly connected peers that said (identify) they serve AutoNAT. Asking any other
-        peer opens a stream it never asked for on its connection: a client that is not a node
-        of ours (a tool, a hostile peer, the fuzz bench's throwaway hosts) may reset the whole
-        connection over it, and what it was sending is lost."""
-        network = self._host.get_network()
-        peerstore = self._host.get_peerstore()
-        me = self._host.get_id()
-        out = []
-        for pid in list(self._host.get_connected_peers()):
-            conns = network.get_connections(pid)
-            if pid == me or not conns or all(is_relayed(c) for c in conns):
-                continue
-            try:
-                serves = bool(peerstore.supports_protocols(pid, [str(AUTONAT_PROTOCOL_ID)]))
-            except Exception:  # noqa: BLE001 - an unknown or expired peer: not asked
-                serves = False
-            if serves:
-                out.append(pid)
-        return out[:SERVERS_PER_CHECK]
+        """Directly connected peers that said (identify) they serve AutoNAT (no other is asked:
+        ``relay.direct_peers_serving``)."""
+        return direct_peers_serving(self._host, str(AUTONAT_PROTOCOL_ID))[:SERVERS_PER_CHECK]
 
     async def check(self) -> str:
         """trio thread: one round of queries; returns (and keeps) the verdict."""

@@ -316,22 +316,38 @@ class Relay:
             log.info("reserved a slot on relay %s (expires in %.0f s)", relay, expires - time.time())
 
 
-def choose_relay(host: Any) -> PeerInfo | None:
-    """trio thread: a directly connected peer that said (identify) it serves the relay ``hop``
-    protocol, with the address this host reached it at (the remote end of a direct connection:
-    dialable from here, where the addresses it lists may be private): the first by peer id, so
-    that NATed hosts of one swarm tend to pick the same relay (their circuits then meet there).
-    None while there is none."""
+def direct_peers_serving(host: Any, protocol: str) -> list[ID]:
+    """trio thread: peers with a direct (not relayed) connection to us that said (identify)
+    they serve ``protocol``. Asking any other peer opens a stream it never asked for on its
+    connection: a client that is not a node of ours (a tool, a hostile peer, the fuzz bench's
+    throwaway hosts) may reset the whole connection over it, and what it was sending is lost."""
     network, peerstore, me = host.get_network(), host.get_peerstore(), host.get_id()
-    for pid in sorted(host.get_connected_peers(), key=str):
-        if pid == me:
+    out = []
+    for pid in list(host.get_connected_peers()):
+        conns = network.get_connections(pid)
+        if pid == me or not conns or all(is_relayed(c) for c in conns):
             continue
         try:
-            if not peerstore.supports_protocols(pid, [str(HOP_PROTOCOL_ID)]):
-                continue
+            serves = bool(peerstore.supports_protocols(pid, [protocol]))
+        except Exception:  # noqa: BLE001 - an unknown or expired peer: not asked
+            serves = False
+        if serves:
+            out.append(pid)
+    return out
+
+
+def choose_relay(host: Any) -> PeerInfo | None:
+    """trio thread: a directly connected peer that serves the relay ``hop`` protocol, with the
+    address this host reached it at (the remote end of a direct connection: dialable from here,
+    where the addresses it lists may be private): the first by peer id, so that NATed hosts of
+    one swarm tend to pick the same relay (their circuits then meet there). None while there is
+    none."""
+    network = host.get_network()
+    for pid in sorted(direct_peers_serving(host, str(HOP_PROTOCOL_ID)), key=str):
+        try:
             addrs = [a for c in network.get_connections(pid) if not is_relayed(c)
                      for a in c.get_transport_addresses() or [] if not is_circuit(a)]
-        except Exception:  # noqa: BLE001 - an unknown or expired peer, a closing connection: not chosen
+        except Exception:  # noqa: BLE001 - a closing connection: not chosen
             continue
         if addrs:
             return PeerInfo(pid, addrs[:1])
@@ -339,4 +355,4 @@ def choose_relay(host: Any) -> PeerInfo | None:
 
 
 __all__ = ["HOP_PROTOCOL_ID", "STOP_PROTOCOL_ID", "GuardedCircuitProtocol", "GuardedDCUtR", "Relay",
-           "choose_relay", "circuit_addr", "guard_handler", "is_circuit", "is_relayed", "relay_limits"]
+           "choose_relay", "circuit_addr", "direct_peers_serving", "guard_handler", "is_circuit", "is_relayed", "relay_limits"]

@@ -104,6 +104,17 @@ class NodeConfig:
     shutdown_timeout_s: float = 6.0
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
+    @property
+    def auto_relay(self) -> bool:
+        """``--relay-via auto``: the host finds out whether it is behind NAT and picks its relay."""
+        return self.relay_via == (AUTO_RELAY,)
+
+    @property
+    def named_relays(self) -> tuple[str, ...]:
+        """The relays the operator named (none with ``--relay-via auto``: the host's own choice
+        shows in ``Libp2pHost.relay_circuits`` once it holds a reservation there)."""
+        return () if self.auto_relay else self.relay_via
+
     def __post_init__(self) -> None:
         problems: list[str] = []
         if self.device not in DEVICES:

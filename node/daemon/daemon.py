@@ -317,9 +317,9 @@ class Daemon(OffLoopWork):
             raise ConfigError(str(e)) from None
         self.transport = t
         await t.subscribe(TOPIC, gossip_validator(self.run_id))
-        from seedswarm.node.daemon.netstack import announce_addrs, configured_relays
+        from seedswarm.node.daemon.netstack import announce_addrs
 
-        self.announce = announce_addrs(t.listen_addrs, self.cfg.announce, self.peer_id, configured_relays(self.cfg))
+        self.announce = announce_addrs(t.listen_addrs, self.cfg.announce, self.peer_id, self.cfg.named_relays)
         self.peering = Peering(self.run_id, self.peer_id, t, self.cfg.max_peers, self.spawn,
                                lambda: self.core.round if self.core is not None else self.chain.head.round,
                                lambda: self.announce, self.traffic.on_peer, self.reject_peer_id,

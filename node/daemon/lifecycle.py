@@ -17,7 +17,6 @@ from typing import Protocol
 
 from seedswarm.node.core.effects import Apply
 from seedswarm.node.daemon import status as status_mod
-from seedswarm.node.daemon.config import AUTO_RELAY
 from seedswarm.node.daemon.discovery import Discovery
 from seedswarm.node.daemon.netstack import announce_addrs
 from seedswarm.node.daemon.peering import Peering
@@ -76,12 +75,12 @@ def follow_auto_relay(d: _Node) -> bool:
     can dial, as a node given ``--relay-via`` does from the start. True when that changed."""
     t = d.transport
     circuits_of = getattr(t, "relay_circuits", None)  # the libp2p host's; not every transport has relays
-    if d.cfg.relay_via != (AUTO_RELAY,) or t is None or circuits_of is None:
+    if not d.cfg.auto_relay or t is None or circuits_of is None or not (circuits := circuits_of()):
         return False
-    circuits = tuple(circuits_of())
-    if not circuits or all(f"{c}/p2p-circuit/" in " ".join(d.announce) for c in circuits):
+    announce = announce_addrs(t.listen_addrs, d.cfg.announce, d.peer_id, circuits)
+    if announce == d.announce:
         return False
-    d.announce = announce_addrs(t.listen_addrs, d.cfg.announce, d.peer_id, circuits)
+    d.announce = announce
     log.info("behind NAT (AutoNAT): reached through relay %s; announcing %s", ", ".join(circuits),
              " ".join(d.announce))
     return True

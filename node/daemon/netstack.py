@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from seedswarm.crypto.keys import Identity
 from seedswarm.gossip import transport as tp
 from seedswarm.gossip.wire import protocol_prefix
-from seedswarm.node.daemon.config import AUTO_RELAY, MAX_MESSAGE_BYTES, NodeConfig
+from seedswarm.node.daemon.config import MAX_MESSAGE_BYTES, NodeConfig
 
 
 def local_ipv4s() -> list[str]:
@@ -48,12 +48,6 @@ def announce_addrs(listen_addrs: Sequence[str], configured: Sequence[str], peer_
     return out
 
 
-def configured_relays(node: NodeConfig) -> tuple[str, ...]:
-    """The relays the operator named (none for ``--relay-via auto``: those come from the host,
-    ``Transport.relay_circuits``, once it holds a reservation)."""
-    return () if node.relay_via == (AUTO_RELAY,) else node.relay_via
-
-
 def load_libp2p() -> None:
     """Import libp2p (about a second of start-up) before the transport is built, so that the
     caller chooses when: `seedswarm node` does it while its garbage collector is off."""
@@ -70,10 +64,10 @@ def libp2p_transport(identity: Identity, node: NodeConfig, run_id: bytes) -> tp.
     # behind them. A node with neither keeps its host as lean as before: every extra service
     # acts on each of its connections, hostile ones included (the fuzz bench measured it).
     # With --relay-via auto the node may be behind NAT: it asks (AutoNAT) and chooses a relay.
-    natted, auto = bool(node.relay_via), node.relay_via == (AUTO_RELAY,)
+    natted = bool(node.relay_via)
     cfg = HostConfig(identity_seed=identity.seed, listen=list(node.listen), bootstrap=list(node.bootstrap),
                      protocol_prefix=protocol_prefix(run_id), max_message_bytes=MAX_MESSAGE_BYTES,
-                     relay_service=node.relay, relays=[] if auto else list(node.relay_via), auto_relay=auto,
+                     relay_service=node.relay, relays=list(node.named_relays), auto_relay=node.auto_relay,
                      hole_punch=natted and not node.no_hole_punch, autonat=natted or node.relay)
     try:
         host = Libp2pHost(cfg)
