@@ -3,6 +3,7 @@
 * the setting (``auto`` stands alone) and how it reaches the host config (no network);
 * the address book: a peer we cannot reach takes new addresses from a third party's hello (a
   NATed node's relay circuit, announced once it chose a relay), a connected one does not;
+* a real daemon and a real libp2p peer whose hellos carry hostile books (the upgrade rule, held);
 * real libp2p hosts on loopback: ``choose_relay`` picks the connected peer that serves the relay
   ``hop`` protocol, at the address this host reached it at;
 * as root with iptables: ``seedswarm bench nat --auto-relay``, two daemons behind NAT started
@@ -23,10 +24,12 @@ from seedswarm.bench.nat_net import nat_unavailable
 from seedswarm.crypto.keys import Identity, peer_id_of
 from seedswarm.gossip.libp2p import HostConfig, Libp2pHost
 from seedswarm.gossip.libp2p.relay import choose_relay
-from seedswarm.gossip.wire import Hello
+from seedswarm.gossip.wire import PROTO_HELLO, Hello, decode_as, protocol_prefix
+from seedswarm.node.core.genesis import Genesis
 from seedswarm.node.daemon.config import AUTO_RELAY, ConfigError, NodeConfig, build_config
 from seedswarm.node.daemon.peering import Peering
 from tests.benchproc import run_bench_json, skip_unless_possible
+from tests.test_daemon import Node, init_swarm
 
 PREFIX = "/seedswarm/1/0123456789abcdef"
 RELAY = "/ip4/10.0.0.1/tcp/4001/p2p/12D3KooWSgSv9syFCR85YjhjMEHhnRkM49HMqenVQqfmGbbVGk15"
@@ -129,6 +132,53 @@ def test_a_dial_tries_addresses_learned_while_it_waited() -> None:
     p = Peering(RUN, _pid(1), t, 8, lambda c, name: c.close(),  # type: ignore[arg-type]
                 lambda: 0, lambda: [], lambda p, r: None, lambda p, r, d: None, lambda k: None)
     asyncio.run(main())
+
+
+@pytest.mark.slow
+async def test_a_real_daemon_takes_one_circuit_upgrade_from_hostile_hellos(tmp_path: Path) -> None:
+    """A real daemon, a real libp2p peer sending hellos whose books are hostile: the daemon takes
+    the one upgrade of an unreachable peer's entry to a relay circuit, ignores every later
+    rewrite, entries for itself or for the sender, addresses naming another id, garbage and a
+    full 64-entry book, keeps training, and its saved book shows exactly that."""
+    genesis_path, data, _ = init_swarm(tmp_path)
+    run_id = Genesis.load(genesis_path).run_id
+    node = Node(genesis_path, data)
+    atk: Libp2pHost | None = None
+    try:
+        st = await asyncio.to_thread(node.wait_round, 2)
+        me = st["peer_id"]
+        atk = Libp2pHost(HostConfig(identity_seed=Identity.generate().seed, listen=["/ip4/127.0.0.1/tcp/0"],
+                                    protocol_prefix=protocol_prefix(run_id)))
+
+        async def hello(peer: str, data: bytes) -> bytes:  # the daemon greets us too: answer, or be refused
+            return Hello.make(run_id, 0, [], {}).encode()
+
+        atk.set_request_handler(PROTO_HELLO, hello)
+        await atk.start()
+        assert await atk.connect(st["announce"][0]) == me
+        x = _pid(9)  # a peer the daemon hears of and never reaches
+        direct, circuit = f"/ip4/10.9.9.9/tcp/4001/p2p/{x}", f"{RELAY}/p2p-circuit/p2p/{x}"
+        junk = {f"12D3KooW{'A' * 44}": ["/not/a/multiaddr"], me: [f"/ip4/6.6.6.6/tcp/1/p2p/{me}"],
+                atk.peer_id: [f"/ip4/6.6.6.6/tcp/1/p2p/{atk.peer_id}"]}
+        books: list[dict[str, list[str]]] = [
+            {x: [direct]}, {x: [circuit]},  # heard of, then the upgrade
+            *({x: [f"/ip4/10.3.0.{i}/tcp/1/p2p-circuit/p2p/{x}", f"/ip4/6.6.6.{i}/tcp/1/p2p/{x}"]}
+              for i in range(20)),  # rewrites: ignored
+            {x: [f"/ip4/6.6.6.6/tcp/1/p2p/{me}"], **junk},  # another id's address, itself, the sender
+            {_pid(100 + i): [f"/ip4/10.4.0.{i}/tcp/1/p2p/{_pid(100 + i)}"] * 4 for i in range(64)},
+        ]
+        for book in books:
+            answer = await atk.request(me, PROTO_HELLO, Hello.make(run_id, 0, [], book).encode(), timeout=20.0)
+            assert decode_as(answer, Hello, run_id).run == run_id
+        assert (await asyncio.to_thread(node.wait_round, st["round"] + 2))["round"] > st["round"]  # training on
+    finally:
+        if atk is not None:
+            await atk.stop()
+        code, _ = node.stop()
+    assert code == 0, node.logs()[-3000:]
+    saved = {e["id"]: e["addrs"] for e in json.loads((data / "peers.json").read_text())["peers"]}
+    assert saved[x] == [circuit, direct]
+    assert me not in saved and all(_pid(100 + i) in saved for i in range(64))
 
 
 # --- real hosts on loopback ----------------------------------------------------------------------
