@@ -149,6 +149,17 @@ def test_the_task_option_gives_a_deterministic_power_of_two_scale() -> None:
     assert initial_digest(plain) != initial_digest(model)  # the genesis commits to the scale
 
 
+def test_the_cap_bounds_the_scale_and_leaves_the_rest_alone() -> None:
+    opts = {"hidden": 16, "precondition": 4}
+    free = direction_scale(load_task("digits", opts, seed=0).build_model())
+    capped = direction_scale(load_task("digits", {**opts, "precondition_cap": 1}, seed=0).build_model())
+    assert free is not None and capped is not None
+    f = torch.cat([s.reshape(-1).float() for s in free])
+    c = torch.cat([s.reshape(-1).float() for s in capped])
+    assert float(f.max()) > 1.0  # so the cap has something to do
+    assert torch.equal(c, f.clamp(max=1.0))  # the largest scales cut to the cap, every other one kept
+
+
 def test_the_scale_covers_exactly_the_trainable_parameters() -> None:
     task = load_task("digits", {"hidden": 16, "lora": 2, "precondition": 2}, seed=0)
     model = task.build_model()
@@ -185,6 +196,13 @@ def test_no_signal_means_no_scale() -> None:
     ({"precondition": 2, "precondition_batch": 0}, "positive integer"),
     ({"precondition": 2, "precondition_floor": 0}, "positive number"),
     ({"precondition": 2, "precondition_floor": float("nan")}, "positive number"),
+    ({"precondition": 2, "precondition_cap": 3}, "power of two"),
+    ({"precondition": 2, "precondition_cap": 0.5}, "power of two"),
+    ({"precondition": 2, "precondition_cap": 0}, "power of two"),
+    ({"precondition": 2, "precondition_cap": True}, "power of two"),
+    ({"precondition": 2, "precondition_cap": "2"}, "power of two"),
+    ({"precondition": 2, "precondition_cap": 2.0**17}, "power of two"),
+    ({"precondition_cap": 2}, "need 'precondition'"),
 ])
 def test_bad_precondition_options_are_one_clear_error(opts: dict[str, object], match: str) -> None:
     with pytest.raises(TaskError, match=match):

@@ -74,7 +74,7 @@ def load_task(spec: str, options: dict[str, Any] | None = None, seed: int = 0) -
     run's seed; the result must satisfy :class:`Task`. The options ``trainable``, ``lora``,
     ``lora_targets`` and ``lora_alpha`` are every task's: the factory never sees them, and the
     task comes back wrapped in a :class:`~.trainable.SubsetTask` that applies them; so are
-    ``precondition``, ``precondition_batch`` and ``precondition_floor``
+    ``precondition`` and its ``precondition_*`` options
     (:class:`~.precondition.PreconditionedTask`), ``autocast``
     (:class:`~.lowprecision.AutocastTask`). Every problem
     raises :class:`TaskError` with a message naming the spec, except a ValueError the factory
