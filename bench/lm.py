@@ -37,6 +37,7 @@ import torch
 
 from seedswarm.bench.protocols import _bytes
 from seedswarm.clihelp import parser
+from seedswarm.crypto.projection import CACHE_BYTES_PER_ELEMENT
 from seedswarm.node.files import OutPathError, atomic_write, check_out_file
 from seedswarm.node.learn.initial import parse_task_options
 from seedswarm.node.learn.precondition import PRECONDITION_OPTIONS
@@ -74,6 +75,7 @@ class LMBench:
     target: float | None = None  # None: halfway from the initial loss to Adam's final
     seed: int = 0
     modest: bool = True
+    direction_cache_mb: int = 8192  # at most this much for the round's kept direction matrices
 
     @property
     def samples_per_round(self) -> int:
@@ -112,8 +114,9 @@ def _sim(b: LMBench, protocol: str, target: float, out: Path, params: int) -> di
     if protocol == "seedswarm":
         cfg.rounds, cfg.estimator, cfg.directions, cfg.groups = b.rounds, b.estimator, b.directions, b.groups
         cfg.lr, cfg.lr_half_life, cfg.aggregator = b.lr, b.lr_half_life, b.aggregator
-        # Room for every group's direction matrix (they alternate between trainers), up to 8 GiB.
-        cfg.direction_cache_mb = max(cfg.direction_cache_mb, min(8192, (b.groups * b.directions * params * 8 >> 20) + 1))
+        # Room for every group's direction matrix (they alternate between trainers), up to the cap.
+        need = (b.groups * b.directions * params * CACHE_BYTES_PER_ELEMENT >> 20) + 1
+        cfg.direction_cache_mb = max(cfg.direction_cache_mb, min(b.direction_cache_mb, need))
     else:
         cfg.rounds, cfg.estimator, cfg.stop_at_target = b.modest_rounds or b.rounds, "fo", True
     out.mkdir(parents=True, exist_ok=True)
@@ -260,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
                          "eval-every, seed and samples per round instead of recomputing them (default: none)")
     ap.add_argument("--target", type=float, default=None,
                     help="loss target (default: halfway from the initial loss to Adam's final)")
+    ap.add_argument("--direction-cache-mb", type=int, default=d.direction_cache_mb, metavar="MIB",
+                    help="memory for the round's direction matrices, kept so that each trainer projects with one "
+                         "matrix-vector product (float32: K x parameters x 4 bytes per group; a round whose "
+                         "matrices do not fit regenerates them per trainer, far slower) (default: %(default)s)")
     args = ap.parse_args(argv)
     opts: dict[str, Any] = dict(QUICK_OPTIONS) if args.quick else {}
     opts.update(parse_task_options(args.task_option))
@@ -268,9 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     given = {k: getattr(args, k) for k in numeric if getattr(args, k) is not None}
     b = LMBench(task_options=opts, estimator=args.estimator, aggregator=args.aggregator,
                 adam_lrs=tuple(args.adam_lr), modest_rounds=args.modest_rounds, target=args.target,
-                modest=not args.no_modest, **{**(QUICK_RUN if args.quick else {}), **given})
+                modest=not args.no_modest, direction_cache_mb=args.direction_cache_mb, **{**(QUICK_RUN if args.quick else {}), **given})
     if min(b.nodes, b.rounds, b.trainers, b.batch_size, b.directions, b.eval_every) < 1 or not math.isfinite(b.lr):
         ap.error("nodes, rounds, trainers, batch size, directions and eval-every must be positive")
+    if b.direction_cache_mb < 0:
+        ap.error("--direction-cache-mb must be >= 0")
     if args.out:
         try:
             check_out_file(args.out, force=args.force)  # before an hour of work, not after

@@ -13,7 +13,7 @@ from typing import Any, TextIO
 import numpy as np
 import torch
 
-from seedswarm.crypto.projection import set_direction_cache
+from seedswarm.crypto.projection import CACHE_BYTES_PER_ELEMENT, set_direction_cache
 from seedswarm.node.core.chain import ChainState
 from seedswarm.node.core.genesis import GenesisOptions
 from seedswarm.node.core.protocol import CoreConfig
@@ -133,7 +133,7 @@ def direction_budget(cfg: SimConfig, params: int) -> int:
     Trainers of different groups take turns, so a budget that holds fewer matrices than groups
     would evict and regenerate one for almost every trainer: slower than keeping none."""
     budget = cfg.direction_cache_mb << 20
-    return budget if cfg.groups * cfg.directions * params * 8 <= budget else 0
+    return budget if cfg.groups * cfg.directions * params * CACHE_BYTES_PER_ELEMENT <= budget else 0
 
 
 def _run(cfg: SimConfig, progress: Progress) -> dict[str, Any]:
