@@ -29,6 +29,7 @@ BENCHES: dict[str, str] = {
     "lm": "the swarm fine-tunes a pretrained GPT: share of centralized Adam's loss reduction, bytes against MoDeST",
     "bytes": "bytes real daemons send at their sockets, by kind, against the protocol's own",
     "join": "one joiner into a running swarm: its start-up and join, phase by phase, and idle memory",
+    "lm_proxy": "the lm update with its projection noise drawn in closed form: a minute per sweep point",
     "lm_memory": "peak memory of zeroth-order, first-order and Adam steps on a 57M-parameter GPT",
 }
 

@@ -134,6 +134,10 @@ def _sim(b: LMBench, protocol: str, target: float, out: Path, params: int) -> di
     return row
 
 
+class ReuseError(ValueError):
+    """A saved arm that does not belong to this run (--adam-from, --swarm-from)."""
+
+
 ADAM_KEYS = ("task_options", "rounds", "eval_every", "seed")
 
 
@@ -148,14 +152,34 @@ def adam_reusable(b: LMBench, saved: dict[str, Any]) -> dict[str, Any]:
         d["task_options"] = {k: v for k, v in (d.get("task_options") or {}).items() if k not in PRECONDITION_OPTIONS}
     if any(old.get(k) != v for k, v in now.items() if k in ADAM_KEYS) or \
             saved.get("samples_per_round") != b.samples_per_round:
-        raise ValueError("--adam-from: that result ran Adam on other settings (task options, rounds, "
+        raise ReuseError("--adam-from: that result ran Adam on other settings (task options, rounds, "
                          "eval_every, seed or samples per round differ)")
     return dict(saved.get("adam_curves", {}))
 
 
-def measure(b: LMBench, log: Any = sys.stderr, reuse: dict[str, Any] | None = None) -> dict[str, Any]:
+#: Settings the swarm's arm does not read: a saved arm stays valid when only these differ.
+SWARM_FREE_KEYS = ("modest", "modest_rounds", "adam_lrs", "direction_cache_mb")
+
+
+def swarm_reusable(b: LMBench, saved: dict[str, Any]) -> dict[str, Any]:
+    """The swarm's arm of a saved result that ran exactly these swarm settings (and its target).
+
+    Deterministic like Adam's, and at 4,096 directions it costs an hour here: a run that adds the
+    MoDeST arm, or more Adam learning rates, to a finished swarm run need not redo it. The target
+    must come out the same in the new run (:func:`measure` checks), since the arm's bytes to it
+    are part of the row."""
+    old = dict(saved.get("bench", {}))
+    now = asdict(b)
+    if "seedswarm" not in saved or any(old.get(k) != v for k, v in now.items() if k not in SWARM_FREE_KEYS):
+        raise ReuseError("--swarm-from: that result ran the swarm on other settings (or has no swarm arm)")
+    return {"target": saved.get("target"), "row": saved["seedswarm"]}
+
+
+def measure(b: LMBench, log: Any = sys.stderr, reuse: dict[str, Any] | None = None,
+            swarm: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the three arms and compare them (see the module docstring); ``reuse``: Adam curves by
-    learning rate from :func:`adam_reusable`, not recomputed."""
+    learning rate from :func:`adam_reusable`, not recomputed; ``swarm``: the swarm's arm from
+    :func:`swarm_reusable`, not rerun."""
     task = load_task("lm", b.task_options, seed=b.seed)
     params = param_count(task.build_model())
     t0 = time.monotonic()
@@ -173,8 +197,13 @@ def measure(b: LMBench, log: Any = sys.stderr, reuse: dict[str, Any] | None = No
     out: dict[str, Any] = {"bench": asdict(b), "params": params, "samples_per_round": b.samples_per_round,
                            "initial_loss": initial, "adam_best_lr": float(best), "adam_final_loss": adam_final,
                            "adam_curves": adam, "adam_seconds": round(time.monotonic() - t0, 1), "target": target}
+    if swarm is not None:
+        if swarm["target"] != target:
+            raise ReuseError(f"--swarm-from: that swarm arm was measured against the target {swarm['target']}, "
+                             f"this run's is {target} (Adam's curves or --target differ)")
+        out["seedswarm"] = dict(swarm["row"], reused=True)
     with tempfile.TemporaryDirectory(prefix="seedswarm-bench-lm-") as tmp:
-        protocols = ["seedswarm"] + (["modest"] if b.modest else [])
+        protocols = (["seedswarm"] if swarm is None else []) + (["modest"] if b.modest else [])
         for p in protocols:
             print(f"bench lm: {p}, {b.nodes} nodes, up to {b.modest_rounds or b.rounds if p == 'modest' else b.rounds} "
                   f"rounds", file=log)
@@ -214,6 +243,7 @@ def report(r: dict[str, Any]) -> str:
                  f"(budget K+160 = {r['trainer_bytes_budget']}); honest_digest_agreement "
                  f"{ss['honest_digest_agreement']}")
     lines.append(f"  wall: Adam {r['adam_seconds']} s, seedswarm {ss['wall_seconds']} s"
+                 + (" (an earlier run's arm, --swarm-from)" if ss.get("reused") else "")
                  + (f", modest {md['wall_seconds']} s" if md else ""))
     return "\n".join(lines)
 
@@ -261,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--adam-from", default=None, metavar="FILE",
                     help="take Adam's curves from a saved --out result with the same task options, rounds, "
                          "eval-every, seed and samples per round instead of recomputing them (default: none)")
+    ap.add_argument("--swarm-from", default=None, metavar="FILE",
+                    help="take the swarm's arm from a saved --out result with the same swarm settings and target "
+                         "instead of rerunning it, e.g. to add the MoDeST arm (default: none)")
     ap.add_argument("--target", type=float, default=None,
                     help="loss target (default: halfway from the initial loss to Adam's final)")
     ap.add_argument("--direction-cache-mb", type=int, default=d.direction_cache_mb, metavar="MIB",
@@ -285,13 +318,18 @@ def main(argv: list[str] | None = None) -> int:
             check_out_file(args.out, force=args.force)  # before an hour of work, not after
         except OutPathError as e:
             ap.error(str(e))
-    reuse = None
-    if args.adam_from:
-        try:
+    reuse = swarm = None
+    try:
+        if args.adam_from:
             reuse = adam_reusable(b, json.loads(Path(args.adam_from).read_text()))
-        except (OSError, ValueError) as e:
-            ap.error(str(e))
-    result = measure(b, reuse=reuse)
+        if args.swarm_from:
+            swarm = swarm_reusable(b, json.loads(Path(args.swarm_from).read_text()))
+    except (OSError, ValueError) as e:
+        ap.error(str(e))
+    try:
+        result = measure(b, reuse=reuse, swarm=swarm)
+    except ReuseError as e:
+        ap.error(str(e))
     result["command"] = "seedswarm bench lm " + " ".join(sys.argv[3:] if argv is None else argv)
     if args.out:
         atomic_write(Path(args.out), (json.dumps(result, indent=1) + "\n").encode())

@@ -57,6 +57,14 @@ def test_bench_lm_quick_compares_three_arms(tmp_path: Path, capsys: pytest.Captu
     with pytest.raises(SystemExit):
         bench_lm.main(argv[:-3] + ["--rounds", "3", "--adam-from", str(out)])  # Adam ran 6 steps there
     assert "other settings" in capsys.readouterr().err
+    # ... and adding an arm to a finished swarm run reuses the swarm's arm (same settings, target).
+    assert bench_lm.main(argv[:-3] + ["--no-modest", "--json", "--adam-from", str(out), "--swarm-from", str(out)]) == 0
+    third = json.loads(capsys.readouterr().out)
+    assert third["seedswarm"] == dict(ss, reused=True) and third["share_of_adam"] == r["share_of_adam"]
+    for other in (["--directions", "32"], ["--target", "2.0"]):  # the swarm's settings, or the target, differ
+        with pytest.raises(SystemExit):
+            bench_lm.main(argv[:-3] + [*other, "--no-modest", "--adam-from", str(out), "--swarm-from", str(out)])
+        assert "--swarm-from" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # an earlier result is never overwritten without --force
         bench_lm.main(argv)
     assert "exists" in capsys.readouterr().err and json.loads(out.read_text()) == r
