@@ -61,6 +61,7 @@ class RunLog:
                     self.bytes_to_target, self.round_to_target = line["bytes_total"], r
         if self._file is not None:
             self._file.write(json.dumps(line) + "\n")
+            self._file.flush()  # one line per evaluation: `tail -f` shows an hour-long run as it goes
         if self.progress is not None:
             self.progress.update(r, acc=self.acc, loss=self.loss, bytes=line["bytes_total"], online=line.get("online"))
 
