@@ -80,6 +80,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--checkpoint-chunk-bytes", type=int, default=d.checkpoint_chunk_bytes,
                    help="size of one checkpoint chunk, bytes")
     p.add_argument("--max-wall", type=float, default=float("inf"), help="stop after this many wall-clock seconds")
+    p.add_argument("--direction-cache-mb", type=int, default=d.direction_cache_mb, metavar="MIB",
+                   help="memory for keeping each round's direction matrices (float32, directions x groups x "
+                        "parameters x 4 bytes), so that every trainer projects with one matrix-vector product; "
+                        "used only when all of a round's fit (K=4096 on the 842k lm model: 13,200) "
+                        "(default: %(default)s)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="output folder, refused if it holds files unless --force (default: a new runs/sim-<time>)")
     p.add_argument("--force", action="store_true", help="write into an --out folder that already holds files")
@@ -114,6 +119,9 @@ def run_command(args: argparse.Namespace) -> int:
     if not 0.0 <= args.byzantine < 1.0:
         print("seedswarm sim: --byzantine must be in [0, 1)", file=sys.stderr)
         return 2
+    if args.direction_cache_mb < 0:
+        print("seedswarm sim: --direction-cache-mb must be >= 0", file=sys.stderr)
+        return 2
     try:
         task_options = parse_task_options(args.task_option)
     except TaskError as e:
@@ -138,6 +146,7 @@ def run_command(args: argparse.Namespace) -> int:
         leave_nodes=args.leave_nodes, leave_at=args.leave_at,
         latency_ms=args.latency_ms, loss=args.loss, bandwidth_mbps=args.bandwidth_mbps,
         checkpoint_every=args.checkpoint_every, checkpoint_chunk_bytes=args.checkpoint_chunk_bytes, max_wall=args.max_wall, out=out, quiet=args.quiet,
+        direction_cache_mb=args.direction_cache_mb,
         byzantine=args.byzantine, attack=args.attack,
     )
     try:

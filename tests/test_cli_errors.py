@@ -307,3 +307,8 @@ def test_benches_refuse_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixtu
     line = fails(capsys, ["bench", "protocols", "--quick", "--out", str(saved)])
     assert line == f"seedswarm bench protocols: {saved} exists (use --force to overwrite)"
     assert saved.read_text() == "{}" and (old / "results.json").read_text() == "{}"
+
+
+def test_sim_refuses_a_negative_direction_cache(capsys: pytest.CaptureFixture[str]) -> None:
+    line = fails(capsys, ["sim", *TINY_SIM, "--direction-cache-mb", "-1"])
+    assert line == "seedswarm sim: --direction-cache-mb must be >= 0"
