@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from seedswarm.clihelp import parser
+from seedswarm.node.core.genesis import lr_schedule
 from seedswarm.node.learn.initial import parse_task_options
 from seedswarm.node.learn.replay import direction_scale
 from seedswarm.node.learn.tasks import load_task
@@ -86,7 +87,7 @@ def _measure(p: Proxy, log: Any) -> dict[str, Any]:
     curve = [(0, float(task.evaluate(model)["loss"]))]
     t0 = time.monotonic()
     for r in range(p.rounds):
-        lr = p.lr if p.lr_half_life <= 0 else p.lr / (1.0 + r / p.lr_half_life)
+        lr = lr_schedule(p.lr, p.lr_half_life, r)
         picked = rng.choice(p.nodes, size=p.trainers, replace=False)
         sums: list[torch.Tensor | None] = [None] * p.groups
         counts = [0] * p.groups
@@ -142,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
                 ["seedswarm bench lm_proxy --lr 10 --lr-half-life 25 --directions 4096 "
                  "--task-option precondition=16 --task-option precondition_cap=2 --adam-from lm.json"])
     d = Proxy(lr=0.0)
-    ap.add_argument("--lr", type=float, required=True, help="the swarm's step size")
+    ap.add_argument("--lr", type=float, required=True,
+                    help="the swarm's step size (required, no default: the stable range depends on K, the groups "
+                         "and the direction scale; docs/lm.md)")
     ap.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
                     help="an lm task option (repeatable), e.g. precondition=16")
     for name, what in (("lr-half-life", "rounds: lr / (1 + round / N); 0: constant"), ("nodes", "nodes"),

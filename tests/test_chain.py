@@ -344,6 +344,18 @@ def test_genesis_rejects_an_unknown_aggregation_rule() -> None:
         Genesis(aggregator_rule="krum")
 
 
+def test_the_learning_rate_decays_as_the_genesis_says() -> None:
+    """lr / (1 + r / half_life): the round's step every node computes, and what bench lm_proxy models."""
+    from seedswarm.node.core.genesis import Genesis, GenesisError, lr_schedule
+
+    assert [Genesis(lr=3.0).lr_at(r) for r in (0, 10, 100)] == [3.0, 3.0, 3.0]  # 0: constant
+    g = Genesis(lr=3.0, lr_half_life=10)
+    assert [g.lr_at(r) for r in (0, 10, 30)] == [3.0, 1.5, 0.75]  # halved after 10 rounds, quartered after 30
+    assert lr_schedule(3.0, 10, 30) == g.lr_at(30)
+    with pytest.raises(GenesisError, match="lr_half_life"):
+        Genesis(lr_half_life=-1)
+
+
 def test_sim_cluster_and_init_start_from_the_genesis_defaults() -> None:
     """One place for a default: the three tools that write a genesis cannot drift apart."""
     import argparse
