@@ -67,6 +67,8 @@ def noisy_update(h: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def measure(p: Proxy, log: Any = sys.stderr) -> dict[str, Any]:
+    if not 1 <= p.groups <= p.trainers <= p.nodes:
+        raise ValueError(f"need 1 <= groups <= trainers <= nodes, not {p.groups}, {p.trainers}, {p.nodes}")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same bits on every run of this machine
     try:
@@ -88,24 +90,17 @@ def _measure(p: Proxy, log: Any) -> dict[str, Any]:
     t0 = time.monotonic()
     for r in range(p.rounds):
         lr = lr_schedule(p.lr, p.lr_half_life, r)
-        picked = rng.choice(p.nodes, size=p.trainers, replace=False)
-        sums: list[torch.Tensor | None] = [None] * p.groups
-        counts = [0] * p.groups
-        for rank, node in enumerate(picked):
+        hs = []  # each trainer's gradient in the scaled space, in rank order
+        for node in rng.choice(p.nodes, size=p.trainers, replace=False):
             loss = task.loss(model, task.batch(shards[int(node)], rng, p.batch_size))
             grads = torch.autograd.grad(loss, params, allow_unused=True)
-            flat = torch.cat([(torch.zeros_like(q) if g is None else g).reshape(-1) for q, g in zip(params, grads,
-                                                                                                   strict=True)])
-            h = flat * s if s is not None else flat
-            g_ = rank % p.groups
-            sums[g_] = h if sums[g_] is None else sums[g_] + h  # type: ignore[operator]
-            counts[g_] += 1
-        step = torch.zeros_like(sums[0]) if sums[0] is not None else None
-        assert step is not None
-        for total, n in zip(sums, counts, strict=True):
-            if total is None:
-                continue
-            mean = total / n
+            flat = torch.cat([(torch.zeros_like(q) if g is None else g).reshape(-1)
+                              for q, g in zip(params, grads, strict=True)])
+            hs.append(flat * s if s is not None else flat)
+        step = torch.zeros_like(hs[0])
+        for group in range(p.groups):  # trainer ``rank`` measures group ``rank % groups``
+            members = hs[group :: p.groups]
+            mean = sum(members[1:], members[0]) / len(members)
             step += mean if p.noise_free else noisy_update(mean, p.directions, gen)
         step /= p.groups
         if s is not None:

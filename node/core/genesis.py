@@ -29,13 +29,13 @@ class GenesisError(ValueError):
     """A genesis file or value that cannot define a swarm."""
 
 
-
 def lr_schedule(lr: float, half_life: int, r: int) -> float:
     """The step size of round ``r``: ``lr / (1 + r / half_life)``, or ``lr`` when ``half_life`` is 0.
 
     A Python-float function of public numbers, so every node computes the same bits; the tools
     that model the update (``bench lm_proxy``) use it too, so they follow the protocol's rule."""
     return lr if half_life <= 0 else lr / (1.0 + r / half_life)
+
 
 @dataclass(frozen=True)
 class Genesis:
