@@ -37,12 +37,11 @@ import torch
 
 from seedswarm.bench.protocols import _bytes
 from seedswarm.clihelp import parser
-from seedswarm.crypto.projection import CACHE_BYTES_PER_ELEMENT
 from seedswarm.node.files import OutPathError, atomic_write, check_out_file
 from seedswarm.node.learn.initial import parse_task_options
 from seedswarm.node.learn.precondition import PRECONDITION_OPTIONS
 from seedswarm.node.learn.tasks import load_task, param_count
-from seedswarm.sim.runner import SimConfig, run
+from seedswarm.sim.runner import SimConfig, direction_matrices_bytes, run
 
 QUICK_OPTIONS: dict[str, Any] = {"layers": 1, "width": 32, "heads": 2, "context": 32, "pretrain_steps": 60,
                                  "code_bytes": 60_000}
@@ -115,7 +114,7 @@ def _sim(b: LMBench, protocol: str, target: float, out: Path, params: int) -> di
         cfg.rounds, cfg.estimator, cfg.directions, cfg.groups = b.rounds, b.estimator, b.directions, b.groups
         cfg.lr, cfg.lr_half_life, cfg.aggregator = b.lr, b.lr_half_life, b.aggregator
         # Room for every group's direction matrix (they alternate between trainers), up to the cap.
-        need = (b.groups * b.directions * params * CACHE_BYTES_PER_ELEMENT >> 20) + 1
+        need = (direction_matrices_bytes(b.groups, b.directions, params) >> 20) + 1
         cfg.direction_cache_mb = max(cfg.direction_cache_mb, min(b.direction_cache_mb, need))
     else:
         cfg.rounds, cfg.estimator, cfg.stop_at_target = b.modest_rounds or b.rounds, "fo", True

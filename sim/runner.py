@@ -127,13 +127,18 @@ def run(cfg: SimConfig, log: TextIO | None = None) -> dict[str, Any]:
             set_direction_cache(old)
 
 
+def direction_matrices_bytes(groups: int, directions: int, params: int) -> int:
+    """What one round's direction matrices take when kept (one per group, float32)."""
+    return groups * directions * params * CACHE_BYTES_PER_ELEMENT
+
+
 def direction_budget(cfg: SimConfig, params: int) -> int:
     """Room for all of a round's direction matrices (one per group), or none at all.
 
     Trainers of different groups take turns, so a budget that holds fewer matrices than groups
     would evict and regenerate one for almost every trainer: slower than keeping none."""
     budget = cfg.direction_cache_mb << 20
-    return budget if cfg.groups * cfg.directions * params * CACHE_BYTES_PER_ELEMENT <= budget else 0
+    return budget if direction_matrices_bytes(cfg.groups, cfg.directions, params) <= budget else 0
 
 
 def _run(cfg: SimConfig, progress: Progress) -> dict[str, Any]:
