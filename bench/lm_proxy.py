@@ -38,6 +38,7 @@ import torch
 from seedswarm.clihelp import parser
 from seedswarm.node.core.genesis import lr_schedule
 from seedswarm.node.learn.initial import parse_task_options
+from seedswarm.node.learn.momentum import direction_momentum
 from seedswarm.node.learn.replay import direction_scale
 from seedswarm.node.learn.tasks import load_task
 
@@ -87,6 +88,8 @@ def _measure(p: Proxy, log: Any) -> dict[str, Any]:
     rng = np.random.default_rng([p.seed, 0x9B0])
     gen = torch.Generator().manual_seed(p.seed)
     curve = [(0, float(task.evaluate(model)["loss"]))]
+    beta = direction_momentum(model)
+    mom: torch.Tensor | None = None
     t0 = time.monotonic()
     for r in range(p.rounds):
         lr = lr_schedule(p.lr, p.lr_half_life, r)
@@ -105,10 +108,14 @@ def _measure(p: Proxy, log: Any) -> dict[str, Any]:
         step /= p.groups
         if s is not None:
             step *= s
+        delta = step.mul_(-lr)
+        if beta:  # the replayed momentum (node/learn/momentum.py): m = beta m + delta, theta += (1 - beta) m
+            mom = delta.clone() if mom is None else mom.mul_(beta).add_(delta)
+            delta = mom * (1.0 - beta)
         with torch.no_grad():
             offset = 0
             for q in params:
-                q.sub_(lr * step[offset : offset + q.numel()].view_as(q))
+                q.add_(delta[offset : offset + q.numel()].view_as(q))
                 offset += q.numel()
         if (r + 1) % p.eval_every == 0 or r + 1 == p.rounds:
             loss_ = float(task.evaluate(model)["loss"])

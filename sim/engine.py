@@ -42,6 +42,7 @@ from seedswarm.node.core.genesis import Genesis
 from seedswarm.node.core.protocol import CoreConfig, NodeCore
 from seedswarm.node.learn.checkpoint import decode_params
 from seedswarm.node.learn.estimators import local_estimate
+from seedswarm.node.learn.momentum import direction_momentum, replay_state
 from seedswarm.node.learn.replay import ModelStates, bind_, direction_scale, model_digest
 from seedswarm.node.learn.tasks import Task
 from seedswarm.sim.chainview import ChainIndex, SimHistory
@@ -135,8 +136,9 @@ class Simulation:
         rng = np.random.default_rng(seed)
         model = task.build_model()
         root = ChainState.initial(genesis)
-        params = [p.detach() for p in model.parameters()]
-        states = ModelStates(root, params, keep=64, budget_bytes=STATE_BUDGET_BYTES, scale=direction_scale(model))
+        params = replay_state(model)  # the parameters (and momentum buffers: momentum.py)
+        states = ModelStates(root, params, keep=64, budget_bytes=STATE_BUDGET_BYTES, scale=direction_scale(model),
+                             momentum=direction_momentum(model))
         index = ChainIndex(root, params, checkpoint_every, checkpoint_chunk_bytes)
         sim = cls(genesis=genesis, task=task, nodes=[], net=net, rng=rng, states=states, index=index,
                   core_config=core_config or CoreConfig(), model=model)

@@ -82,8 +82,11 @@ def ref_guarded(rows: list[bytes], f: int) -> list[int]:
     c = [Fraction(sum(x[j] for x in near), len(near)) for j in range(k)]
     cc = sum(v * v for v in c)
     along = [sum((x[j] - c[j]) * c[j] for j in range(k)) for x in near]
-    # <x - c, c> >= -2 |c| R / sqrt(K), squared (the signs of both sides are known)
-    kept = [x for x, a in zip(near, along, strict=True) if not (a < 0 and a * a * k > 4 * cc * r2)]
+    # <x - c, c> >= -2 |c| R / sqrt(K), squared (the signs of both sides are known), or >= median(a) - 3 MAD(a)
+    med = ref_stat("median", along, 0)  # type: ignore[arg-type]
+    mad = ref_stat("median", [abs(a - med) for a in along], 0)  # type: ignore[arg-type]
+    kept = [x for x, a in zip(near, along, strict=True)
+            if not (a < 0 and a * a * k > 4 * cc * r2 and a < med - 3 * mad)]
     if len(kept) < max(n - f, n // 2 + 1):
         return [round_half_away(AGG_ONE * v) for v in m]
     return [round_half_away(Fraction(AGG_ONE * sum(x[j] for x in kept), len(kept))) for j in range(k)]

@@ -96,3 +96,24 @@ def test_cluster_ctrl_c_leaves_no_process(tmp_path: Path) -> None:
     summary = json.loads((out / "summary.json").read_text())
     assert summary["interrupted"] and set(summary["exit_codes"].values()) == {0}
     assert took < 15, took
+
+
+def test_cluster_with_momentum_agrees_and_a_joiner_installs_the_buffers(tmp_path: Path) -> None:
+    """Replayed momentum (node/learn/momentum.py) in real daemons: the model digests every node
+    compares cover the buffers, and a joiner's checkpoint carries them (twice the parameters)."""
+    import re
+
+    from seedswarm.node.learn.tasks import load_task
+
+    out = tmp_path / "run"
+    res = subprocess.run([*PY, "cluster", "--nodes", "3", "--join-nodes", "1", "--join-at", "12", "--rounds", "60",
+                          "--checkpoint-every", "5", "--task-option", "hidden=16", "--task-option", "momentum=0.5",
+                          "--out", str(out), "--timeout", "170"], capture_output=True, text=True, timeout=200, env=ENV)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["finished"] and summary["honest_digest_agreement"] == 1.0 and summary["distinct_heads"] == 1
+    log = (out / "nodes" / "node-3" / "node.log").read_text()
+    got = re.search(r"downloaded the checkpoint of round \d+ \((\d+) bytes\)", log)
+    assert got is not None, log[-2000:]
+    params = sum(p.numel() * 4 for p in load_task("digits", {"hidden": 16}).build_model().parameters())
+    assert 2 * params < int(got.group(1)) < 2 * params + 1024  # parameters and buffers, and a small header

@@ -75,20 +75,28 @@ def test_model_states_budget_bounds_the_copies_kept() -> None:
     assert len(states) == 3 and not states.has(root.head) and states.has(_after(steps).head)
 
 
-def test_a_fork_switch_deeper_than_the_kept_states_ends_on_the_same_bits(tmp_path: Path) -> None:
+@pytest.mark.parametrize("momentum", [0.0, 0.5])
+def test_a_fork_switch_deeper_than_the_kept_states_ends_on_the_same_bits(tmp_path: Path, momentum: float) -> None:
     """A budget of 2 states, a switch 5 rounds deep: the base is gone, so the chain rebuilds from
     its round-4 checkpoint and replays; it must end exactly where an unbounded chain (which
-    still holds the base) and a plain replay end."""
+    still holds the base) and a plain replay end. With momentum the state and the checkpoints
+    carry the buffers too (node/learn/momentum.py)."""
     g = make_genesis()
     root = ChainState.initial(g)
-    one = params_bytes(fresh_params())
+
+    def fresh_state() -> list[torch.Tensor]:
+        ps = fresh_params()
+        return ps + [torch.zeros_like(t) for t in ps] if momentum else ps
+
+    one = params_bytes(fresh_state())
     ours = _extend(root, 10, seed=1)  # rounds 0..9: checkpoints at rounds 4 and 8
     fork_at = ours[5][0]  # the common ancestor: after 5 records
     theirs = ours[:5] + _extend(fork_at, 7, seed=2)  # 12 records, apart from round 5 on
     assert record_heads(theirs)[5] == fork_at.head and record_heads(theirs)[6] != record_heads(ours)[6]
 
-    bounded = _chain(tmp_path / "bounded", g, fresh_params(), 4, state_budget_bytes=2 * one + 1)
-    unbounded = _chain(tmp_path / "unbounded", g, fresh_params(), 4, keep_states=64, state_budget_bytes=None)
+    bounded = _chain(tmp_path / "bounded", g, fresh_state(), 4, state_budget_bytes=2 * one + 1, momentum=momentum)
+    unbounded = _chain(tmp_path / "unbounded", g, fresh_state(), 4, keep_states=64, state_budget_bytes=None,
+                       momentum=momentum)
     assert bounded.states.keep == 2 and unbounded.states.keep == 64
     for chain in (bounded, unbounded):
         _one_by_one(chain, ours)
@@ -101,16 +109,16 @@ def test_a_fork_switch_deeper_than_the_kept_states_ends_on_the_same_bits(tmp_pat
     assert unbounded.base_round == 0  # advanced from the kept base, no rebuild
     assert len(bounded.states) <= 2
 
-    want = fresh_params()
+    want = fresh_state()
     for st, rec in theirs:
-        apply_record_(want, st, rec)
+        apply_record_(want, st, rec, None, momentum)
     assert got["bounded"] is not None and got["unbounded"] is not None
     assert model_digest(got["bounded"]) == model_digest(got["unbounded"]) == model_digest(want)
     assert all(torch.equal(a, b) for a, b in zip(got["bounded"], want, strict=True))
 
     # and a restart on the same data dir agrees
     bounded.close()
-    again = _chain(tmp_path / "bounded", g, fresh_params(), 4, state_budget_bytes=2 * one + 1)
+    again = _chain(tmp_path / "bounded", g, fresh_state(), 4, state_budget_bytes=2 * one + 1, momentum=momentum)
     assert again.head.head == _after(theirs).head
     assert model_digest(again.params(again.head.head) or []) == model_digest(want)
     again.close()

@@ -77,6 +77,7 @@ from seedswarm.node.daemon.peering import Peering, key_of
 from seedswarm.node.daemon.store import ChainStore, CheckpointDir, StoreError
 from seedswarm.node.daemon.traffic import Traffic, gossip_validator
 from seedswarm.node.files import DataDirInUse, DataDirLock
+from seedswarm.node.learn.momentum import direction_momentum, replay_state
 from seedswarm.node.learn.replay import bind_, direction_scale, initial_digest, model_digest
 from seedswarm.node.learn.tasks import load_task
 
@@ -176,7 +177,7 @@ class Daemon(OffLoopWork):
         except ValueError as e:
             raise ConfigError(f"genesis task: {e}") from None
         initial = self.task.build_model()
-        genesis_params = [p.detach().clone() for p in initial.parameters()]
+        genesis_params = [t.clone() for t in replay_state(initial)]  # with momentum buffers, if any
         scale = direction_scale(initial)
         if g.model_digest and initial_digest(initial) != g.model_digest:
             raise ConfigError("this build's initial model does not match the genesis model digest "
@@ -190,7 +191,8 @@ class Daemon(OffLoopWork):
         self.rng = np.random.default_rng([int.from_bytes(self.identity.public[:8], "big"), int(time.time_ns() & 0xFFFFFFFF)])
         ckdir = CheckpointDir(data / "checkpoints", self.run_id, cfg.checkpoint_chunk_bytes, cfg.checkpoints_kept)
         self.chain = LocalChain(g, store, ckdir, [p.to(self.device) for p in genesis_params], cfg.checkpoint_every,
-                                state_budget_bytes=cfg.state_cache_mb << 20, scale=scale)
+                                state_budget_bytes=cfg.state_cache_mb << 20, scale=scale,
+                                momentum=direction_momentum(initial))
         # Until their first use, the two working models point at the genesis parameters (only
         # ever read: estimators and evaluation never write a parameter) instead of each holding
         # a full copy of its own (400 MB apiece at 100M float32 parameters).

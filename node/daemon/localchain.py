@@ -64,10 +64,11 @@ class LocalChain:
     def __init__(self, genesis: Genesis, store: ChainStore, ckdir: CheckpointDir,
                  genesis_params: Sequence[torch.Tensor], checkpoint_every: int, keep_states: int = 16,
                  state_budget_bytes: int | None = STATE_BUDGET_BYTES,
-                 scale: Sequence[torch.Tensor] | None = None,
+                 scale: Sequence[torch.Tensor] | None = None, momentum: float = 0.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.genesis = genesis
         self.scale = scale  # the initial model's direction scale (precondition.py), None: plain
+        self.momentum = momentum  # replayed momentum (momentum.py); genesis_params then holds its buffers
         self.run_id = genesis.run_id
         self.store = store
         self.ckdir = ckdir
@@ -118,7 +119,7 @@ class LocalChain:
         base, params = self._local_checkpoint()
         self.base_round = base
         self.states = ModelStates(states[base], params, keep=self.keep_states,  # a copy of params
-                                  budget_bytes=self.state_budget_bytes, scale=self.scale)
+                                  budget_bytes=self.state_budget_bytes, scale=self.scale, momentum=self.momentum)
         del params
         self.states.advance(states[base], [(states[i], decoded[i]) for i in range(base, len(decoded))])
         self.head = states[-1]

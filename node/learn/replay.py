@@ -17,6 +17,7 @@ from seedswarm.crypto.hashing import h
 from seedswarm.crypto.projection import add_directions_
 from seedswarm.gossip.wire import Record
 from seedswarm.node.core.chain import ChainState, decode_aggregate
+from seedswarm.node.learn.momentum import step_with_momentum_
 
 Params = list[torch.Tensor]
 
@@ -49,17 +50,26 @@ def initial_digest(model: torch.nn.Module) -> bytes:
 
 
 def apply_record_(params: Sequence[torch.Tensor], parent: ChainState, rec: Record,
-                  scale: Sequence[torch.Tensor] | None = None) -> None:
+                  scale: Sequence[torch.Tensor] | None = None, momentum: float = 0.0) -> None:
     """θ ← θ − η_r · scale_r · Σ_k (a_k / 256) (s ⊙ z_k) / (G·K), in place, in a fixed order
-    (``s``: the direction scale, all ones when None)."""
+    (``s``: the direction scale, all ones when None). With ``momentum`` β, ``params`` is a
+    :func:`~.momentum.replay_state` (parameters, then their buffers) and that update goes through
+    the buffers (``momentum.py``): a round with a zero aggregate still moves θ."""
     agg = decode_aggregate(rec.aggregate)
-    if not any(agg):
+    if not any(agg) and not momentum:
         return
     streams = parent.streams()
     coeffs = parent.update_coefficients(agg)
     keep = [(s, c) for s, c in zip(streams, coeffs, strict=True) if c != 0.0]
+
+    def add_update(ts: Sequence[torch.Tensor]) -> None:
+        add_directions_(ts, [s for s, _ in keep], [c for _, c in keep], scale)
+
     with torch.no_grad():
-        add_directions_(params, [s for s, _ in keep], [c for _, c in keep], scale)
+        if momentum:
+            step_with_momentum_(list(params), momentum, add_update)
+        else:
+            add_update(params)
 
 
 def params_bytes(params: Sequence[torch.Tensor]) -> int:
@@ -78,11 +88,13 @@ class ModelStates:
     newest checkpoint, the simulator from the nearest kept ancestor).
 
     ``scale`` is the direction scale every record is applied with (the initial model's,
-    :func:`direction_scale`; moved to the parameters' device once here).
+    :func:`direction_scale`; moved to the parameters' device once here), ``momentum`` its replayed
+    momentum (``momentum.py``; ``params`` then holds the buffers after the parameters).
     """
 
     def __init__(self, root: ChainState, params: Sequence[torch.Tensor], keep: int = 16,
-                 budget_bytes: int | None = None, scale: Sequence[torch.Tensor] | None = None) -> None:
+                 budget_bytes: int | None = None, scale: Sequence[torch.Tensor] | None = None,
+                 momentum: float = 0.0) -> None:
         if keep < 1:
             raise ValueError(f"keep must be at least 1, not {keep}")
         self._by_head: OrderedDict[bytes, Params] = OrderedDict()
@@ -93,6 +105,7 @@ class ModelStates:
             keep = max(2, min(keep, budget_bytes // max(1, self.copy_bytes)))
         self.keep = keep  # states kept at most
         self.scale = None if scale is None else tuple(s.to(params[0].device) for s in scale)
+        self.momentum = momentum
         self._put(root.head, [p.detach().clone() for p in params])
         self.applied = 0  # records applied (work done, shared or not)
 
@@ -139,7 +152,7 @@ class ModelStates:
             nxt = self.get(child)
             if nxt is None:
                 nxt = [p.clone() for p in cur]
-                apply_record_(nxt, parent, rec, self.scale)
+                apply_record_(nxt, parent, rec, self.scale, self.momentum)
                 self.applied += 1
                 self._put(child, nxt)
             cur = nxt
@@ -147,7 +160,11 @@ class ModelStates:
 
 
 def bind_(model: torch.nn.Module, params: Sequence[torch.Tensor]) -> torch.nn.Module:
-    """Point a module's parameters at the given tensors (no copy)."""
-    for p, t in zip(model.parameters(), params, strict=True):
+    """Point a module's parameters at the given tensors (no copy): a replay state's first ones
+    (after them come its momentum buffers, if any: ``momentum.py``)."""
+    ps = list(model.parameters())
+    if len(params) not in (len(ps), 2 * len(ps)):
+        raise ValueError(f"{len(params)} tensors for a model of {len(ps)} parameters")
+    for p, t in zip(ps, params[: len(ps)], strict=True):
         p.data = t
     return model

@@ -25,6 +25,7 @@ from typing import Any
 from seedswarm.node.learn.basetask import BaseTask, Task, param_count
 from seedswarm.node.learn.digits import DigitsTask, digits_param_count
 from seedswarm.node.learn.lowprecision import AutocastTask, split_autocast_option
+from seedswarm.node.learn.momentum import MomentumTask, split_momentum_option
 from seedswarm.node.learn.precondition import PreconditionedTask, split_precondition_options
 from seedswarm.node.learn.taskcommon import Metric, Shard, task_metric
 from seedswarm.node.learn.taskcommon import check_seed as _check_seed
@@ -76,7 +77,7 @@ def load_task(spec: str, options: dict[str, Any] | None = None, seed: int = 0) -
     task comes back wrapped in a :class:`~.trainable.SubsetTask` that applies them; so are
     ``precondition`` and its ``precondition_*`` options
     (:class:`~.precondition.PreconditionedTask`), ``autocast``
-    (:class:`~.lowprecision.AutocastTask`). Every problem
+    (:class:`~.lowprecision.AutocastTask`) and ``momentum`` (:class:`~.momentum.MomentumTask`). Every problem
     raises :class:`TaskError` with a message naming the spec, except a ValueError the factory
     raises itself (its message is about the options), which passes through unchanged.
     """
@@ -112,6 +113,7 @@ def load_task(spec: str, options: dict[str, Any] | None = None, seed: int = 0) -
     opts, subset = split_subset_options(opts)  # trainable=, lora=: for every task (trainable.py)
     opts, precondition = split_precondition_options(opts)  # precondition=: every task's (precondition.py)
     opts, autocast = split_autocast_option(opts)  # autocast=bf16: every task's (lowprecision.py)
+    opts, momentum = split_momentum_option(opts)  # momentum=0.5: every task's (momentum.py)
     try:
         task = factory(opts, seed)
     except ValueError:
@@ -134,6 +136,8 @@ def load_task(spec: str, options: dict[str, Any] | None = None, seed: int = 0) -
         task = SubsetTask(task, subset, seed)
     if precondition is not None:  # after the subset: the scale covers exactly the trainable parameters
         task = PreconditionedTask(task, precondition, seed)
+    if momentum:
+        task = MomentumTask(task, momentum)
     if autocast is not None:  # outermost: the preconditioner's scale comes from float32 passes
         task = AutocastTask(task, autocast)
     return task
