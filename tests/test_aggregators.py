@@ -17,6 +17,7 @@ from seedswarm.sampling.aggregators import (
     RULES,
     aggregate,
     aggregate_array,
+    guarded_keep,
     rdiv,
     validate_rule,
 )
@@ -394,3 +395,37 @@ def test_even_split_can_break_the_median() -> None:
     honest = col(0, 0, 0)
     byz = col(127, 127, 127)
     assert aggregate("median", honest + byz)[0] > 0
+
+
+def _along_case(k: int = 4096) -> tuple[list[bytes], np.ndarray]:
+    """16 honest trainers whose gradients differ *along* the mean gradient (batches with more or
+    less left to learn) as well as across it, K = 4,096: the `lm` task's shape at one group."""
+    rng = np.random.default_rng(11)
+    g = rng.normal(0, 1, k)
+    amps = 1 + rng.normal(0, 0.3, 16)
+    honest = [np.clip(np.round(8 * (a * g + rng.normal(0, 1.4, k))), -127, 127) for a in amps]
+    return [r.astype(np.int8).tobytes() for r in honest], g
+
+
+def test_honest_spread_along_the_centre_is_kept_at_large_k(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The isotropic bound grows as sqrt(K), the honest pulls along the centre as K: the learned
+    bound (median - 3 MAD of the pulls) keeps the honest rows the isotropic one alone drops."""
+    from seedswarm.sampling import aggregators
+
+    rows, _ = _along_case()
+    keep = guarded_keep(rows, 7)
+    assert keep is not None and len(keep) >= 15
+    monkeypatch.setattr(aggregators, "GUARD_ALONG", 0)  # the control: the learned bound never saves a row
+    old = guarded_keep(rows, 7)
+    assert old is None or len(old) <= 12
+
+
+@pytest.mark.parametrize("attack", ["zeros", "ipm"])
+def test_coherent_attackers_still_go_at_large_k(attack: str) -> None:
+    """...while 3 colluders pulling against the centre are still dropped there."""
+    rows, _ = _along_case()
+    honest = rows[:13]
+    h = np.array([np.frombuffer(r, dtype=np.int8) for r in honest], dtype=float)
+    bad = np.zeros(h.shape[1]) if attack == "zeros" else np.round(-0.5 * h.mean(axis=0))
+    byz = [bad.astype(np.int8).tobytes()] * 3
+    assert aggregate("guarded_mean", honest + byz, f=7) == aggregate("mean", honest)
