@@ -4,4 +4,4 @@ The repository root is this package; see docs/ for the protocol and README.md fo
 """
 
 __version__ = "0.1.0"
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # 3: the guarded mean's alignment guard learns its spread (an aggregate rule change)
