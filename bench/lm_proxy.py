@@ -29,6 +29,7 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ import torch
 from seedswarm.clihelp import parser
 from seedswarm.node.core.genesis import lr_schedule
 from seedswarm.node.learn.initial import parse_task_options
-from seedswarm.node.learn.momentum import direction_momentum
+from seedswarm.node.learn.momentum import direction_momentum, step_with_momentum_, with_buffers
 from seedswarm.node.learn.replay import direction_scale
 from seedswarm.node.learn.tasks import load_task
 
@@ -67,6 +68,14 @@ def noisy_update(h: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
     return h * (1.0 + eta / math.sqrt(k)) + (float(h.norm()) / math.sqrt(k)) * xi
 
 
+def _add_flat_(tensors: list[torch.Tensor], flat: torch.Tensor) -> None:
+    """``tensors += flat``, ``flat`` their concatenation's length, in order."""
+    offset = 0
+    for q in tensors:
+        q.add_(flat[offset : offset + q.numel()].view_as(q))
+        offset += q.numel()
+
+
 def measure(p: Proxy, log: Any = sys.stderr) -> dict[str, Any]:
     if not 1 <= p.groups <= p.trainers <= p.nodes:
         raise ValueError(f"need 1 <= groups <= trainers <= nodes, not {p.groups}, {p.trainers}, {p.nodes}")
@@ -89,7 +98,7 @@ def _measure(p: Proxy, log: Any) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(p.seed)
     curve = [(0, float(task.evaluate(model)["loss"]))]
     beta = direction_momentum(model)
-    mom: torch.Tensor | None = None
+    state = with_buffers([q.detach() for q in params], beta)  # as replay keeps it (momentum.py)
     t0 = time.monotonic()
     for r in range(p.rounds):
         lr = lr_schedule(p.lr, p.lr_half_life, r)
@@ -109,14 +118,11 @@ def _measure(p: Proxy, log: Any) -> dict[str, Any]:
         if s is not None:
             step *= s
         delta = step.mul_(-lr)
-        if beta:  # the replayed momentum (node/learn/momentum.py): m = beta m + delta, theta += (1 - beta) m
-            mom = delta.clone() if mom is None else mom.mul_(beta).add_(delta)
-            delta = mom * (1.0 - beta)
         with torch.no_grad():
-            offset = 0
-            for q in params:
-                q.add_(delta[offset : offset + q.numel()].view_as(q))
-                offset += q.numel()
+            if beta:  # the protocol's own step: m = beta m + delta, theta += (1 - beta) m
+                step_with_momentum_(state, beta, partial(_add_flat_, flat=delta))
+            else:
+                _add_flat_(state, delta)
         if (r + 1) % p.eval_every == 0 or r + 1 == p.rounds:
             loss_ = float(task.evaluate(model)["loss"])
             curve.append((r + 1, loss_))

@@ -245,8 +245,7 @@ def _guarded_keep(x: npt.NDArray[np.int8], s: _I16, f: int) -> list[int] | None:
     m2 = _median256(s) // (AGG_ONE // 2)  # the median in half-steps: exact
     d = 2 * xi - m2[None, :]
     dist2 = [int(v) for v in (d * d).sum(axis=1)]
-    sd = sorted(dist2)
-    r2x2 = 2 * sd[n // 2] if n % 2 else sd[n // 2 - 1] + sd[n // 2]  # 2 R^2, in half-steps^2
+    r2x2 = _twice_median(dist2)  # 2 R^2, in half-steps^2
     # distance guard: |x_i - m|^2 <= GUARD_RADIUS^2 R^2
     near = [i for i in range(n) if 2 * dist2[i] <= GUARD_RADIUS**2 * r2x2]
     if len(near) < max(n - f, n // 2 + 1):

@@ -18,6 +18,7 @@ from seedswarm.node.core.joinplan import assemble
 from seedswarm.node.daemon.localchain import MAX_SERVED, SUPERSEDED_GRACE_S, LocalChain
 from seedswarm.node.daemon.store import ChainStore, CheckpointDir
 from seedswarm.node.learn.checkpoint import decode_params
+from seedswarm.node.learn.momentum import with_buffers
 from seedswarm.node.learn.replay import ModelStates, apply_record_, model_digest, params_bytes
 from tests.corenet import IDS, fresh_params, make_genesis
 
@@ -85,8 +86,7 @@ def test_a_fork_switch_deeper_than_the_kept_states_ends_on_the_same_bits(tmp_pat
     root = ChainState.initial(g)
 
     def fresh_state() -> list[torch.Tensor]:
-        ps = fresh_params()
-        return ps + [torch.zeros_like(t) for t in ps] if momentum else ps
+        return with_buffers(fresh_params(), momentum)
 
     one = params_bytes(fresh_state())
     ours = _extend(root, 10, seed=1)  # rounds 0..9: checkpoints at rounds 4 and 8

@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from seedswarm.node.core.chain import ChainState, next_state
-from seedswarm.node.learn.momentum import direction_momentum, replay_state, step_with_momentum_
+from seedswarm.node.learn.momentum import (
+    direction_momentum,
+    replay_state,
+    step_with_momentum_,
+    with_buffers,
+)
 from seedswarm.node.learn.replay import apply_record_, bind_, model_digest
 from seedswarm.node.learn.tasks import load_task
 from seedswarm.node.learn.taskspec import TaskError
@@ -67,7 +72,7 @@ def _replay(steps: list[tuple[ChainState, object]], beta: float, flat: bool = Fa
     ps = fresh_params()
     if flat:  # the same vector as one tensor: replay must not depend on how it is split
         ps = [torch.cat([p.reshape(-1) for p in ps])]
-    state = ps + [torch.zeros_like(p) for p in ps] if beta else ps
+    state = with_buffers(ps, beta)
     for st, rec in steps:
         apply_record_(state, st, rec, None, beta)  # type: ignore[arg-type]
     return state

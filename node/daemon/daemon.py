@@ -77,7 +77,7 @@ from seedswarm.node.daemon.peering import Peering, key_of
 from seedswarm.node.daemon.store import ChainStore, CheckpointDir, StoreError
 from seedswarm.node.daemon.traffic import Traffic, gossip_validator
 from seedswarm.node.files import DataDirInUse, DataDirLock
-from seedswarm.node.learn.momentum import direction_momentum, replay_state
+from seedswarm.node.learn.momentum import direction_momentum, with_buffers
 from seedswarm.node.learn.replay import bind_, direction_scale, initial_digest, model_digest
 from seedswarm.node.learn.tasks import load_task
 
@@ -177,7 +177,8 @@ class Daemon(OffLoopWork):
         except ValueError as e:
             raise ConfigError(f"genesis task: {e}") from None
         initial = self.task.build_model()
-        genesis_params = [t.clone() for t in replay_state(initial)]  # with momentum buffers, if any
+        # the parameters, copied, and the momentum buffers if any (created once, not copied again)
+        genesis_params = with_buffers([p.detach().clone() for p in initial.parameters()], direction_momentum(initial))
         scale = direction_scale(initial)
         if g.model_digest and initial_digest(initial) != g.model_digest:
             raise ConfigError("this build's initial model does not match the genesis model digest "

@@ -30,7 +30,7 @@ budget counts it) and per checkpoint; no bytes on the wire.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -39,7 +39,8 @@ from torch import nn
 from seedswarm.node.learn.taskcommon import TaskWrapper
 from seedswarm.node.learn.taskspec import TaskError
 
-__all__ = ["MOMENTUM_ATTR", "MomentumTask", "direction_momentum", "replay_state", "split_momentum_option"]
+__all__ = ["MOMENTUM_ATTR", "MomentumTask", "direction_momentum", "replay_state", "split_momentum_option",
+           "step_with_momentum_", "with_buffers"]
 
 MOMENTUM_ATTR = "seedswarm_momentum"
 """Root-module attribute: the replayed momentum ``β`` (absent: none)."""
@@ -64,17 +65,20 @@ def direction_momentum(model: nn.Module) -> float:
     return float(getattr(model, MOMENTUM_ATTR, 0.0))
 
 
+def with_buffers(params: Sequence[torch.Tensor], beta: float) -> list[torch.Tensor]:
+    """A replay state: ``params`` (the same tensors), then with momentum (``beta`` > 0) one new
+    zero buffer each."""
+    return list(params) + ([torch.zeros_like(p) for p in params] if beta else [])
+
+
 def replay_state(model: nn.Module) -> list[torch.Tensor]:
-    """What replay moves, detached: the parameters, then (with momentum) one zero buffer each.
-
-    The parameters are the model's own tensors (not copies); the buffers are new."""
-    params = [p.detach() for p in model.parameters()]
-    if not direction_momentum(model):
-        return params
-    return params + [torch.zeros_like(p) for p in params]
+    """What replay moves at the genesis: the model's own parameters, detached (not copies), then
+    its momentum buffers if any (:func:`with_buffers`)."""
+    return with_buffers([p.detach() for p in model.parameters()], direction_momentum(model))
 
 
-def step_with_momentum_(state: list[torch.Tensor], beta: float, add_update: Any) -> None:
+def step_with_momentum_(state: list[torch.Tensor], beta: float,
+                        add_update: Callable[[list[torch.Tensor]], None]) -> None:
     """``m ← β m + Δ`` (``add_update(m)`` adds ``Δ`` in place), then ``θ ← θ + (1 − β) m``."""
     n = len(state) // 2
     if len(state) != 2 * n or not 0 < beta < 1:
