@@ -17,9 +17,15 @@ import torch
 
 from seedswarm.crypto.hashing import h
 from seedswarm.crypto.keys import Identity
-from seedswarm.gossip.wire import CheckpointManifest, Message, Record, decode
+from seedswarm.gossip.wire import CheckpointManifest, Contribution, Message, Record, decode
 from seedswarm.node.core.admission import solve_work
-from seedswarm.node.core.chain import ChainState, checked_next_state, record_hash
+from seedswarm.node.core.chain import (
+    ChainState,
+    build_record,
+    checked_next_state,
+    next_state,
+    record_hash,
+)
 from seedswarm.node.core.effects import Apply, Estimate, Publish, Rejected, Reply, Send, SolveWork
 from seedswarm.node.core.genesis import Genesis
 from seedswarm.node.core.protocol import CoreConfig, NodeCore
@@ -29,6 +35,23 @@ IDS = [Identity.from_seed(bytes([i]) * 32) for i in range(1, 9)]
 BY_PUB = {i.public: i for i in IDS}
 OUTSIDER = Identity.from_seed(b"\xee" * 32)
 LATENCY = 0.01
+
+
+def honest_records(st: ChainState, n: int, seed: int) -> list[tuple[ChainState, Record]]:
+    """``n`` honest records after ``st``, each with its parent state (every trainer's byte values
+    drawn from ``seed``; signed by the members of ``IDS``)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        cs = []
+        for p in st.committee.trainers:
+            vals = [rng.randint(-127, 127) for _ in range(st.genesis.directions)]
+            cs.append(Contribution(run=st.run_id, round=st.round, peer=p,
+                                   q=bytes(v & 0xFF for v in vals)).signed(BY_PUB[p]))
+        rec, _ = build_record(st, BY_PUB[st.committee.aggregators[0]], cs)
+        out.append((st, rec))
+        st = next_state(st, rec)
+    return out
 
 
 def make_genesis(**kw: Any) -> Genesis:

@@ -3,15 +3,13 @@ served from their files, not from blobs held in memory."""
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
 import torch
 
-from seedswarm.crypto.keys import Identity
-from seedswarm.gossip.wire import Contribution, Record
-from seedswarm.node.core.chain import ChainState, build_record, next_state
+from seedswarm.gossip.wire import Record
+from seedswarm.node.core.chain import ChainState, next_state
 from seedswarm.node.core.effects import Apply
 from seedswarm.node.core.genesis import Genesis
 from seedswarm.node.core.joinplan import assemble
@@ -20,27 +18,7 @@ from seedswarm.node.daemon.store import ChainStore, CheckpointDir
 from seedswarm.node.learn.checkpoint import decode_params
 from seedswarm.node.learn.momentum import with_buffers
 from seedswarm.node.learn.replay import ModelStates, apply_record_, model_digest, params_bytes
-from tests.corenet import IDS, fresh_params, make_genesis
-
-BY_PUB = {i.public: i for i in IDS}
-
-
-def _contribution(st: ChainState, ident: Identity, rng: random.Random) -> Contribution:
-    vals = [rng.randint(-127, 127) for _ in range(st.genesis.directions)]
-    return Contribution(run=st.run_id, round=st.round, peer=ident.public,
-                        q=bytes(v & 0xFF for v in vals)).signed(ident)
-
-
-def _extend(st: ChainState, n: int, seed: int) -> list[tuple[ChainState, Record]]:
-    """``n`` honest records after ``st`` (contribution values drawn from ``seed``)."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        cs = [_contribution(st, BY_PUB[p], rng) for p in st.committee.trainers]
-        rec, _ = build_record(st, BY_PUB[st.committee.aggregators[0]], cs)
-        out.append((st, rec))
-        st = next_state(st, rec)
-    return out
+from tests.corenet import fresh_params, honest_records, make_genesis
 
 
 def _after(steps: list[tuple[ChainState, Record]]) -> ChainState:
@@ -71,7 +49,7 @@ def test_model_states_budget_bounds_the_copies_kept() -> None:
     assert ModelStates(root, params, keep=16, budget_bytes=100 * one).keep == 16
     assert ModelStates(root, params, keep=16, budget_bytes=0).keep == 2  # never fewer than 2
     states = ModelStates(root, params, keep=16, budget_bytes=3 * one + 1)
-    steps = _extend(root, 6, seed=1)
+    steps = honest_records(root, 6, seed=1)
     states.advance(root, steps)
     assert len(states) == 3 and not states.has(root.head) and states.has(_after(steps).head)
 
@@ -89,9 +67,9 @@ def test_a_fork_switch_deeper_than_the_kept_states_ends_on_the_same_bits(tmp_pat
         return with_buffers(fresh_params(), momentum)
 
     one = params_bytes(fresh_state())
-    ours = _extend(root, 10, seed=1)  # rounds 0..9: checkpoints at rounds 4 and 8
+    ours = honest_records(root, 10, seed=1)  # rounds 0..9: checkpoints at rounds 4 and 8
     fork_at = ours[5][0]  # the common ancestor: after 5 records
-    theirs = ours[:5] + _extend(fork_at, 7, seed=2)  # 12 records, apart from round 5 on
+    theirs = ours[:5] + honest_records(fork_at, 7, seed=2)  # 12 records, apart from round 5 on
     assert record_heads(theirs)[5] == fork_at.head and record_heads(theirs)[6] != record_heads(ours)[6]
 
     bounded = _chain(tmp_path / "bounded", g, fresh_state(), 4, state_budget_bytes=2 * one + 1, momentum=momentum)
@@ -139,7 +117,7 @@ def test_checkpoints_are_served_from_their_files(tmp_path: Path) -> None:
     params = [p.detach().clone() for p in torch.nn.Linear(24, 20).parameters()]  # 2,000 bytes: 9 chunks
     now = [0.0]
     chain = _chain(tmp_path, g, params, 2, clock=lambda: now[0])
-    steps = _extend(root, 30, seed=5)
+    steps = honest_records(root, 30, seed=5)
     _one_by_one(chain, steps[:2])
     first = chain.manifest()
     assert first is not None and first.round == 2 and len(first.chunks) >= 8

@@ -17,8 +17,7 @@ from seedswarm.node.learn.momentum import (
 from seedswarm.node.learn.replay import apply_record_, bind_, model_digest
 from seedswarm.node.learn.tasks import load_task
 from seedswarm.node.learn.taskspec import TaskError
-from tests.corenet import fresh_params, make_genesis
-from tests.test_localchain import _extend
+from tests.corenet import fresh_params, honest_records, make_genesis
 
 
 @pytest.mark.parametrize("beta", [0.3, 0.9, 1.0, -0.5, True, "0.5", 1 - 2.0**-9])
@@ -65,7 +64,7 @@ def test_a_constant_update_moves_theta_by_itself_per_round() -> None:
 
 
 def _chain(n: int) -> list[tuple[ChainState, object]]:
-    return _extend(ChainState.initial(make_genesis()), n, seed=3)  # type: ignore[return-value]
+    return honest_records(ChainState.initial(make_genesis()), n, seed=3)  # type: ignore[return-value]
 
 
 def _replay(steps: list[tuple[ChainState, object]], beta: float, flat: bool = False) -> list[torch.Tensor]:
